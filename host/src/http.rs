@@ -1,0 +1,140 @@
+//! The HTTP surface: the webhook route and its status codes.
+//!
+//! Owns the order of checks on a request (signature header, size, signature,
+//! envelope, hand-off) and the one error type that turns each refusal into a
+//! status, a short JSON body and a log line naming the cause. It knows axum,
+//! not wasmtime: accepted events go to the [`Dispatcher`](crate::dispatch::Dispatcher).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::json;
+
+use crate::event::{Event, EventError};
+use crate::hooks::Shared;
+use crate::signature::{SIGNATURE_HEADER, SignatureError, decode_header};
+
+/// Seconds a sender is asked to wait when the host cannot take an event now.
+const RETRY_AFTER_SECS: u64 = 5;
+
+/// The webhook route alone, for mounting in any axum app.
+pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
+    let path = shared.config.path.clone();
+    axum::Router::new()
+        .route(&path, post(receive).fallback(method_not_allowed))
+        .with_state(shared)
+}
+
+async fn receive(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
+    // Refuse what cannot verify before reading a byte of the body.
+    decode_header(signature)?;
+    let limit = shared.config.body_limit;
+    if content_length(&headers).is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|error| ApiError::from_body_error(error, limit))?;
+    shared.config.secret.verify(&body, signature)?;
+    let event = Event::parse(body)?;
+    if !event.is_known_type() {
+        tracing::info!(
+            event = event.key(),
+            event_type = event.event_type(),
+            "event of a type the webhook document does not list"
+        );
+    }
+    tracing::info!(
+        event = event.key(),
+        event_type = event.event_type(),
+        "event received"
+    );
+    shared
+        .dispatcher
+        .submit(event)
+        .map_err(|backlog| ApiError::Unavailable(backlog.to_string()))?;
+    Ok(Json(json!({ "received": true })))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Every way a webhook request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error("body larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("only POST is allowed here")]
+    MethodNotAllowed,
+    #[error("temporarily unable to accept events: {0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    fn from_body_error(error: axum::Error, limit: usize) -> Self {
+        // `to_bytes` wraps the limit error; find it anywhere in the chain.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = source {
+            if e.is::<http_body_util::LengthLimitError>() {
+                return Self::TooLarge { limit };
+            }
+            source = e.source();
+        }
+        Self::BodyRead(error.to_string())
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Signature(_) => StatusCode::UNAUTHORIZED,
+            Self::Event(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        // The messages name causes, never header or secret values.
+        tracing::warn!(status = status.as_u16(), cause = %self, "webhook refused");
+        let body = Json(json!({ "error": self.to_string() }));
+        match self {
+            Self::MethodNotAllowed => (status, [(header::ALLOW, "POST")], body).into_response(),
+            Self::Unavailable(_) => (
+                status,
+                [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
+                body,
+            )
+                .into_response(),
+            _ => (status, body).into_response(),
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The `stateset-hooks` command line: a thin layer over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use stateset_hooks::runtime::{Limits, Runtime};
+use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
+use stateset_hooks::{Config, Event, Hooks, Secret, hooks, server};
+
+/// Receive StateSet webhooks and run them through sandboxed WebAssembly plugins.
+///
+/// The webhook secret is read from the STATESET_WEBHOOK_SECRET environment variable.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the webhook host.
+    Serve(ServeArgs),
+    /// Print the X-StateSet-Signature of a body for the configured secret.
+    Sign {
+        /// The body to sign, byte for byte.
+        file: PathBuf,
+    },
+    /// Sign a body, POST it to a URL, print the status and response.
+    Send {
+        /// Where to send it, e.g. http://127.0.0.1:3000/webhooks/stateset
+        url: String,
+        /// The event JSON to send, byte for byte.
+        file: PathBuf,
+    },
+    /// Run one plugin on one event locally and print its result, fuel used,
+    /// time and peak memory: no server, no secret needed.
+    Run {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// The event JSON (a whole envelope with `type` and `data`).
+        event: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Directory of plugins: every NAME.wasm, with an optional NAME.toml manifest.
+    #[arg(long, default_value = "plugins")]
+    plugins: PathBuf,
+    /// The webhook route.
+    #[arg(long, default_value = hooks::DEFAULT_PATH)]
+    path: String,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = hooks::DEFAULT_BODY_LIMIT)]
+    body_limit: usize,
+    /// Plugin worker threads, also the most plugin instances alive at once
+    /// [default: the number of cores].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Events waiting for a worker before new ones get 503 with Retry-After.
+    #[arg(long, default_value_t = hooks::DEFAULT_QUEUE_CAPACITY)]
+    queue_capacity: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Limits for each plugin call.
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// Fuel (roughly, wasm instructions) per call.
+    #[arg(long, default_value_t = stateset_hooks::runtime::DEFAULT_FUEL)]
+    fuel: u64,
+    /// Linear memory per call, in MiB.
+    #[arg(long, default_value_t = stateset_hooks::runtime::DEFAULT_MEMORY_BYTES >> 20)]
+    memory_mib: usize,
+    /// Wall-clock time per call, in milliseconds.
+    #[arg(long, default_value_t = stateset_hooks::runtime::DEFAULT_TIMEOUT.as_millis() as u64)]
+    timeout_ms: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        if self.fuel == 0 || self.memory_mib == 0 || self.timeout_ms == 0 {
+            bail!("--fuel, --memory-mib and --timeout-ms must be greater than zero");
+        }
+        Ok(Limits {
+            fuel: Some(self.fuel),
+            memory_bytes: self.memory_mib << 20,
+            timeout: Duration::from_millis(self.timeout_ms),
+            ..Limits::default()
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Sign { file } => sign(&file),
+        Command::Send { url, file } => send(&url, &file),
+        Command::Run {
+            plugin,
+            event,
+            limits,
+        } => run(&plugin, &event, &limits),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn secret_from_env() -> anyhow::Result<Secret> {
+    let value = std::env::var(SECRET_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "no webhook secret: set {SECRET_ENV} to the signing secret StateSet uses for this \
+             endpoint, e.g. `export {SECRET_ENV}=...`"
+        )
+    })?;
+    Secret::new(value).with_context(|| format!("{SECRET_ENV} is set but empty"))
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Every option is checked before a socket is bound or a plugin compiled.
+    let mut config = Config::new(secret_from_env()?);
+    if !args.path.starts_with('/') {
+        bail!("--path must start with '/', got {:?}", args.path);
+    }
+    if args.workers == Some(0) || args.queue_capacity == 0 || args.body_limit == 0 {
+        bail!("--workers, --queue-capacity and --body-limit must be greater than zero");
+    }
+    if !args.plugins.is_dir() {
+        bail!(
+            "plugin directory {} does not exist (create it, or pass --plugins DIR)",
+            args.plugins.display()
+        );
+    }
+    config.path = args.path;
+    config.body_limit = args.body_limit;
+    config.plugins_dir = Some(args.plugins);
+    config.limits = args.limits.limits()?;
+    config.queue_capacity = args.queue_capacity;
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let hooks = tokio::task::block_in_place(|| Hooks::new(config.clone()))?;
+        let names: Vec<_> = hooks.plugins().iter().map(|p| p.name.to_string()).collect();
+        tracing::info!(
+            address = %listener.local_addr()?,
+            path = %config.path,
+            plugins = ?names,
+            failed = hooks.load_failures().len(),
+            "stateset-hooks ready"
+        );
+        server::run(listener, hooks, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing requests and queued plugin calls");
+}
+
+fn sign(file: &PathBuf) -> anyhow::Result<ExitCode> {
+    let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    println!("{}", secret_from_env()?.sign(&body));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn send(url: &str, file: &PathBuf) -> anyhow::Result<ExitCode> {
+    let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let signature = secret_from_env()?.sign(&body);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot POST to {url}"))?;
+        let status = response.status();
+        println!("{status}");
+        println!("{}", response.text().await.unwrap_or_default());
+        Ok(if status.is_success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}
+
+fn run(plugin: &PathBuf, event: &PathBuf, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
+    let limits = limits.limits()?;
+    let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
+    let event = Event::parse(body.into())
+        .with_context(|| format!("{} is not a webhook event", event.display()))?;
+    let runtime = Runtime::new()?;
+    let loaded = stateset_hooks::registry::load_file(&runtime, plugin, &limits)
+        .with_context(|| format!("cannot load {}", plugin.display()))?;
+    if !loaded.manifest.subscribes_to(event.event_type()) {
+        eprintln!(
+            "note: {}'s manifest does not subscribe to {}; the host would not deliver it",
+            loaded.name,
+            event.event_type()
+        );
+    }
+    let outcome = runtime.call(
+        loaded.compiled(),
+        &loaded.name,
+        &Arc::from(event.key()),
+        &limits,
+        event.event_type(),
+        event.payload(),
+    );
+    let result = match &outcome.result {
+        Ok(()) => "ok".to_owned(),
+        Err(failure) => format!("failed ({}): {}", failure.kind, failure.message),
+    };
+    println!("plugin:      {} {}", loaded.name, loaded.version);
+    println!("event:       {} {}", event.event_type(), event.key());
+    println!("result:      {result}");
+    println!("fuel used:   {}", outcome.fuel_used);
+    println!("time:        {:.3} ms", outcome.elapsed.as_secs_f64() * 1e3);
+    println!("peak memory: {} KiB", outcome.peak_memory_bytes >> 10);
+    for line in &outcome.logs {
+        println!("log {:?} {:?}: {}", line.level, line.source, line.message);
+    }
+    Ok(if outcome.result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,130 @@
+//! A plugin's manifest: the optional `NAME.toml` next to `NAME.wasm`.
+//!
+//! Owns the manifest's format and the event-type patterns it subscribes with.
+//! A plugin without a manifest, or whose manifest has no `subscriptions`,
+//! receives every event. It does not read files; `registry.rs` does.
+//!
+//! ```toml
+//! # orders.toml
+//! subscriptions = ["order.*", "payment.refunded"]
+//! ```
+
+use serde::Deserialize;
+
+/// The parsed manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Event types to deliver; `None` means every event.
+    #[serde(default)]
+    pub subscriptions: Option<Subscriptions>,
+}
+
+impl Manifest {
+    /// Parse a manifest's text; errors carry the line and column.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Whether an event of this type is delivered to the plugin.
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.subscriptions
+            .as_ref()
+            .is_none_or(|subs| subs.matches(event_type))
+    }
+}
+
+/// Event-type patterns: an exact type (`order.created`), or a glob where `*`
+/// matches any run of characters (`order.*`, `*.created`, `*`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Vec<String>")]
+pub struct Subscriptions(Vec<String>);
+
+impl Subscriptions {
+    pub fn matches(&self, event_type: &str) -> bool {
+        self.0.iter().any(|pattern| glob_match(pattern, event_type))
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl TryFrom<Vec<String>> for Subscriptions {
+    type Error = String;
+
+    fn try_from(patterns: Vec<String>) -> Result<Self, Self::Error> {
+        if let Some(bad) = patterns.iter().find(|p| p.trim().is_empty()) {
+            return Err(format!("empty subscription pattern {bad:?}"));
+        }
+        Ok(Self(patterns))
+    }
+}
+
+/// `*` matches any run of characters (dots included); everything else literally.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let mut parts: Vec<&str> = parts.collect();
+    let Some(last) = parts.pop() else {
+        // No `*` at all: exact match.
+        return rest.is_empty();
+    };
+    for middle in parts {
+        match rest.find(middle) {
+            Some(at) => rest = &rest[at + middle.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("order.*", "order.created"));
+        assert!(!glob_match("order.*", "orders.created"));
+        assert!(!glob_match("order.*", "payment.failed"));
+        assert!(glob_match("*", "anything.at_all"));
+        assert!(glob_match("*.created", "return.created"));
+        assert!(glob_match("inventory.low_stock", "inventory.low_stock"));
+        assert!(!glob_match("inventory.low_stock", "inventory.low_stock2"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("a*b*c", "a-x-c"));
+        assert!(
+            !glob_match("ab*ba", "aba"),
+            "prefix and suffix may not overlap"
+        );
+    }
+
+    #[test]
+    fn no_manifest_or_no_subscriptions_means_everything() {
+        assert!(Manifest::default().subscribes_to("invoice.paid"));
+        assert!(Manifest::parse("").unwrap().subscribes_to("order.created"));
+    }
+
+    #[test]
+    fn subscriptions_filter() {
+        let m = Manifest::parse(r#"subscriptions = ["order.*", "payment.refunded"]"#).unwrap();
+        assert!(m.subscribes_to("order.cancelled"));
+        assert!(m.subscribes_to("payment.refunded"));
+        assert!(!m.subscribes_to("payment.succeeded"));
+        let none = Manifest::parse("subscriptions = []").unwrap();
+        assert!(!none.subscribes_to("order.created"));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let err = Manifest::parse("\nsubscriptons = [\"order.*\"]").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = Manifest::parse(r#"subscriptions = [""]"#).unwrap_err();
+        assert!(err.to_string().contains("empty subscription"), "{err}");
+    }
+}

@@ -1,0 +1,85 @@
+//! What went wrong in a plugin call, classified so callers can branch on it.
+//!
+//! Owns the failure kinds and the mapping from wasmtime errors to them. It does
+//! not decide what happens next (retry, quarantine): the dispatcher does.
+
+use std::fmt;
+
+use wasmtime::Trap;
+
+use super::limits::MemoryLimitExceeded;
+
+/// The kind of a failed call. The `Display` form (`out-of-fuel`, ...) is what
+/// logs, counters and the CLI show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The call used all its fuel.
+    OutOfFuel,
+    /// The call passed its wall-clock deadline.
+    Timeout,
+    /// The call tried to grow memory past its limit.
+    OutOfMemory,
+    /// The wasm stack was exhausted (deep recursion).
+    StackOverflow,
+    /// Any other trap: `unreachable`, a panic, an out-of-bounds access, ...
+    Trap,
+    /// The plugin returned `Err` from `on-event`.
+    PluginError,
+    /// The component could not be instantiated for this call.
+    LoadError,
+}
+
+impl FailureKind {
+    /// The stable, kebab-case name used in logs and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OutOfFuel => "out-of-fuel",
+            Self::Timeout => "timeout",
+            Self::OutOfMemory => "out-of-memory",
+            Self::StackOverflow => "stack-overflow",
+            Self::Trap => "trap",
+            Self::PluginError => "plugin-error",
+            Self::LoadError => "load-error",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed call: its kind and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Classify an error from instantiating or calling a component.
+    pub(crate) fn from_wasmtime(error: &wasmtime::Error) -> Self {
+        if let Some(limit) = error.downcast_ref::<MemoryLimitExceeded>() {
+            return Self::new(FailureKind::OutOfMemory, limit.to_string());
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => Self::new(FailureKind::OutOfFuel, "all fuel consumed"),
+            Some(Trap::Interrupt) => Self::new(FailureKind::Timeout, "deadline exceeded"),
+            Some(Trap::StackOverflow) => {
+                Self::new(FailureKind::StackOverflow, "wasm call stack exhausted")
+            }
+            Some(trap) => Self::new(FailureKind::Trap, trap.to_string()),
+            // Not a trap: a host function failed, or a WASI stream trapped.
+            None => Self::new(FailureKind::Trap, format!("{:#}", error.root_cause())),
+        }
+    }
+}

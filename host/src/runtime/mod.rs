@@ -1,0 +1,274 @@
+//! The plugin runtime: wasmtime, the WIT contract and the sandbox.
+//!
+//! One [`Runtime`] holds the `Engine` and a `Linker` built once. A component is
+//! compiled and pre-instantiated once ([`Runtime::compile`]); every call gets a
+//! fresh `Store` with its own limits, so nothing leaks from one event to the
+//! next. This module knows nothing of HTTP, plugin directories or storage.
+//!
+//! # Capabilities
+//!
+//! A plugin sees the `host` interface and WASI with: no preopened directories,
+//! no environment variables or arguments, no sockets or name lookups, stdin
+//! closed, stdout/stderr captured into the host log. Clocks and random numbers
+//! work (the standard libraries need them).
+
+mod bindings;
+mod failure;
+mod limits;
+mod output;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use self::bindings::v0_1_0;
+use self::limits::{EpochTicker, HasLimiter, MemoryLimiter, configure_store};
+use self::output::{CallTag, Capture, Output};
+
+pub use self::failure::{Failure, FailureKind};
+pub use self::limits::{
+    DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT,
+    EPOCH_TICK, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
+};
+pub use self::output::{LogLevel, LogLine, LogSource};
+
+/// The engine, the linker and the epoch ticker: one per host.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<CallState>,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+/// A component compiled and pre-instantiated against one WIT version.
+#[derive(Clone)]
+pub struct Compiled {
+    pre: v0_1_0::PluginPre<CallState>,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled").finish_non_exhaustive()
+    }
+}
+
+/// Why bytes could not become a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "a core wasm module, not a component: build for wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("not a WebAssembly component: {0:#}")]
+    Invalid(wasmtime::Error),
+    #[error("does not fit the `stateset:webhooks` plugin world: {0:#}")]
+    WrongWorld(wasmtime::Error),
+}
+
+/// Everything one call produced.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    pub result: Result<(), Failure>,
+    /// Fuel consumed (instantiation included).
+    pub fuel_used: u64,
+    pub elapsed: Duration,
+    /// The most linear memory the call held at once.
+    pub peak_memory_bytes: usize,
+    /// Lines the plugin wrote, within the output limit.
+    pub logs: Vec<LogLine>,
+    /// Output bytes past the limit, dropped.
+    pub dropped_output_bytes: usize,
+}
+
+impl Runtime {
+    /// Build the engine (fuel metering, epoch interruption, bounded wasm stack)
+    /// and the linker (WASI plus every WIT version's `host` interface).
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(MAX_WASM_STACK_BYTES);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        v0_1_0::Plugin::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)?;
+        let ticker = EpochTicker::start(&engine);
+        Ok(Self {
+            engine,
+            linker,
+            _ticker: ticker,
+        })
+    }
+
+    /// Compile and pre-instantiate a component. Slow (milliseconds to
+    /// seconds): keep it off the request path.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, CompileError> {
+        if is_core_module(bytes) {
+            return Err(CompileError::CoreModule);
+        }
+        let component = Component::new(&self.engine, bytes).map_err(CompileError::Invalid)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(CompileError::WrongWorld)?;
+        let pre = v0_1_0::PluginPre::new(pre).map_err(CompileError::WrongWorld)?;
+        Ok(Compiled { pre })
+    }
+
+    /// Run `on-event` once in a fresh, limited instance. Blocking: call it from
+    /// a thread that may block (a worker, `spawn_blocking`).
+    pub fn call(
+        &self,
+        compiled: &Compiled,
+        plugin: &Arc<str>,
+        event: &Arc<str>,
+        limits: &Limits,
+        event_type: &str,
+        payload: &str,
+    ) -> CallOutcome {
+        let tag = CallTag {
+            plugin: plugin.clone(),
+            event: event.clone(),
+        };
+        let output = Arc::new(Mutex::new(Output::new(tag, limits.output_bytes)));
+        let mut store = Store::new(&self.engine, CallState::new(&output, limits));
+        configure_store(&mut store, limits);
+        let fuel_before = store.get_fuel().unwrap_or(0);
+
+        let start = Instant::now();
+        let called = compiled
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_on_event(&mut store, event_type, payload));
+        let elapsed = start.elapsed();
+
+        let result = match called {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(Failure::new(
+                FailureKind::PluginError,
+                truncate_message(message, limits.error_bytes),
+            )),
+            Err(error) => {
+                tracing::debug!(%plugin, %event, "plugin call failed: {error:?}");
+                Err(Failure::from_wasmtime(&error))
+            }
+        };
+        let fuel_used = fuel_before.saturating_sub(store.get_fuel().unwrap_or(0));
+        let peak_memory_bytes = store.data().limiter.peak();
+        drop(store);
+        let mut output = lock(&output);
+        let logs = output.finish();
+        CallOutcome {
+            result,
+            fuel_used,
+            elapsed,
+            peak_memory_bytes,
+            logs,
+            dropped_output_bytes: output.dropped_bytes(),
+        }
+    }
+}
+
+/// Core modules start `\0asm` then version 1; components use another layer.
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\0asm\x01\0\0\0")
+}
+
+fn truncate_message(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let total = message.len();
+        message.truncate(output::floor_char_boundary(&message, max));
+        message.push_str(&format!(" ... [cut: {total} bytes in all]"));
+    }
+    message
+}
+
+fn lock(output: &Mutex<Output>) -> MutexGuard<'_, Output> {
+    output
+        .lock()
+        .expect("output lock is never poisoned: no panics while held")
+}
+
+/// The data of one call's `Store`.
+pub(crate) struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    output: Arc<Mutex<Output>>,
+}
+
+impl CallState {
+    fn new(output: &Arc<Mutex<Output>>, limits: &Limits) -> Self {
+        let wasi = WasiCtx::builder()
+            .stdout(Capture::new(output.clone(), LogSource::Stdout))
+            .stderr(Capture::new(output.clone(), LogSource::Stderr))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(limits.memory_bytes),
+            output: output.clone(),
+        }
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HasLimiter for CallState {
+    fn limiter(&mut self) -> &mut MemoryLimiter {
+        &mut self.limiter
+    }
+}
+
+impl v0_1_0::stateset::webhooks::host::Host for CallState {
+    fn log(&mut self, level: v0_1_0::stateset::webhooks::host::LogLevel, message: String) {
+        use v0_1_0::stateset::webhooks::host::LogLevel as Wit;
+        let level = match level {
+            Wit::Trace => LogLevel::Trace,
+            Wit::Debug => LogLevel::Debug,
+            Wit::Info => LogLevel::Info,
+            Wit::Warn => LogLevel::Warn,
+            Wit::Error => LogLevel::Error,
+        };
+        lock(&self.output).line(level, LogSource::Log, &message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_cut_on_a_char_boundary_and_say_so() {
+        assert_eq!(truncate_message("short".into(), 10), "short");
+        assert_eq!(
+            truncate_message("ééé".into(), 3),
+            "é ... [cut: 6 bytes in all]"
+        );
+    }
+
+    #[test]
+    fn core_modules_are_told_apart_from_components() {
+        assert!(is_core_module(b"\0asm\x01\0\0\0rest"));
+        assert!(!is_core_module(b"\0asm\x0d\0\x01\0rest"));
+    }
+}

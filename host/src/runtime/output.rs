@@ -1,0 +1,315 @@
+//! What a plugin says during a call: `host.log` lines and captured stdout/stderr.
+//!
+//! Owns the per-call output budget (one cap shared by all three sources), the
+//! tagging of every line with the plugin and event, and the WASI stdio streams
+//! that feed it. Lines go to the host log as they arrive and are kept, within
+//! the budget, in the call's outcome.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// Severity of a plugin's line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// Where a plugin's line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogSource {
+    /// The `host.log` import.
+    Log,
+    Stdout,
+    Stderr,
+}
+
+/// One line a plugin wrote during a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub source: LogSource,
+    pub message: String,
+}
+
+/// Who is speaking: put on every host log line a plugin causes.
+#[derive(Debug, Clone)]
+pub(crate) struct CallTag {
+    pub plugin: Arc<str>,
+    pub event: Arc<str>,
+}
+
+/// The output of one call, shared by the `host.log` import and both stdio streams.
+#[derive(Debug)]
+pub(crate) struct Output {
+    tag: CallTag,
+    budget: usize,
+    lines: Vec<LogLine>,
+    dropped_bytes: usize,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl Output {
+    pub(crate) fn new(tag: CallTag, budget: usize) -> Self {
+        Self {
+            tag,
+            budget,
+            lines: Vec::new(),
+            dropped_bytes: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        }
+    }
+
+    /// Record a line, or count it as dropped once the budget is spent.
+    pub(crate) fn line(&mut self, level: LogLevel, source: LogSource, message: &str) {
+        if message.len() > self.budget {
+            let keep = floor_char_boundary(message, self.budget);
+            self.dropped_bytes += message.len() - keep;
+            if keep == 0 {
+                return;
+            }
+            self.push(level, source, &message[..keep]);
+        } else {
+            self.push(level, source, message);
+        }
+    }
+
+    fn push(&mut self, level: LogLevel, source: LogSource, message: &str) {
+        self.budget -= message.len();
+        emit(&self.tag, level, source, message);
+        self.lines.push(LogLine {
+            level,
+            source,
+            message: message.to_owned(),
+        });
+    }
+
+    fn stdio(&mut self, source: LogSource, bytes: &[u8]) {
+        let pending = match source {
+            LogSource::Stderr => &mut self.stderr,
+            _ => &mut self.stdout,
+        };
+        // Never hold more than the budget in a partial line.
+        let room = self.budget.saturating_sub(pending.len());
+        let take = bytes.len().min(room);
+        pending.extend_from_slice(&bytes[..take]);
+        self.dropped_bytes += bytes.len() - take;
+        let Some(last_newline) = pending.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = pending.drain(..=last_newline).collect();
+        for line in complete[..last_newline].split(|&b| b == b'\n') {
+            self.stdio_line(source, line);
+        }
+    }
+
+    fn stdio_line(&mut self, source: LogSource, line: &[u8]) {
+        let level = match source {
+            LogSource::Stderr => LogLevel::Warn,
+            _ => LogLevel::Info,
+        };
+        self.line(level, source, &String::from_utf8_lossy(line));
+    }
+
+    /// End the call: flush partial stdio lines, say what was cut, return the lines.
+    pub(crate) fn finish(&mut self) -> Vec<LogLine> {
+        for source in [LogSource::Stdout, LogSource::Stderr] {
+            let pending = std::mem::take(match source {
+                LogSource::Stderr => &mut self.stderr,
+                _ => &mut self.stdout,
+            });
+            if !pending.is_empty() {
+                self.stdio_line(source, &pending);
+            }
+        }
+        if self.dropped_bytes > 0 {
+            tracing::warn!(
+                plugin = %self.tag.plugin,
+                event = %self.tag.event,
+                dropped_bytes = self.dropped_bytes,
+                "plugin output truncated: per-call output limit reached"
+            );
+        }
+        std::mem::take(&mut self.lines)
+    }
+
+    pub(crate) fn dropped_bytes(&self) -> usize {
+        self.dropped_bytes
+    }
+}
+
+fn emit(tag: &CallTag, level: LogLevel, source: LogSource, message: &str) {
+    let (plugin, event) = (&*tag.plugin, &*tag.event);
+    let stream = match source {
+        LogSource::Log => "log",
+        LogSource::Stdout => "stdout",
+        LogSource::Stderr => "stderr",
+    };
+    match level {
+        LogLevel::Trace => tracing::trace!(target: "plugin", plugin, event, stream, "{message}"),
+        LogLevel::Debug => tracing::debug!(target: "plugin", plugin, event, stream, "{message}"),
+        LogLevel::Info => tracing::info!(target: "plugin", plugin, event, stream, "{message}"),
+        LogLevel::Warn => tracing::warn!(target: "plugin", plugin, event, stream, "{message}"),
+        LogLevel::Error => tracing::error!(target: "plugin", plugin, event, stream, "{message}"),
+    }
+}
+
+/// The largest index `<= max` that is a char boundary of `s`.
+pub(crate) fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
+/// A plugin's stdout or stderr: writes land in the call's [`Output`].
+#[derive(Debug, Clone)]
+pub(crate) struct Capture {
+    output: Arc<Mutex<Output>>,
+    source: LogSource,
+}
+
+impl Capture {
+    pub(crate) fn new(output: Arc<Mutex<Output>>, source: LogSource) -> Self {
+        Self { output, source }
+    }
+
+    fn write_bytes(&self, bytes: &[u8]) {
+        self.output
+            .lock()
+            .expect("output lock is never poisoned: no panics while held")
+            .stdio(self.source, bytes);
+    }
+}
+
+/// What a plugin may write in one go; the stream always has room because
+/// anything past the budget is counted and dropped, never blocked on.
+const STDIO_WRITE_CHUNK: usize = 64 << 10;
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Capture {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for Capture {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.write_bytes(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(STDIO_WRITE_CHUNK)
+    }
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.write_bytes(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(budget: usize) -> Output {
+        let tag = CallTag {
+            plugin: "p".into(),
+            event: "e".into(),
+        };
+        Output::new(tag, budget)
+    }
+
+    #[test]
+    fn stdio_is_split_into_lines_and_flushed_at_the_end() {
+        let mut out = output(1024);
+        out.stdio(LogSource::Stdout, b"one\ntw");
+        out.stdio(LogSource::Stdout, b"o\nthree");
+        out.stdio(LogSource::Stderr, b"oops\n");
+        let lines: Vec<_> = out
+            .finish()
+            .into_iter()
+            .map(|l| (l.source, l.message))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (LogSource::Stdout, "one".to_owned()),
+                (LogSource::Stdout, "two".to_owned()),
+                (LogSource::Stderr, "oops".to_owned()),
+                (LogSource::Stdout, "three".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn budget_is_shared_and_the_rest_is_counted() {
+        let mut out = output(10);
+        out.line(LogLevel::Info, LogSource::Log, "123456");
+        out.line(LogLevel::Info, LogSource::Log, "abcdef");
+        out.stdio(LogSource::Stdout, b"more\n");
+        let lines = out.finish();
+        assert_eq!(lines[0].message, "123456");
+        assert_eq!(lines[1].message, "abcd");
+        assert_eq!(lines.len(), 2);
+        assert_eq!(out.dropped_bytes(), 2 + 5);
+    }
+
+    #[test]
+    fn cuts_on_char_boundaries() {
+        assert_eq!(floor_char_boundary("héllo", 2), 1);
+        assert_eq!(floor_char_boundary("héllo", 3), 3);
+        assert_eq!(floor_char_boundary("hi", 10), 2);
+    }
+}

@@ -1,0 +1,167 @@
+//! Webhook signatures: `X-StateSet-Signature` is the hex HMAC-SHA256 of the raw body.
+//!
+//! Pure and I/O-free: this module knows the header's name and format and how to
+//! compare in constant time. It does not know HTTP status codes or event JSON.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+/// The header StateSet puts the signature in.
+pub const SIGNATURE_HEADER: &str = "X-StateSet-Signature";
+
+/// The environment variable the secret is read from.
+pub const SECRET_ENV: &str = "STATESET_WEBHOOK_SECRET";
+
+/// Length of a hex SHA-256 MAC: 32 bytes, two hex digits each.
+const SIGNATURE_HEX_LEN: usize = 64;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The shared webhook secret. Its `Debug` never shows the value, so it cannot
+/// leak through a log line or an error that prints a config.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wrap a secret; an empty one is refused because every body would verify
+    /// against a MAC anyone can compute.
+    pub fn new(secret: impl Into<Vec<u8>>) -> Result<Self, SignatureError> {
+        let secret = secret.into();
+        if secret.is_empty() {
+            return Err(SignatureError::EmptySecret);
+        }
+        Ok(Self(secret))
+    }
+
+    /// The hex signature of `body` (lower-case), as a sender computes it.
+    pub fn sign(&self, body: &[u8]) -> String {
+        hex::encode(self.mac(body))
+    }
+
+    /// Check a header value against `body`. Upper- and lower-case hex are both
+    /// accepted; the comparison of the MAC bytes is constant-time.
+    pub fn verify(&self, body: &[u8], header: Option<&[u8]>) -> Result<(), SignatureError> {
+        let expected = decode_header(header)?;
+        let actual = self.mac(body);
+        if bool::from(actual.as_slice().ct_eq(&expected)) {
+            Ok(())
+        } else {
+            Err(SignatureError::Mismatch)
+        }
+    }
+
+    fn mac(&self, body: &[u8]) -> [u8; 32] {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(body);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Parse the header's shape without looking at the body, so a request with no
+/// usable signature can be refused before its body is read.
+pub fn decode_header(header: Option<&[u8]>) -> Result<[u8; 32], SignatureError> {
+    let header = header.ok_or(SignatureError::Missing)?;
+    let header = header.trim_ascii();
+    if header.len() != SIGNATURE_HEX_LEN {
+        return Err(SignatureError::Malformed);
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(header, &mut out).map_err(|_| SignatureError::Malformed)?;
+    Ok(out)
+}
+
+/// Why a signature was refused. The messages name the cause, never the values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    #[error("missing {SIGNATURE_HEADER} header")]
+    Missing,
+    #[error("malformed {SIGNATURE_HEADER} header: expected 64 hex digits")]
+    Malformed,
+    #[error("signature does not match the body")]
+    Mismatch,
+    #[error("the webhook secret is empty")]
+    EmptySecret,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 4231 test case 2: key "Jefe".
+    const RFC4231_KEY: &[u8] = b"Jefe";
+    const RFC4231_DATA: &[u8] = b"what do ya want for nothing?";
+    const RFC4231_MAC: &str = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+
+    /// The webhook document's curl example, checked with
+    /// `echo -n "$PAYLOAD" | openssl dgst -sha256 -hmac "your-webhook-secret"`.
+    const DOC_SECRET: &[u8] = b"your-webhook-secret";
+    const DOC_PAYLOAD: &[u8] =
+        br#"{"type":"order.created","data":{"id":"order-123","status":"pending"}}"#;
+    const DOC_MAC: &str = "50e6931ae267ce9978e43d1599f3b78c5e0ad364ddd02edb0bc60e2ac0c425a9";
+
+    fn secret(key: &[u8]) -> Secret {
+        Secret::new(key).unwrap()
+    }
+
+    #[test]
+    fn known_answer_rfc4231() {
+        assert_eq!(secret(RFC4231_KEY).sign(RFC4231_DATA), RFC4231_MAC);
+        assert_eq!(
+            secret(RFC4231_KEY).verify(RFC4231_DATA, Some(RFC4231_MAC.as_bytes())),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn known_answer_webhook_document() {
+        assert_eq!(secret(DOC_SECRET).sign(DOC_PAYLOAD), DOC_MAC);
+    }
+
+    #[test]
+    fn upper_case_hex_and_surrounding_space_verify() {
+        let header = format!(" {} ", RFC4231_MAC.to_uppercase());
+        assert_eq!(
+            secret(RFC4231_KEY).verify(RFC4231_DATA, Some(header.as_bytes())),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn refusals_name_their_cause() {
+        let s = secret(RFC4231_KEY);
+        assert_eq!(s.verify(RFC4231_DATA, None), Err(SignatureError::Missing));
+        assert_eq!(
+            s.verify(RFC4231_DATA, Some(b"abc")),
+            Err(SignatureError::Malformed)
+        );
+        let not_hex = "z".repeat(64);
+        assert_eq!(
+            s.verify(RFC4231_DATA, Some(not_hex.as_bytes())),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            s.verify(b"tampered", Some(RFC4231_MAC.as_bytes())),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            secret(b"other").verify(RFC4231_DATA, Some(RFC4231_MAC.as_bytes())),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn empty_secret_is_refused_and_debug_redacts() {
+        assert_eq!(Secret::new("").unwrap_err(), SignatureError::EmptySecret);
+        let shown = format!("{:?}", secret(b"hunter2"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}
