@@ -1,7 +1,8 @@
 //! The `stateset-hooks` command line: a thin layer over the library.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +57,7 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
     /// Directory of plugins: every NAME.wasm, with an optional NAME.toml manifest.
-    #[arg(long, default_value = "plugins")]
+    #[arg(long, value_name = "DIR")]
     plugins: PathBuf,
     /// The webhook route.
     #[arg(long, default_value = hooks::DEFAULT_PATH)]
@@ -104,13 +105,20 @@ impl LimitArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `run` prints the plugin's lines itself; the log would repeat them.
+    let default_filter = match cli.command {
+        Command::Run { .. } => "warn,plugin=off",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Sign { file } => sign(&file),
@@ -195,13 +203,13 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing requests and queued plugin calls");
 }
 
-fn sign(file: &PathBuf) -> anyhow::Result<ExitCode> {
+fn sign(file: &Path) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     println!("{}", secret_from_env()?.sign(&body));
     Ok(ExitCode::SUCCESS)
 }
 
-fn send(url: &str, file: &PathBuf) -> anyhow::Result<ExitCode> {
+fn send(url: &str, file: &Path) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let signature = secret_from_env()?.sign(&body);
     let runtime = tokio::runtime::Runtime::new()?;
@@ -225,7 +233,7 @@ fn send(url: &str, file: &PathBuf) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run(plugin: &PathBuf, event: &PathBuf, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
+fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
     let limits = limits.limits()?;
     let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
     let event = Event::parse(body.into())

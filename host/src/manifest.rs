@@ -26,6 +26,14 @@ impl Manifest {
         toml::from_str(text)
     }
 
+    /// The subscriptions for people: `order.*, payment.refunded`, or `*` for all.
+    pub fn describe(&self) -> String {
+        match &self.subscriptions {
+            Some(subs) => subs.patterns().join(", "),
+            None => "*".to_owned(),
+        }
+    }
+
     /// Whether an event of this type is delivered to the plugin.
     pub fn subscribes_to(&self, event_type: &str) -> bool {
         self.subscriptions

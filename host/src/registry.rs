@@ -97,7 +97,7 @@ pub fn load_dir(
                 tracing::info!(
                     plugin = %plugin.name,
                     version = %plugin.version,
-                    subscriptions = ?plugin.manifest.subscriptions.as_ref().map(|s| s.patterns()),
+                    subscriptions = %plugin.manifest.describe(),
                     "plugin loaded"
                 );
                 plugins.push(plugin);

@@ -77,7 +77,11 @@ impl Failure {
             Some(Trap::StackOverflow) => {
                 Self::new(FailureKind::StackOverflow, "wasm call stack exhausted")
             }
-            Some(trap) => Self::new(FailureKind::Trap, trap.to_string()),
+            Some(trap) => {
+                let message = trap.to_string();
+                let message = message.strip_prefix("wasm trap: ").unwrap_or(&message);
+                Self::new(FailureKind::Trap, message)
+            }
             // Not a trap: a host function failed, or a WASI stream trapped.
             None => Self::new(FailureKind::Trap, format!("{:#}", error.root_cause())),
         }

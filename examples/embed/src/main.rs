@@ -1,0 +1,34 @@
+//! An existing axum app that mounts the stateset-hooks webhook route beside
+//! its own routes.
+//!
+//! ```text
+//! scripts/build-plugins            # puts the sample plugins in target/plugins-dir
+//! STATESET_WEBHOOK_SECRET=dev-secret cargo run -p embed -- target/plugins-dir
+//! ```
+//!
+//! Then `GET /` is the app's own route and `POST /webhooks/stateset` is the
+//! webhook host, with the same verification, limits and plugins as `serve`.
+
+use axum::Router;
+use axum::routing::get;
+use stateset_hooks::{Config, Hooks, Secret};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().init();
+    let secret = std::env::var("STATESET_WEBHOOK_SECRET")
+        .map_err(|_| anyhow::anyhow!("set STATESET_WEBHOOK_SECRET"))?;
+    let mut config = Config::new(Secret::new(secret)?);
+    config.plugins_dir = std::env::args().nth(1).map(Into::into);
+    // Loading compiles components: keep it off the async threads.
+    let hooks = tokio::task::spawn_blocking(move || Hooks::new(config)).await??;
+
+    let app = Router::new()
+        .route("/", get(|| async { "my shop's own API" }))
+        .merge(hooks.router());
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}

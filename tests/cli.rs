@@ -1,0 +1,260 @@
+//! The `stateset-hooks` binary as a user runs it: `serve`, `sign`, `send`, `run`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
+
+fn bin() -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_remove("RUST_LOG")
+        .env("STATESET_WEBHOOK_SECRET", SECRET);
+    command
+}
+
+/// `serve` as a child process, with its log lines read on a thread.
+struct Served {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Served {
+    fn start(plugins: &PluginDir) -> Self {
+        let mut child = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+            .arg(plugins.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut served = Self {
+            child,
+            addr: String::new(),
+            lines,
+            seen: Vec::new(),
+        };
+        let ready = served.wait_for("stateset-hooks ready");
+        served.addr = ready
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("address="))
+            .expect("the ready line names the address")
+            .to_owned();
+        served
+    }
+
+    /// Wait for a log line containing `needle` and return it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(REPORT_TIMEOUT) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/webhooks/stateset", self.addr)
+    }
+
+    /// SIGTERM; the exit status and every log line the host wrote.
+    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.wait_for("stopped");
+        let status = self.child.wait().unwrap();
+        let mut log = std::mem::take(&mut self.seen);
+        log.extend(self.lines.try_iter());
+        (status, log)
+    }
+}
+
+impl Drop for Served {
+    /// A failed assertion must not leave a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_secret() {
+    let plugins = PluginDir::new();
+    let output = bin()
+        .env_remove("STATESET_WEBHOOK_SECRET")
+        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+        .arg(plugins.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no webhook secret: set STATESET_WEBHOOK_SECRET"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_options_are_refused_before_binding() {
+    let output = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--plugins",
+            "/no/such/dir",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("plugin directory /no/such/dir does not exist"),
+        "{stderr}"
+    );
+}
+
+/// The webhook document's own recipe: openssl signs, curl sends.
+#[test]
+fn the_documented_curl_recipe_works_and_the_plugin_logs() {
+    let plugins = PluginDir::samples();
+    let mut served = Served::start(&plugins);
+    let script = format!(
+        r#"
+        WEBHOOK_SECRET="{SECRET}"
+        PAYLOAD='{{"type":"order.created","data":{{"id":"order-123","status":"pending"}}}}'
+        SIGNATURE=$(echo -n "$PAYLOAD" | openssl dgst -sha256 -hmac "$WEBHOOK_SECRET" | sed 's/.* //')
+        curl -sS -X POST {url} \
+          -H "Content-Type: application/json" \
+          -H "X-StateSet-Signature: $SIGNATURE" \
+          -d "$PAYLOAD"
+        "#,
+        url = served.url()
+    );
+    let output = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        r#"{"received":true}"#,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = served.wait_for("order order-123");
+    assert!(line.contains("plugin=\"orders\""), "{line}");
+    assert!(
+        line.contains("order order-123 created: status pending"),
+        "{line}"
+    );
+
+    // `send` signs and posts a file the same way.
+    let output = bin()
+        .args(["send", &served.url()])
+        .arg(workspace_root().join("examples/events/payment.succeeded.json"))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "200 OK\n{\"received\":true}\n"
+    );
+    served.wait_for("payment pay_01JQ8ZNZ5Q7S9U1W3Y5A7C9E1G succeeded");
+
+    let (status, log) = served.stop();
+    assert!(status.success());
+    let signature =
+        sign(br#"{"type":"order.created","data":{"id":"order-123","status":"pending"}}"#);
+    for line in &log {
+        assert!(
+            !line.contains(SECRET) && !line.contains(&signature),
+            "leak: {line}"
+        );
+    }
+}
+
+#[test]
+fn sign_matches_openssl() {
+    let event = workspace_root().join("examples/events/order.created.json");
+    let ours = bin().arg("sign").arg(&event).output().unwrap();
+    let openssl = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "openssl dgst -sha256 -hmac '{SECRET}' < '{}' | sed 's/.* //'",
+                event.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(ours.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&openssl.stdout)
+    );
+}
+
+#[test]
+fn run_reports_result_fuel_time_and_memory() {
+    let output = bin()
+        .env_remove("STATESET_WEBHOOK_SECRET")
+        .arg("run")
+        .arg(wasm("orders"))
+        .arg(workspace_root().join("examples/events/order.created.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("result:      ok"), "{stdout}");
+    let fuel: u64 = field(&stdout, "fuel used:").parse().unwrap();
+    assert!((1_000..10_000_000).contains(&fuel), "{stdout}");
+    assert!(field(&stdout, "time:").ends_with("ms"), "{stdout}");
+    assert!(field(&stdout, "peak memory:").ends_with("KiB"), "{stdout}");
+    assert!(
+        stdout.contains("order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E created"),
+        "{stdout}"
+    );
+
+    let output = bin()
+        .arg("run")
+        .arg(wasm("orders"))
+        .arg(workspace_root().join("examples/events/order.created.bad-totals.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(
+        stdout.contains("result:      failed (plugin-error): order ord_01JQ93B6X8Z0B2D4F6H8K0M2N4"),
+        "{stdout}"
+    );
+}
+
+fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+        .trim()
+}

@@ -1,0 +1,255 @@
+//! Loading plugins and containing their failures, through the real server.
+
+mod support;
+
+use serde_json::json;
+use stateset_hooks::runtime::FailureKind;
+use support::*;
+
+/// The smallest plugin any WIT toolchain could emit: exports `on-event`,
+/// imports nothing (no `host`, no WASI), always answers `ok`.
+const NO_IMPORTS_COMPONENT: &str = r#"
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (global $next (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (local.get 3)))
+      (local.get $at))
+    ;; result<_, string> comes back through a return area at address 0;
+    ;; its first byte 0 means `ok`.
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32)
+      (i32.store8 (i32.const 0) (i32.const 0))
+      (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func (export "on-event")
+    (param "event-type" string) (param "payload" string) (result (result (error string)))
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
+"#;
+
+/// A component whose start-up code traps: every call fails at instantiation.
+const START_TRAP_COMPONENT: &str = r#"
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (func $start unreachable)
+    (start $start)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func (export "on-event")
+    (param "event-type" string) (param "payload" string) (result (result (error string)))
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
+"#;
+
+/// A component that fits another world: it exports `handle`, not `on-event`.
+const WRONG_WORLD_COMPONENT: &str = r#"
+(component
+  (core module $m (func (export "handle")))
+  (core instance $i (instantiate $m))
+  (func (export "handle") (canon lift (core func $i "handle"))))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_files_are_reported_and_the_rest_serve() {
+    let plugins = PluginDir::samples();
+    plugins
+        .write("garbage.wasm", b"this is not wasm")
+        .write("core.wasm", wat::parse_str("(module)").unwrap())
+        .write(
+            "wrong-world.wasm",
+            wat::parse_str(WRONG_WORLD_COMPONENT).unwrap(),
+        )
+        .write(
+            "no-imports.wasm",
+            wat::parse_str(NO_IMPORTS_COMPONENT).unwrap(),
+        )
+        .write("no-imports.toml", "subscriptions = [\"payment.*\"]");
+    plugins.add(
+        "bad-manifest",
+        "misbehave",
+        Some("subscriptions = \"order.*\""),
+    );
+    let mut server = TestServer::start(config(&plugins)).await;
+
+    let mut failures: Vec<(String, String)> = server
+        .hooks
+        .load_failures()
+        .iter()
+        .map(|f| {
+            (
+                f.path.file_name().unwrap().to_string_lossy().into_owned(),
+                f.reason.clone(),
+            )
+        })
+        .collect();
+    failures.sort();
+    let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "bad-manifest.wasm",
+            "core.wasm",
+            "garbage.wasm",
+            "wrong-world.wasm"
+        ]
+    );
+    let reason = |name: &str| &failures.iter().find(|(n, _)| n == name).unwrap().1;
+    assert!(
+        reason("bad-manifest.wasm").contains("invalid manifest"),
+        "{failures:#?}"
+    );
+    assert!(
+        reason("bad-manifest.wasm").contains("line 1"),
+        "{failures:#?}"
+    );
+    assert!(
+        reason("core.wasm").contains("core wasm module, not a component"),
+        "{failures:#?}"
+    );
+    assert!(
+        reason("garbage.wasm").contains("not a WebAssembly component"),
+        "{failures:#?}"
+    );
+    assert!(
+        reason("wrong-world.wasm").contains("does not fit"),
+        "{failures:#?}"
+    );
+
+    let mut loaded: Vec<String> = server
+        .hooks
+        .plugins()
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    loaded.sort();
+    assert_eq!(loaded, ["low-stock", "no-imports", "orders", "payments"]);
+
+    assert_eq!(
+        server.send(&example_event("payment.succeeded")).await.0,
+        200
+    );
+    let mut reports = server.reports(2).await;
+    reports.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    assert_eq!(&*reports[0].plugin, "no-imports");
+    assert_eq!(reports[0].outcome.result, Ok(()));
+    assert_eq!(&*reports[1].plugin, "payments");
+    assert!(
+        messages(&reports[1])[0].contains("succeeded"),
+        "{reports:#?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_plugins_are_recorded_and_others_unaffected() {
+    let plugins = PluginDir::samples();
+    plugins
+        .add(
+            "misbehave",
+            "misbehave",
+            Some(r#"subscriptions = ["order.*"]"#),
+        )
+        .write(
+            "start-trap.wasm",
+            wat::parse_str(START_TRAP_COMPONENT).unwrap(),
+        )
+        .write("start-trap.toml", r#"subscriptions = ["order.*"]"#);
+    let mut server = TestServer::start(config(&plugins)).await;
+
+    let mut order: serde_json::Value =
+        serde_json::from_slice(&example_event("order.created")).unwrap();
+    let cases = [
+        ("error", FailureKind::PluginError, "refused on purpose"),
+        (
+            "panic",
+            FailureKind::Trap,
+            "wasm `unreachable` instruction executed",
+        ),
+        (
+            "unreachable",
+            FailureKind::Trap,
+            "wasm `unreachable` instruction executed",
+        ),
+    ];
+    for (i, (misbehave, kind, message)) in cases.into_iter().enumerate() {
+        order["id"] = json!(format!("evt_fail_{i}"));
+        order["data"]["misbehave"] = json!(misbehave);
+        let (status, body) = server.send(&serde_json::to_vec(&order).unwrap()).await;
+        assert_eq!(
+            (status, body),
+            (200, json!({ "received": true })),
+            "{misbehave}"
+        );
+
+        let mut reports = server.reports(3).await;
+        reports.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+        let [misbehaving, orders, start_trap] = &reports[..] else {
+            unreachable!()
+        };
+        let failure = misbehaving.outcome.result.as_ref().unwrap_err();
+        assert_eq!(
+            (failure.kind, failure.message.as_str()),
+            (kind, message),
+            "{misbehave}"
+        );
+        assert_eq!(
+            orders.outcome.result,
+            Ok(()),
+            "orders is unaffected by {misbehave}"
+        );
+        assert!(
+            messages(orders)[0].contains("created: 3 items"),
+            "{reports:#?}"
+        );
+        let failure = start_trap.outcome.result.as_ref().unwrap_err();
+        assert_eq!(failure.kind, FailureKind::Trap);
+    }
+    // A bad order is the orders plugin's own `Err`, with its reason.
+    assert_eq!(
+        server
+            .send(&example_event("order.created.bad-totals"))
+            .await
+            .0,
+        200
+    );
+    let reports = server.reports(3).await;
+    let orders = reports.iter().find(|r| &*r.plugin == "orders").unwrap();
+    let failure = orders.outcome.result.as_ref().unwrap_err();
+    assert_eq!(failure.kind, FailureKind::PluginError);
+    assert_eq!(
+        failure.message,
+        "order ord_01JQ93B6X8Z0B2D4F6H8K0M2N4: total_cents is 8520, expected 7740 \
+         (subtotal + tax + shipping - discount)"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_state_leaks_from_one_event_to_the_next() {
+    // Each call gets a fresh instance: a plugin that grows its memory in one
+    // call starts the next one from its initial size.
+    let plugins = PluginDir::new();
+    plugins.add("misbehave", "misbehave", None);
+    let mut server = TestServer::start(config(&plugins)).await;
+    let big = event(
+        "evt_big",
+        "order.created",
+        json!({ "misbehave": "allocate", "bytes": 8 << 20 }),
+    );
+    let small = event("evt_small", "order.created", json!({}));
+    assert_eq!(server.send(&big).await.0, 200);
+    assert_eq!(server.send(&small).await.0, 200);
+    let reports = server.reports(2).await;
+    assert!(
+        reports[0].outcome.peak_memory_bytes > 8 << 20,
+        "{reports:#?}"
+    );
+    assert!(
+        reports[1].outcome.peak_memory_bytes < 4 << 20,
+        "{reports:#?}"
+    );
+    server.stop().await;
+}

@@ -1,0 +1,219 @@
+//! Shared test support: build real plugin components, lay out plugin
+//! directories, start the real server on port 0 and talk to it over HTTP.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use stateset_hooks::{Config, Hooks, Report, Secret, server};
+use tokio::sync::{broadcast, oneshot};
+
+pub const SECRET: &str = "test-webhook-secret";
+
+/// How long a test waits for plugin reports before it fails.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Build every plugin crate for wasm32-wasip2 once per test process and return
+/// the path of one component. A separate target directory keeps this nested
+/// cargo off the lock of the cargo running the tests.
+pub fn wasm(crate_name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let out = BUILT.get_or_init(|| {
+        let target_dir = workspace_root().join("target/plugins");
+        let status = Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .args([
+                "build",
+                "--quiet",
+                "--target",
+                "wasm32-wasip2",
+                "--profile",
+                "plugin",
+            ])
+            .args([
+                "-p",
+                "orders",
+                "-p",
+                "payments",
+                "-p",
+                "low-stock",
+                "-p",
+                "misbehave",
+            ])
+            .status()
+            .expect("run cargo to build the plugins");
+        assert!(
+            status.success(),
+            "building plugins failed (is the target installed? `rustup target add wasm32-wasip2`)"
+        );
+        target_dir.join("wasm32-wasip2/plugin")
+    });
+    out.join(format!("{}.wasm", crate_name.replace('-', "_")))
+}
+
+/// A temporary plugin directory.
+pub struct PluginDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl PluginDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The three sample plugins with the manifests they ship with.
+    pub fn samples() -> Self {
+        let dir = Self::new();
+        for name in ["orders", "payments", "low-stock"] {
+            let manifest = workspace_root().join(format!("plugins/{name}/{name}.toml"));
+            dir.add(
+                name,
+                name,
+                Some(&std::fs::read_to_string(manifest).unwrap()),
+            );
+        }
+        dir
+    }
+
+    /// Copy crate `crate_name`'s component in as `name.wasm`, with a manifest.
+    pub fn add(&self, name: &str, crate_name: &str, manifest: Option<&str>) -> &Self {
+        std::fs::copy(wasm(crate_name), self.path().join(format!("{name}.wasm"))).unwrap();
+        if let Some(manifest) = manifest {
+            std::fs::write(self.path().join(format!("{name}.toml")), manifest).unwrap();
+        }
+        self
+    }
+
+    pub fn write(&self, file: &str, bytes: impl AsRef<[u8]>) -> &Self {
+        std::fs::write(self.path().join(file), bytes).unwrap();
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub fn config(plugins: &PluginDir) -> Config {
+    let mut config = Config::new(Secret::new(SECRET).unwrap());
+    config.plugins_dir = Some(plugins.path().to_owned());
+    // One worker: reports arrive in the order events were sent, so a later
+    // event's report proves an earlier event reached no (other) plugin.
+    config.workers = 1;
+    config
+}
+
+/// The real server on 127.0.0.1:0, in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub hooks: Hooks,
+    reports: broadcast::Receiver<Report>,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let hooks = tokio::task::spawn_blocking(move || Hooks::new(config))
+            .await
+            .unwrap()
+            .expect("host starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reports = hooks.subscribe();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server::run(listener, hooks.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            hooks,
+            reports,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POST `body` to the webhook route with this signature header (or none).
+    pub async fn post(&self, body: &[u8], signature: Option<&str>) -> (u16, serde_json::Value) {
+        let mut request = self
+            .client
+            .post(self.url("/webhooks/stateset"))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(signature) = signature {
+            request = request.header("X-StateSet-Signature", signature);
+        }
+        let response = request.send().await.expect("request reaches the server");
+        let status = response.status().as_u16();
+        let json = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    /// POST `body` signed with the test secret.
+    pub async fn send(&self, body: &[u8]) -> (u16, serde_json::Value) {
+        self.post(body, Some(&sign(body))).await
+    }
+
+    /// The next `n` plugin reports, in the order they happened.
+    pub async fn reports(&mut self, n: usize) -> Vec<Report> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let report = tokio::time::timeout(REPORT_TIMEOUT, self.reports.recv())
+                .await
+                .unwrap_or_else(|_| panic!("waited for {n} reports, got {}: {out:#?}", out.len()))
+                .expect("report channel open and not lagging");
+            out.push(report);
+        }
+        out
+    }
+
+    /// Stop the server and wait for the queued plugin calls to finish.
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+pub fn sign(body: &[u8]) -> String {
+    Secret::new(SECRET).unwrap().sign(body)
+}
+
+/// An example event shipped under `examples/events/`.
+pub fn example_event(name: &str) -> Vec<u8> {
+    std::fs::read(workspace_root().join(format!("examples/events/{name}.json"))).unwrap()
+}
+
+/// A small event of `event_type` whose `data` is `data`.
+pub fn event(id: &str, event_type: &str, data: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "id": id, "type": event_type, "data": data })).unwrap()
+}
+
+/// Messages a report's plugin logged.
+pub fn messages(report: &Report) -> Vec<&str> {
+    report
+        .outcome
+        .logs
+        .iter()
+        .map(|l| l.message.as_str())
+        .collect()
+}
