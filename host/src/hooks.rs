@@ -11,8 +11,9 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::dispatch::{Dispatcher, Report};
-use crate::registry::{self, LoadFailure, Plugin, Registry};
-use crate::runtime::{Limits, Runtime};
+use crate::health::DEFAULT_QUARANTINE_AFTER;
+use crate::registry::{self, LimitPolicy, LoadFailure, Plugin, Registry};
+use crate::runtime::Runtime;
 use crate::signature::Secret;
 
 /// Default webhook route, as in the StateSet webhook document.
@@ -36,8 +37,10 @@ pub struct Config {
     pub body_limit: usize,
     /// Directory of `*.wasm` plugins (with optional `NAME.toml` manifests).
     pub plugins_dir: Option<PathBuf>,
-    /// Limits for every plugin call.
-    pub limits: Limits,
+    /// Limits for every plugin call, and the most a manifest may raise them to.
+    pub limits: LimitPolicy,
+    /// Consecutive failures after which a plugin is quarantined; 0 never.
+    pub quarantine_after: u32,
     /// Plugin worker threads: also the most instances alive at once.
     pub workers: usize,
     /// Events queued for workers before the host answers 503.
@@ -51,7 +54,11 @@ impl Config {
             path: DEFAULT_PATH.to_owned(),
             body_limit: DEFAULT_BODY_LIMIT,
             plugins_dir: None,
-            limits: Limits::default(),
+            limits: LimitPolicy {
+                defaults: Default::default(),
+                max: crate::runtime::Limits::host_max(),
+            },
+            quarantine_after: DEFAULT_QUARANTINE_AFTER,
             workers: default_workers(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
@@ -89,12 +96,7 @@ impl Hooks {
             None => Default::default(),
         };
         let registry = Arc::new(Registry::new(plugins));
-        let dispatcher = Dispatcher::start(
-            runtime.clone(),
-            registry.clone(),
-            config.workers,
-            config.queue_capacity,
-        );
+        let dispatcher = Dispatcher::start(runtime.clone(), registry.clone(), &config);
         Ok(Self {
             shared: Arc::new(Shared { config, dispatcher }),
             registry,
@@ -116,6 +118,16 @@ impl Hooks {
     /// The loaded plugins.
     pub fn plugins(&self) -> Arc<[Arc<Plugin>]> {
         self.registry.snapshot()
+    }
+
+    /// Lift a plugin's quarantine. Returns false if no plugin has that name.
+    pub fn release(&self, name: &str) -> bool {
+        let Some(plugin) = self.registry.get(name) else {
+            return false;
+        };
+        plugin.health.release();
+        tracing::info!(plugin = name, version = %plugin.version, "plugin released from quarantine");
+        true
     }
 
     /// Plugin files that did not load, with the reasons.

@@ -22,9 +22,10 @@
 //!
 //! - [`signature`]: HMAC-SHA256 of the raw body, constant-time; pure.
 //! - [`event`]: the envelope (`id`, `type`, `data`), known types, idempotency key.
-//! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions).
+//! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions, limits).
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
 //! - [`registry`]: the plugin directory, names, versions, subscription filter.
+//! - [`health`]: per-plugin counters and quarantine.
 //! - [`dispatch`]: queue and workers that call plugins after the 200.
 //! - `http`: the webhook route and its status codes.
 //! - [`hooks`]: [`Hooks`], the type an app holds; [`Config`].
@@ -32,6 +33,7 @@
 
 pub mod dispatch;
 pub mod event;
+pub mod health;
 pub mod hooks;
 mod http;
 pub mod manifest;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use stateset_hooks::registry::LimitPolicy;
 use stateset_hooks::runtime::{Limits, Runtime};
 use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
 use stateset_hooks::{Config, Event, Hooks, Secret, hooks, server};
@@ -166,7 +167,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.path = args.path;
     config.body_limit = args.body_limit;
     config.plugins_dir = Some(args.plugins);
-    config.limits = args.limits.limits()?;
+    config.limits.defaults = args.limits.limits()?;
     config.queue_capacity = args.queue_capacity;
     if let Some(workers) = args.workers {
         config.workers = workers;
@@ -239,7 +240,11 @@ fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCo
     let event = Event::parse(body.into())
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new()?;
-    let loaded = stateset_hooks::registry::load_file(&runtime, plugin, &limits)
+    let policy = LimitPolicy {
+        defaults: limits.clone(),
+        max: Limits::host_max(),
+    };
+    let loaded = stateset_hooks::registry::load_file(&runtime, plugin, &policy)
         .with_context(|| format!("cannot load {}", plugin.display()))?;
     if !loaded.manifest.subscribes_to(event.event_type()) {
         eprintln!(
@@ -252,7 +257,7 @@ fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCo
         loaded.compiled(),
         &loaded.name,
         &Arc::from(event.key()),
-        &limits,
+        &loaded.limits,
         event.event_type(),
         event.payload(),
     );

@@ -7,9 +7,18 @@
 //! ```toml
 //! # orders.toml
 //! subscriptions = ["order.*", "payment.refunded"]
+//!
+//! [limits]          # each optional, each within the host's maximum
+//! fuel = 20000000
+//! memory_mib = 32
+//! timeout_ms = 500
+//! output_kib = 64
+//! error_kib = 4
 //! ```
 
 use serde::Deserialize;
+
+use crate::runtime::LimitOverrides;
 
 /// The parsed manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -18,6 +27,9 @@ pub struct Manifest {
     /// Event types to deliver; `None` means every event.
     #[serde(default)]
     pub subscriptions: Option<Subscriptions>,
+    /// Per-plugin limits over the host's defaults.
+    #[serde(default)]
+    pub limits: LimitOverrides,
 }
 
 impl Manifest {

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
+use crate::health::Health;
 use crate::manifest::Manifest;
 use crate::runtime::{Compiled, Limits, Runtime};
 
@@ -28,7 +29,9 @@ pub struct Plugin {
     pub version: Arc<str>,
     pub path: PathBuf,
     pub manifest: Manifest,
+    /// The host's defaults with the manifest's `[limits]` applied.
     pub limits: Limits,
+    pub health: Health,
     pub(crate) compiled: Compiled,
 }
 
@@ -65,14 +68,26 @@ impl Registry {
         self.plugins.read().expect("registry lock").clone()
     }
 
-    /// The plugins subscribed to `event_type`, sorted by name.
+    /// The plugins subscribed to `event_type` and not quarantined, by name.
     pub fn subscribed(&self, event_type: &str) -> Vec<Arc<Plugin>> {
         self.snapshot()
             .iter()
-            .filter(|p| p.manifest.subscribes_to(event_type))
+            .filter(|p| p.manifest.subscribes_to(event_type) && !p.health.is_quarantined())
             .cloned()
             .collect()
     }
+
+    /// The plugin called `name`, if loaded.
+    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.snapshot().iter().find(|p| &*p.name == name).cloned()
+    }
+}
+
+/// The limits a plugin gets: the host's defaults, and the most a manifest may ask.
+#[derive(Debug, Clone, Default)]
+pub struct LimitPolicy {
+    pub defaults: Limits,
+    pub max: Limits,
 }
 
 /// Load every `*.wasm` in `dir`. Files that fail are logged and returned
@@ -80,7 +95,7 @@ impl Registry {
 pub fn load_dir(
     runtime: &Runtime,
     dir: &Path,
-    limits: &Limits,
+    limits: &LimitPolicy,
 ) -> anyhow::Result<(Vec<Plugin>, Vec<LoadFailure>)> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
@@ -113,12 +128,17 @@ pub fn load_dir(
 }
 
 /// Load one `NAME.wasm` and its optional `NAME.toml`.
-pub fn load_file(runtime: &Runtime, path: &Path, limits: &Limits) -> anyhow::Result<Plugin> {
+pub fn load_file(runtime: &Runtime, path: &Path, limits: &LimitPolicy) -> anyhow::Result<Plugin> {
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())
         .with_context(|| format!("{}: the file name is not valid UTF-8", path.display()))?;
-    let manifest = read_manifest(&path.with_extension("toml"))?;
+    let manifest_path = path.with_extension("toml");
+    let manifest = read_manifest(&manifest_path)?;
+    let limits = limits
+        .defaults
+        .with_overrides(&manifest.limits, &limits.max)
+        .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display()))?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let compiled = runtime.compile(&bytes)?;
     Ok(Plugin {
@@ -126,7 +146,8 @@ pub fn load_file(runtime: &Runtime, path: &Path, limits: &Limits) -> anyhow::Res
         version: version_of(&bytes).into(),
         path: path.to_owned(),
         manifest,
-        limits: limits.clone(),
+        limits,
+        health: Health::default(),
         compiled,
     })
 }

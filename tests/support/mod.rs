@@ -187,6 +187,13 @@ impl TestServer {
         out
     }
 
+    /// The loaded plugin called `name`.
+    pub fn plugin(&self, name: &str) -> std::sync::Arc<stateset_hooks::registry::Plugin> {
+        let plugins = self.hooks.plugins();
+        let found = plugins.iter().find(|p| &*p.name == name);
+        found.unwrap_or_else(|| panic!("no plugin {name}")).clone()
+    }
+
     /// Stop the server and wait for the queued plugin calls to finish.
     pub async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();

@@ -30,6 +30,22 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Every kind, in a fixed order (for counters indexed by kind).
+    pub const ALL: [FailureKind; 7] = [
+        Self::OutOfFuel,
+        Self::Timeout,
+        Self::OutOfMemory,
+        Self::StackOverflow,
+        Self::Trap,
+        Self::PluginError,
+        Self::LoadError,
+    ];
+
+    /// This kind's position in [`FailureKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The stable, kebab-case name used in logs and output.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -49,6 +49,14 @@ const MAX_MEMORIES: usize = 16;
 /// (CPython), still bounded.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// The most a manifest may grant one plugin: a plugin that needs more is
+/// refused at load time rather than silently clamped.
+pub const HOST_MAX_FUEL: u64 = 1_000_000_000;
+pub const HOST_MAX_MEMORY_BYTES: usize = 1 << 30;
+pub const HOST_MAX_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HOST_MAX_OUTPUT_BYTES: usize = 1 << 20;
+pub const HOST_MAX_ERROR_BYTES: usize = 64 << 10;
+
 /// Limits for one plugin call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -74,6 +82,98 @@ impl Default for Limits {
             error_bytes: DEFAULT_ERROR_BYTES,
         }
     }
+}
+
+impl Limits {
+    /// The host's maximum: what a manifest may ask for at most.
+    pub fn host_max() -> Self {
+        Self {
+            fuel: Some(HOST_MAX_FUEL),
+            memory_bytes: HOST_MAX_MEMORY_BYTES,
+            timeout: HOST_MAX_TIMEOUT,
+            output_bytes: HOST_MAX_OUTPUT_BYTES,
+            error_bytes: HOST_MAX_ERROR_BYTES,
+        }
+    }
+
+    /// Apply a manifest's `[limits]` over these defaults; refuse any value
+    /// above `max`.
+    pub fn with_overrides(
+        &self,
+        overrides: &LimitOverrides,
+        max: &Limits,
+    ) -> Result<Limits, String> {
+        fn pick<T: PartialOrd + std::fmt::Display>(
+            key: &str,
+            asked: Option<T>,
+            default: T,
+            max: T,
+            unit: &str,
+        ) -> Result<T, String> {
+            match asked {
+                Some(v) if v > max => Err(format!(
+                    "limits.{key} = {v}{unit} is above the host maximum of {max}{unit}"
+                )),
+                Some(v) => Ok(v),
+                None => Ok(default),
+            }
+        }
+        let fuel = match (overrides.fuel, self.fuel) {
+            (None, default) => default,
+            (Some(asked), _) => Some(pick(
+                "fuel",
+                Some(asked),
+                0,
+                max.fuel.unwrap_or(u64::MAX),
+                "",
+            )?),
+        };
+        let mib = |bytes: usize| bytes >> 20;
+        let kib = |bytes: usize| bytes >> 10;
+        let millis = |d: Duration| d.as_millis() as u64;
+        Ok(Limits {
+            fuel,
+            memory_bytes: pick(
+                "memory_mib",
+                overrides.memory_mib,
+                mib(self.memory_bytes),
+                mib(max.memory_bytes),
+                " MiB",
+            )? << 20,
+            timeout: Duration::from_millis(pick(
+                "timeout_ms",
+                overrides.timeout_ms,
+                millis(self.timeout),
+                millis(max.timeout),
+                " ms",
+            )?),
+            output_bytes: pick(
+                "output_kib",
+                overrides.output_kib,
+                kib(self.output_bytes),
+                kib(max.output_bytes),
+                " KiB",
+            )? << 10,
+            error_bytes: pick(
+                "error_kib",
+                overrides.error_kib,
+                kib(self.error_bytes),
+                kib(max.error_bytes),
+                " KiB",
+            )? << 10,
+        })
+    }
+}
+
+/// A manifest's `[limits]` table: each key optional, each within the host's maximum.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    pub fuel: Option<u64>,
+    pub memory_mib: Option<usize>,
+    pub timeout_ms: Option<u64>,
+    pub output_kib: Option<usize>,
+    pub error_kib: Option<usize>,
 }
 
 /// Put every limit on a fresh store: fuel, deadline, memory and table limiter.
@@ -228,6 +328,31 @@ mod tests {
         assert_eq!(deadline_ticks(Duration::from_secs(1)), 101);
         assert_eq!(deadline_ticks(Duration::from_millis(15)), 3);
         assert_eq!(deadline_ticks(Duration::ZERO), 2);
+    }
+
+    #[test]
+    fn overrides_apply_within_the_host_maximum() {
+        let defaults = Limits::default();
+        let max = Limits::host_max();
+        let asked = LimitOverrides {
+            fuel: Some(20_000_000),
+            memory_mib: Some(16),
+            timeout_ms: Some(250),
+            ..LimitOverrides::default()
+        };
+        let limits = defaults.with_overrides(&asked, &max).unwrap();
+        assert_eq!(limits.fuel, Some(20_000_000));
+        assert_eq!(limits.memory_bytes, 16 << 20);
+        assert_eq!(limits.timeout, Duration::from_millis(250));
+        assert_eq!(limits.output_bytes, defaults.output_bytes);
+        let greedy = LimitOverrides {
+            memory_mib: Some(4096),
+            ..LimitOverrides::default()
+        };
+        assert_eq!(
+            defaults.with_overrides(&greedy, &max).unwrap_err(),
+            "limits.memory_mib = 4096 MiB is above the host maximum of 1024 MiB"
+        );
     }
 
     #[test]

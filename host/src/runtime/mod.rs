@@ -31,7 +31,7 @@ use self::output::{CallTag, Capture, Output};
 pub use self::failure::{Failure, FailureKind};
 pub use self::limits::{
     DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT,
-    EPOCH_TICK, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
+    EPOCH_TICK, LimitOverrides, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
 };
 pub use self::output::{LogLevel, LogLine, LogSource};
 

@@ -1,0 +1,90 @@
+//! Plugin dispatch: a fresh isolated instance plus one `on-event` call, with
+//! every limit on, for a do-nothing component and for the `orders` plugin on a
+//! realistic order, fuel metering on and off; plus the host's checks on the
+//! request path (signature, envelope).
+//!
+//! `cargo bench -p stateset-hooks --bench plugin_call`
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use stateset_hooks::runtime::{Limits, Runtime};
+use stateset_hooks::{Event, Secret};
+
+/// A component that exports `on-event`, imports nothing and returns `ok`.
+const DO_NOTHING: &str = r#"
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (global $next (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (local.get 3)))
+      (local.get $at))
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32)
+      (i32.store8 (i32.const 0) (i32.const 0))
+      (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func (export "on-event")
+    (param "event-type" string) (param "payload" string) (result (result (error string)))
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
+"#;
+
+fn plugin_calls(c: &mut Criterion) {
+    let runtime = Runtime::new().unwrap();
+    let orders = runtime
+        .compile(&std::fs::read(support::wasm("orders")).unwrap())
+        .unwrap();
+    let nothing = runtime
+        .compile(&wat::parse_str(DO_NOTHING).unwrap())
+        .unwrap();
+    let body = support::example_event("order.created");
+    let event = Event::parse(body.into()).unwrap();
+    let (plugin, key): (Arc<str>, Arc<str>) = ("bench".into(), event.key().into());
+    let fuel_on = Limits::default();
+    let fuel_off = Limits {
+        fuel: None,
+        ..Limits::default()
+    };
+
+    let mut group = c.benchmark_group("plugin_call");
+    for (name, compiled) in [("do-nothing", &nothing), ("orders", &orders)] {
+        for (metering, limits) in [("fuel-on", &fuel_on), ("fuel-off", &fuel_off)] {
+            group.bench_function(format!("{name}/{metering}"), |b| {
+                b.iter(|| {
+                    let outcome = runtime.call(
+                        compiled,
+                        &plugin,
+                        &key,
+                        limits,
+                        event.event_type(),
+                        event.payload(),
+                    );
+                    assert!(outcome.result.is_ok());
+                    black_box(outcome)
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn request_path(c: &mut Criterion) {
+    let body = bytes::Bytes::from(support::example_event("order.created"));
+    let secret = Secret::new(support::SECRET).unwrap();
+    let signature = secret.sign(&body);
+    c.bench_function("signature/verify", |b| {
+        b.iter(|| secret.verify(black_box(&body), Some(signature.as_bytes())))
+    });
+    c.bench_function("event/parse", |b| {
+        b.iter(|| Event::parse(black_box(body.clone())).unwrap())
+    });
+}
+
+criterion_group!(benches, plugin_calls, request_path);
+criterion_main!(benches);

@@ -1,0 +1,297 @@
+//! The hostile plugin suite: every misbehaviour is contained by the running
+//! server. Each failure is classified right, ends within its limit, the host
+//! keeps answering HTTP, and the well-behaved `orders` plugin, subscribed to
+//! the same events and running alongside, gets exactly the results it gets
+//! when nothing misbehaves.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use stateset_hooks::Report;
+use stateset_hooks::runtime::FailureKind;
+use support::*;
+
+/// A component whose start-up code traps (see `plugins.rs` for the format).
+const START_TRAP_COMPONENT: &str = r#"
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (func $start unreachable)
+    (start $start)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func (export "on-event")
+    (param "event-type" string) (param "payload" string) (result (result (error string)))
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
+"#;
+
+/// Deadline given to the `slowpoke` plugin, which has fuel to spare, so an
+/// infinite loop meets the clock rather than the fuel.
+const SLOWPOKE_TIMEOUT: Duration = Duration::from_millis(300);
+
+fn order_with(id: &str, misbehave: serde_json::Value) -> Vec<u8> {
+    let mut order: serde_json::Value =
+        serde_json::from_slice(&example_event("order.created")).unwrap();
+    order["id"] = json!(id);
+    if let serde_json::Value::Object(extra) = misbehave {
+        for (k, v) in extra {
+            order["data"][k] = v;
+        }
+    }
+    serde_json::to_vec(&order).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_hostile_plugin_is_contained() {
+    let plugins = PluginDir::samples();
+    plugins
+        .add(
+            "hostile",
+            "misbehave",
+            Some(r#"subscriptions = ["order.*"]"#),
+        )
+        .add(
+            "slowpoke",
+            "misbehave",
+            Some(&format!(
+                "subscriptions = [\"slow.*\"]\n[limits]\nfuel = 1000000000\ntimeout_ms = {}",
+                SLOWPOKE_TIMEOUT.as_millis()
+            )),
+        )
+        .write(
+            "start-trap.wasm",
+            wat::parse_str(START_TRAP_COMPONENT).unwrap(),
+        )
+        .write("start-trap.toml", r#"subscriptions = ["order.*"]"#);
+    let mut config = config(&plugins);
+    config.workers = 2;
+    config.quarantine_after = 0; // every case below must reach the plugin
+    let mut server = TestServer::start(config).await;
+
+    // What `orders` says about this order when nothing misbehaves.
+    let expected = "order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E created: 3 items, total 66.68 USD";
+
+    let cases: Vec<(&str, serde_json::Value, FailureKind, &str)> = vec![
+        (
+            "loop",
+            json!({"misbehave": "loop"}),
+            FailureKind::OutOfFuel,
+            "",
+        ),
+        (
+            "grow-forever",
+            json!({"misbehave": "grow-forever"}),
+            FailureKind::OutOfMemory,
+            "memory limit",
+        ),
+        (
+            "huge-allocation",
+            json!({"misbehave": "allocate", "bytes": 1u64 << 30}),
+            FailureKind::OutOfMemory,
+            "memory limit",
+        ),
+        (
+            "recursion",
+            json!({"misbehave": "recurse", "depth": 10_000_000}),
+            FailureKind::StackOverflow,
+            "",
+        ),
+        (
+            "panic",
+            json!({"misbehave": "panic"}),
+            FailureKind::Trap,
+            "unreachable",
+        ),
+        (
+            "unreachable",
+            json!({"misbehave": "unreachable"}),
+            FailureKind::Trap,
+            "unreachable",
+        ),
+        (
+            "huge-error",
+            json!({"misbehave": "huge-error", "bytes": 5 << 20}),
+            FailureKind::PluginError,
+            "[cut: 5242880 bytes in all]",
+        ),
+        (
+            "read-file",
+            json!({"misbehave": "read-file", "path": "/etc/passwd"}),
+            FailureKind::PluginError,
+            "read-file denied",
+        ),
+        (
+            "read-env",
+            json!({"misbehave": "read-env"}),
+            FailureKind::PluginError,
+            "read-env denied",
+        ),
+        (
+            "connect",
+            json!({"misbehave": "connect"}),
+            FailureKind::PluginError,
+            "connect denied",
+        ),
+    ];
+
+    // Hostile events, with good orders interleaved so `orders` runs alongside.
+    for (name, misbehave, _, _) in &cases {
+        assert_eq!(
+            server
+                .send(&order_with(&format!("evt_{name}"), misbehave.clone()))
+                .await
+                .0,
+            200,
+            "{name}"
+        );
+        assert_eq!(
+            server
+                .send(&order_with(&format!("evt_good_{name}"), json!({})))
+                .await
+                .0,
+            200
+        );
+    }
+    let flood = order_with(
+        "evt_log-flood",
+        json!({"misbehave": "log-flood", "lines": 5_000}),
+    );
+    assert_eq!(server.send(&flood).await.0, 200);
+    // Loops where fuel does not help: slowpoke has fuel to spare, so only
+    // its deadline can end them. `slow.*` events reach slowpoke alone.
+    let slow_cases = ["loop", "loop-in-host-calls"];
+    for name in slow_cases {
+        let body = event(
+            &format!("evt_{name}"),
+            "slow.loop",
+            json!({ "misbehave": name }),
+        );
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+
+    // The host answers as before while all that runs.
+    let health = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, body) = server
+        .send(&br#"{"type":"order.created","data":[]}"#[..])
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("`data` must be an object"))
+    );
+
+    // Every order.* event reaches hostile, orders and start-trap.
+    let total = (cases.len() * 2 + 1) * 3 + slow_cases.len();
+    let reports = server.reports(total).await;
+    let by: HashMap<(String, String), &Report> = reports
+        .iter()
+        .map(|r| ((r.event_key.to_string(), r.plugin.to_string()), r))
+        .collect();
+    let get = |event: &str, plugin: &str| {
+        *by.get(&(event.to_owned(), plugin.to_owned()))
+            .unwrap_or_else(|| panic!("no report of {plugin} for {event}"))
+    };
+
+    for (name, _, kind, needle) in &cases {
+        let report = get(&format!("evt_{name}"), "hostile");
+        let failure = report.outcome.result.as_ref().unwrap_err();
+        assert_eq!(failure.kind, *kind, "{name}: {failure:?}");
+        assert!(
+            failure.message.contains(needle),
+            "{name}: {}",
+            failure.message
+        );
+        assert!(
+            report.outcome.elapsed < Duration::from_secs(1),
+            "{name} ended within the deadline: {:?}",
+            report.outcome.elapsed
+        );
+        for event in [format!("evt_{name}"), format!("evt_good_{name}")] {
+            let orders = get(&event, "orders");
+            assert_eq!(orders.outcome.result, Ok(()), "orders beside {name}");
+            assert_eq!(messages(orders), [expected], "orders beside {name}");
+            let start_trap = get(&event, "start-trap");
+            assert_eq!(
+                start_trap.outcome.result.as_ref().unwrap_err().kind,
+                FailureKind::Trap
+            );
+        }
+    }
+
+    let flood = get("evt_log-flood", "hostile");
+    assert_eq!(
+        flood.outcome.result,
+        Ok(()),
+        "a log flood is cut, not fatal"
+    );
+    assert!(flood.outcome.dropped_output_bytes > 0);
+
+    for name in slow_cases {
+        let report = get(&format!("evt_{name}"), "slowpoke");
+        let failure = report.outcome.result.as_ref().unwrap_err();
+        assert_eq!(failure.kind, FailureKind::Timeout, "{name}");
+        let took = report.outcome.elapsed;
+        assert!(
+            took >= SLOWPOKE_TIMEOUT && took < SLOWPOKE_TIMEOUT * 3,
+            "{name}: {took:?}"
+        );
+    }
+
+    let counted = server.plugin("hostile").health.snapshot();
+    assert_eq!(
+        counted.succeeded,
+        1 + cases.len() as u64,
+        "the flood and the good orders"
+    );
+    let failed: u64 = counted.failed.iter().map(|(_, n)| n).sum();
+    assert_eq!(failed, cases.len() as u64);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_failing_in_a_row_is_quarantined_until_released() {
+    let plugins = PluginDir::samples();
+    plugins.add("flaky", "misbehave", Some(r#"subscriptions = ["order.*"]"#));
+    let mut server = TestServer::start(config(&plugins)).await;
+    let after = stateset_hooks::health::DEFAULT_QUARANTINE_AFTER as usize;
+
+    for i in 0..after {
+        let body = order_with(&format!("evt_q{i}"), json!({"misbehave": "error"}));
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+    let reports = server.reports(after * 2).await;
+    assert_eq!(
+        reports.iter().filter(|r| &*r.plugin == "flaky").count(),
+        after
+    );
+    assert!(server.plugin("flaky").health.is_quarantined());
+
+    // Quarantined: the next event reaches orders only.
+    assert_eq!(
+        server.send(&order_with("evt_after", json!({}))).await.0,
+        200
+    );
+    let next = server.reports(1).await;
+    assert_eq!(&*next[0].plugin, "orders");
+    assert_eq!(&*next[0].event_key, "evt_after");
+
+    assert!(server.hooks.release("flaky"));
+    assert!(!server.plugin("flaky").health.is_quarantined());
+    assert_eq!(
+        server.send(&order_with("evt_released", json!({}))).await.0,
+        200
+    );
+    let mut both: Vec<String> = server
+        .reports(2)
+        .await
+        .iter()
+        .map(|r| r.plugin.to_string())
+        .collect();
+    both.sort();
+    assert_eq!(both, ["flaky", "orders"]);
+    server.stop().await;
+}
