@@ -31,6 +31,8 @@ impl Served {
         let mut child = bin()
             .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
             .arg(plugins.path())
+            .arg("--db")
+            .arg(plugins.path().join("hooks.db"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -166,7 +166,7 @@ async fn every_hostile_plugin_is_contained() {
     let slow_cases = ["loop", "loop-in-host-calls"];
     for name in slow_cases {
         let body = event(
-            &format!("evt_{name}"),
+            &format!("evt_slow_{name}"),
             "slow.loop",
             json!({ "misbehave": name }),
         );
@@ -231,7 +231,7 @@ async fn every_hostile_plugin_is_contained() {
     assert!(flood.outcome.dropped_output_bytes > 0);
 
     for name in slow_cases {
-        let report = get(&format!("evt_{name}"), "slowpoke");
+        let report = get(&format!("evt_slow_{name}"), "slowpoke");
         let failure = report.outcome.result.as_ref().unwrap_err();
         assert_eq!(failure.kind, FailureKind::Timeout, "{name}");
         let took = report.outcome.elapsed;

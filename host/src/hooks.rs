@@ -7,14 +7,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 
 use crate::dispatch::{Dispatcher, Report};
 use crate::health::DEFAULT_QUARANTINE_AFTER;
 use crate::registry::{self, LimitPolicy, LoadFailure, Plugin, Registry};
+use crate::retry::RetryPolicy;
 use crate::runtime::Runtime;
 use crate::signature::Secret;
+use crate::store::{DEFAULT_DB_PATH, SqliteStore, Store};
 
 /// Default webhook route, as in the StateSet webhook document.
 pub const DEFAULT_PATH: &str = "/webhooks/stateset";
@@ -23,9 +26,20 @@ pub const DEFAULT_PATH: &str = "/webhooks/stateset";
 /// large orders and refuses abuse early.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
-/// Default events waiting for a worker before new ones get 503: a few seconds
-/// of work at the plugin rates measured on a 2-core machine.
-pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
+/// Deliveries held in memory for the workers; the rest wait in the store.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// Deliveries waiting for a first attempt before new events get 503 with
+/// `Retry-After`: about a minute of work at the plugin rates measured on a
+/// 2-core machine, so a sender is slowed before the backlog grows unbounded.
+pub const DEFAULT_BACKLOG_HIGH_WATER: usize = 100_000;
+
+/// How long a write waits for a lock held by another connection (a
+/// command-line replay, a `sqlite3` shell) before the request gets 503.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long events whose deliveries all succeeded are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How the host is set up. Build with [`Config::new`] and change fields.
 #[derive(Debug, Clone)]
@@ -43,8 +57,18 @@ pub struct Config {
     pub quarantine_after: u32,
     /// Plugin worker threads: also the most instances alive at once.
     pub workers: usize,
-    /// Events queued for workers before the host answers 503.
+    /// Deliveries held in memory for the workers.
     pub queue_capacity: usize,
+    /// The SQLite database file.
+    pub db_path: PathBuf,
+    /// How long a store write waits for a lock before failing as busy (503).
+    pub busy_timeout: Duration,
+    /// Retry schedule for failed deliveries.
+    pub retry: RetryPolicy,
+    /// Backlog (deliveries waiting for a first attempt) at which new events get 503.
+    pub backlog_high_water: usize,
+    /// How long events whose deliveries all succeeded are kept.
+    pub retention: Duration,
 }
 
 impl Config {
@@ -61,6 +85,11 @@ impl Config {
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             workers: default_workers(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            db_path: DEFAULT_DB_PATH.into(),
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            retry: RetryPolicy::default(),
+            backlog_high_water: DEFAULT_BACKLOG_HIGH_WATER,
+            retention: DEFAULT_RETENTION,
         }
     }
 }
@@ -87,16 +116,21 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    /// Load the plugins and start the workers. Plugins that fail to load are
+    /// Open the store, load the plugins and start the workers; deliveries
+    /// left pending by an earlier run resume. Plugins that fail to load are
     /// logged and listed in [`Hooks::load_failures`]; the host runs on.
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.db_path, config.busy_timeout)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
         let runtime = Arc::new(Runtime::new()?);
         let (plugins, failures) = match &config.plugins_dir {
             Some(dir) => registry::load_dir(&runtime, dir, &config.limits)?,
             None => Default::default(),
         };
         let registry = Arc::new(Registry::new(plugins));
-        let dispatcher = Dispatcher::start(runtime.clone(), registry.clone(), &config);
+        let dispatcher = Dispatcher::start(runtime.clone(), registry.clone(), store, &config);
         Ok(Self {
             shared: Arc::new(Shared { config, dispatcher }),
             registry,
@@ -118,6 +152,11 @@ impl Hooks {
     /// The loaded plugins.
     pub fn plugins(&self) -> Arc<[Arc<Plugin>]> {
         self.registry.snapshot()
+    }
+
+    /// The event store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        self.shared.dispatcher.store()
     }
 
     /// Lift a plugin's quarantine. Returns false if no plugin has that name.

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::json;
 
+use crate::dispatch::Accepted;
 use crate::event::{Event, EventError};
 use crate::hooks::Shared;
 use crate::signature::{SIGNATURE_HEADER, SignatureError, decode_header};
@@ -54,16 +55,22 @@ async fn receive(
             "event of a type the webhook document does not list"
         );
     }
-    tracing::info!(
-        event = event.key(),
-        event_type = event.event_type(),
-        "event received"
-    );
-    shared
-        .dispatcher
-        .submit(event)
-        .map_err(|backlog| ApiError::Unavailable(backlog.to_string()))?;
-    Ok(Json(json!({ "received": true })))
+    let (key, event_type) = (event.key().to_owned(), event.event_type().to_owned());
+    match shared.dispatcher.accept(event).await {
+        Ok(Accepted::New(deliveries)) => {
+            tracing::info!(event = key, event_type, deliveries, "event received");
+            Ok(Json(json!({ "received": true })))
+        }
+        Ok(Accepted::Duplicate) => {
+            tracing::info!(
+                event = key,
+                event_type,
+                "duplicate event: already stored, not dispatched again"
+            );
+            Ok(Json(json!({ "received": true, "duplicate": true })))
+        }
+        Err(error) => Err(ApiError::Unavailable(error.to_string())),
+    }
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -26,6 +26,8 @@
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
 //! - [`registry`]: the plugin directory, names, versions, subscription filter.
 //! - [`health`]: per-plugin counters and quarantine.
+//! - [`store`]: durable events and deliveries (SQLite), behind the `Store` trait.
+//! - [`retry`]: which failures retry, and when.
 //! - [`dispatch`]: queue and workers that call plugins after the 200.
 //! - `http`: the webhook route and its status codes.
 //! - [`hooks`]: [`Hooks`], the type an app holds; [`Config`].
@@ -38,9 +40,11 @@ pub mod hooks;
 mod http;
 pub mod manifest;
 pub mod registry;
+pub mod retry;
 pub mod runtime;
 pub mod server;
 pub mod signature;
+pub mod store;
 
 pub use dispatch::Report;
 pub use event::Event;

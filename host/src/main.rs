@@ -1,5 +1,7 @@
 //! The `stateset-hooks` command line: a thin layer over the library.
 
+mod store_commands;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,9 @@ use stateset_hooks::{Config, Event, Hooks, Secret, hooks, server};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
+    /// The SQLite database of events and deliveries.
+    #[arg(long, global = true, value_name = "PATH", default_value = stateset_hooks::store::DEFAULT_DB_PATH)]
+    db: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +45,12 @@ enum Command {
         /// The event JSON to send, byte for byte.
         file: PathBuf,
     },
+    /// Inspect and replay stored events (works while the server runs).
+    #[command(subcommand)]
+    Events(store_commands::EventsCommand),
+    /// The dead-letter queue: deliveries whose every attempt failed.
+    #[command(subcommand)]
+    Dlq(store_commands::DlqCommand),
     /// Run one plugin on one event locally and print its result, fuel used,
     /// time and peak memory: no server, no secret needed.
     Run {
@@ -70,9 +81,19 @@ struct ServeArgs {
     /// [default: the number of cores].
     #[arg(long)]
     workers: Option<usize>,
-    /// Events waiting for a worker before new ones get 503 with Retry-After.
+    /// Deliveries held in memory for the workers (the rest wait in the store).
     #[arg(long, default_value_t = hooks::DEFAULT_QUEUE_CAPACITY)]
     queue_capacity: usize,
+    /// Deliveries waiting for a first attempt at which new events get 503
+    /// with Retry-After.
+    #[arg(long, default_value_t = hooks::DEFAULT_BACKLOG_HIGH_WATER)]
+    backlog_high_water: usize,
+    /// Attempts per delivery, the first included, before it is dead.
+    #[arg(long, default_value_t = stateset_hooks::retry::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// Days to keep events whose deliveries all succeeded.
+    #[arg(long, default_value_t = 7)]
+    retention_days: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -121,7 +142,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args, &cli.db),
+        Command::Events(command) => store_commands::events(&cli.db, command),
+        Command::Dlq(command) => store_commands::dlq(&cli.db, command),
         Command::Sign { file } => sign(&file),
         Command::Send { url, file } => send(&url, &file),
         Command::Run {
@@ -149,14 +172,22 @@ fn secret_from_env() -> anyhow::Result<Secret> {
     Secret::new(value).with_context(|| format!("{SECRET_ENV} is set but empty"))
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+fn serve(args: ServeArgs, db: &Path) -> anyhow::Result<ExitCode> {
     // Every option is checked before a socket is bound or a plugin compiled.
     let mut config = Config::new(secret_from_env()?);
     if !args.path.starts_with('/') {
         bail!("--path must start with '/', got {:?}", args.path);
     }
-    if args.workers == Some(0) || args.queue_capacity == 0 || args.body_limit == 0 {
-        bail!("--workers, --queue-capacity and --body-limit must be greater than zero");
+    if args.workers == Some(0)
+        || args.queue_capacity == 0
+        || args.body_limit == 0
+        || args.max_attempts == 0
+        || args.backlog_high_water == 0
+    {
+        bail!(
+            "--workers, --queue-capacity, --body-limit, --max-attempts and --backlog-high-water \
+             must be greater than zero"
+        );
     }
     if !args.plugins.is_dir() {
         bail!(
@@ -169,6 +200,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.plugins_dir = Some(args.plugins);
     config.limits.defaults = args.limits.limits()?;
     config.queue_capacity = args.queue_capacity;
+    config.backlog_high_water = args.backlog_high_water;
+    config.retry.max_attempts = args.max_attempts;
+    config.retention = Duration::from_secs(args.retention_days * 24 * 3600);
+    config.db_path = db.to_owned();
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
@@ -183,6 +218,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(
             address = %listener.local_addr()?,
             path = %config.path,
+            db = %config.db_path.display(),
             plugins = ?names,
             failed = hooks.load_failures().len(),
             "stateset-hooks ready"

@@ -110,6 +110,10 @@ impl PluginDir {
 pub fn config(plugins: &PluginDir) -> Config {
     let mut config = Config::new(Secret::new(SECRET).unwrap());
     config.plugins_dir = Some(plugins.path().to_owned());
+    config.db_path = plugins.path().join("stateset-hooks.db");
+    // One attempt per delivery unless a test is about retries: every report a
+    // test waits for is then caused by an event it sent.
+    config.retry.max_attempts = 1;
     // One worker: reports arrive in the order events were sent, so a later
     // event's report proves an earlier event reached no (other) plugin.
     config.workers = 1;

@@ -1,0 +1,178 @@
+//! Durable storage of events and their deliveries: the seam between the host
+//! and whatever keeps its data.
+//!
+//! [`Store`] is shaped by what the host needs (append an event if its key is
+//! new, find due deliveries, record outcomes, list and replay), not by SQL.
+//! [`SqliteStore`] is the embedded implementation; a distributed one can sit
+//! behind the same trait. What to retry and when is decided in `retry.rs`.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use crate::event::Event;
+use crate::runtime::FailureKind;
+
+pub use self::sqlite::{DEFAULT_DB_PATH, SqliteStore};
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Not yet attempted, or replayed.
+    Pending,
+    Succeeded,
+    /// The last attempt failed; another is scheduled.
+    Failed,
+    /// Every attempt failed: the dead-letter queue.
+    Dead,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Succeeded, Self::Failed, Self::Dead]
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+}
+
+/// What `append_if_new` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored, with these deliveries (one per plugin), all due now.
+    New(Vec<DeliveryId>),
+    /// The key was already stored; nothing changed.
+    Duplicate,
+}
+
+pub type DeliveryId = i64;
+
+/// A delivery ready to run.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub id: DeliveryId,
+    pub plugin: Arc<str>,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub event: Arc<Event>,
+}
+
+/// The result of one attempt, to record.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub id: DeliveryId,
+    pub plugin_version: Arc<str>,
+    pub status: Status,
+    /// When to try again (unix ms), for `Failed`.
+    pub next_attempt_at: i64,
+    pub failure: Option<(FailureKind, String)>,
+}
+
+/// One delivery as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeliveryRecord {
+    pub id: DeliveryId,
+    pub event_key: String,
+    pub event_type: String,
+    pub plugin: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub last_failure_kind: Option<String>,
+    pub last_failure_message: Option<String>,
+    pub plugin_version: Option<String>,
+    pub next_attempt_at: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// One event as stored, with its deliveries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventRecord {
+    pub key: String,
+    pub event_type: String,
+    pub received_at: i64,
+    /// The body exactly as signed.
+    pub body: String,
+    pub deliveries: Vec<DeliveryRecord>,
+}
+
+/// Which deliveries to list.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub status: Option<Status>,
+    pub plugin: Option<String>,
+    pub event_type: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// Why the store could not do what was asked. Callers answer 503 and retry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store busy: {0}")]
+    Busy(String),
+    #[error("store failed: {0}")]
+    Failed(String),
+    #[error("store closed")]
+    Closed,
+}
+
+/// A pending durable append; resolves once the event is on disk. A dropped
+/// sender means the store is closed.
+pub type AppendTicket = tokio::sync::oneshot::Receiver<Result<Appended, StoreError>>;
+
+/// What the host needs from storage.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Store `event` with one pending delivery per plugin unless its key is
+    /// already stored. The ticket resolves after the write is synced to disk;
+    /// concurrent appends share one transaction and one sync.
+    fn append_if_new(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> AppendTicket;
+
+    /// Deliveries due at `now` (unix ms) for these plugins, oldest first,
+    /// leaving out never-attempted ones created after `fresh_after`.
+    fn due(
+        &self,
+        now: i64,
+        fresh_after: i64,
+        plugins: &[Arc<str>],
+        limit: usize,
+    ) -> Result<Vec<Due>, StoreError>;
+
+    /// Record attempts (batched with other writes; blocks until committed).
+    fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError>;
+
+    /// Deliveries matching `filter`, newest first.
+    fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    /// One event and its deliveries.
+    fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError>;
+
+    /// Make an event's deliveries (or one plugin's) pending again, due now;
+    /// returns how many. Adds a delivery for a named plugin that had none.
+    fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError>;
+
+    /// Make dead deliveries pending again: these ids, or all when `None`.
+    fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError>;
+
+    /// Delete events all of whose deliveries succeeded and that were received
+    /// before `before` (unix ms); returns how many.
+    fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError>;
+
+    /// Deliveries waiting for their first attempt (or replayed): the backlog.
+    fn outstanding(&self) -> Result<usize, StoreError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

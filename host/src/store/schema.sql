@@ -1,0 +1,33 @@
+-- stateset-hooks store, schema version 1. Open it with `sqlite3 stateset-hooks.db`.
+-- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
+
+-- Every event acknowledged with 200, exactly as it was signed.
+CREATE TABLE IF NOT EXISTS events (
+    key         TEXT PRIMARY KEY,       -- the envelope's `id`, or 'sha256:<hex>' of the body
+    event_type  TEXT NOT NULL,          -- the envelope's `type`
+    received_at INTEGER NOT NULL,
+    body        BLOB NOT NULL           -- the raw body, byte for byte
+);
+
+-- One row per (event, plugin subscribed when it arrived).
+CREATE TABLE IF NOT EXISTS deliveries (
+    id                   INTEGER PRIMARY KEY,
+    event_key            TEXT NOT NULL REFERENCES events (key) ON DELETE CASCADE,
+    plugin               TEXT NOT NULL,
+    -- pending: not yet attempted (or replayed); failed: last attempt failed,
+    -- retry at next_attempt_at; succeeded; dead: out of attempts (the DLQ).
+    status               TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed', 'dead')),
+    attempts             INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at      INTEGER NOT NULL,
+    last_failure_kind    TEXT,          -- out-of-fuel, timeout, out-of-memory, stack-overflow, trap, plugin-error, load-error
+    last_failure_message TEXT,
+    plugin_version       TEXT,          -- short SHA-256 of the component that ran the last attempt
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL,
+    UNIQUE (event_key, plugin)
+);
+
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+
+PRAGMA user_version = 1;

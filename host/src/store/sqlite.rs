@@ -1,0 +1,491 @@
+//! The embedded store: one SQLite file in WAL mode, bundled SQLite (nothing
+//! to install), schema in `schema.sql`.
+//!
+//! All writes go through one writer thread that commits whatever has queued
+//! up in one transaction with one sync (group commit): many concurrent
+//! webhooks share the cost of durability. Reads use their own connection, so
+//! listing and dispatch never wait for a sync. Other processes (the `events`
+//! and `dlq` commands) open the same file while the server runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params, params_from_iter};
+use tokio::sync::oneshot;
+
+use super::{
+    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter, Status,
+    Store, StoreError, now_ms,
+};
+use crate::event::Event;
+
+/// Where the database goes unless configured: the working directory.
+pub const DEFAULT_DB_PATH: &str = "stateset-hooks.db";
+
+/// Writes committed together at most: bounds one transaction's latency.
+const MAX_BATCH: usize = 1024;
+
+const SCHEMA: &str = include_str!("schema.sql");
+
+type Op = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<usize> + Send>;
+
+enum Write {
+    Append {
+        event: Arc<Event>,
+        plugins: Vec<Arc<str>>,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
+    Op {
+        /// Taken when run: a batch runs once.
+        op: Option<Op>,
+        reply: mpsc::Sender<Result<usize, StoreError>>,
+    },
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    writes: Option<mpsc::Sender<Write>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Open (or create) the database. `busy_timeout` is how long a write waits
+    /// for a lock held by another connection before it fails as busy.
+    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
+        let writer_conn = connect(path, busy_timeout)?;
+        writer_conn.execute_batch(SCHEMA).map_err(classify)?;
+        let reader = connect(path, busy_timeout)?;
+        let (writes, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(writer_conn, queue))
+            .map_err(|e| StoreError::Failed(e.to_string()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            writes: Some(writes),
+            writer: Some(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write(&self, write: Write) -> Result<(), StoreError> {
+        self.writes
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(write)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Run `op` in the writer's next transaction and wait for the commit.
+    fn op(
+        &self,
+        op: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<usize> + Send + 'static,
+    ) -> Result<usize, StoreError> {
+        let (reply, done) = mpsc::channel();
+        self.write(Write::Op {
+            op: Some(Box::new(op)),
+            reply,
+        })?;
+        done.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().expect("reader lock");
+        f(&conn).map_err(classify)
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.writes.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Failed(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(busy_timeout).map_err(classify)?;
+    // WAL: readers never block the writer. synchronous=FULL: a commit is on
+    // disk (WAL fsynced) before it returns, which is what a 200 promises.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )
+    .map_err(classify)?;
+    Ok(conn)
+}
+
+fn classify(error: rusqlite::Error) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Busy(error.to_string())
+        }
+        _ => StoreError::Failed(error.to_string()),
+    }
+}
+
+/// The writer thread: take what is queued, commit it in one transaction,
+/// answer everyone. Ends when the store is dropped.
+fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        match commit(&mut conn, &mut batch) {
+            Ok(results) => {
+                for (write, result) in batch.into_iter().zip(results) {
+                    match (write, result) {
+                        (Write::Append { reply, .. }, Outcome::Appended(a)) => {
+                            let _ = reply.send(Ok(a));
+                        }
+                        (Write::Op { reply, .. }, Outcome::Count(n)) => {
+                            let _ = reply.send(Ok(n));
+                        }
+                        _ => unreachable!("results follow the batch"),
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(cause = %error, writes = batch.len(), "store commit failed");
+                for write in batch {
+                    match write {
+                        Write::Append { reply, .. } => drop(reply.send(Err(error.clone()))),
+                        Write::Op { reply, .. } => drop(reply.send(Err(error.clone()))),
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Appended(Appended),
+    Count(usize),
+}
+
+/// One transaction for the whole batch: if any write fails, none is kept and
+/// every caller is told (an HTTP sender then gets 503 and retries).
+fn commit(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Outcome>, StoreError> {
+    let now = now_ms();
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(classify)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for write in batch {
+        results.push(match write {
+            Write::Append { event, plugins, .. } => {
+                Outcome::Appended(append(&tx, event, plugins, now).map_err(classify)?)
+            }
+            Write::Op { op, .. } => {
+                let op = op.take().expect("a batch runs once");
+                Outcome::Count(op(&tx).map_err(classify)?)
+            }
+        });
+    }
+    tx.commit().map_err(classify)?;
+    Ok(results)
+}
+
+fn append(
+    tx: &Transaction<'_>,
+    event: &Event,
+    plugins: &[Arc<str>],
+    now: i64,
+) -> rusqlite::Result<Appended> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO events (key, event_type, received_at, body) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (key) DO NOTHING",
+        )?
+        .execute(params![
+            event.key(),
+            event.event_type(),
+            now,
+            &event.body()[..]
+        ])?;
+    if inserted == 0 {
+        return Ok(Appended::Duplicate);
+    }
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
+         VALUES (?1, ?2, 'pending', 0, ?3, ?3, ?3)",
+    )?;
+    let mut ids = Vec::with_capacity(plugins.len());
+    for plugin in plugins {
+        insert.execute(params![event.key(), &**plugin, now])?;
+        ids.push(tx.last_insert_rowid());
+    }
+    Ok(Appended::New(ids))
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
+     d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
+     d.created_at, d.updated_at";
+
+fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    let status: String = row.get(4)?;
+    Ok(DeliveryRecord {
+        id: row.get(0)?,
+        event_key: row.get(1)?,
+        event_type: row.get(2)?,
+        plugin: row.get(3)?,
+        status: Status::parse(&status).unwrap_or(Status::Pending),
+        attempts: row.get(5)?,
+        last_failure_kind: row.get(6)?,
+        last_failure_message: row.get(7)?,
+        plugin_version: row.get(8)?,
+        next_attempt_at: row.get(9)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn append_if_new(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> AppendTicket {
+        let (reply, ticket) = oneshot::channel();
+        let write = Write::Append {
+            event,
+            plugins,
+            reply,
+        };
+        // If the writer is gone the reply is dropped with the write, and the
+        // ticket resolves to an error the caller reads as "closed".
+        let _ = self.write(write);
+        ticket
+    }
+
+    fn due(
+        &self,
+        now: i64,
+        fresh_after: i64,
+        plugins: &[Arc<str>],
+        limit: usize,
+    ) -> Result<Vec<Due>, StoreError> {
+        if plugins.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; plugins.len()].join(", ");
+        let sql = format!(
+            "SELECT d.id, d.plugin, d.attempts, e.body FROM deliveries d
+             JOIN events e ON e.key = d.event_key
+             WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?
+               AND (d.attempts > 0 OR d.updated_at <= ?)
+               AND d.plugin IN ({placeholders})
+             ORDER BY d.next_attempt_at, d.id LIMIT ?"
+        );
+        let rows = self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let args = [now, fresh_after]
+                .into_iter()
+                .map(rusqlite::types::Value::Integer)
+                .chain(
+                    plugins
+                        .iter()
+                        .map(|p| rusqlite::types::Value::Text(p.to_string())),
+                )
+                .chain(std::iter::once(rusqlite::types::Value::Integer(
+                    limit as i64,
+                )));
+            stmt.query_map(params_from_iter(args), |row| {
+                Ok((
+                    row.get::<_, DeliveryId>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, u32>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, plugin, attempts, body)| {
+                // Stored bodies were parsed before they were stored.
+                let event = Event::parse(Bytes::from(body)).ok()?;
+                Some(Due {
+                    id,
+                    plugin: plugin.into(),
+                    attempts,
+                    event: Arc::new(event),
+                })
+            })
+            .collect())
+    }
+
+    fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError> {
+        self.op(move |tx| {
+            let mut update = tx.prepare_cached(
+                "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
+                    last_failure_kind = ?4, last_failure_message = ?5, plugin_version = ?6,
+                    updated_at = ?7
+                 WHERE id = ?1",
+            )?;
+            let now = now_ms();
+            for a in &attempts {
+                let (kind, message) = match &a.failure {
+                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+                    None => (None, None),
+                };
+                update.execute(params![
+                    a.id,
+                    a.status.as_str(),
+                    a.next_attempt_at,
+                    kind,
+                    message,
+                    &*a.plugin_version,
+                    now
+                ])?;
+            }
+            Ok(attempts.len())
+        })
+        .map(drop)
+    }
+
+    fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let mut sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key WHERE 1 = 1"
+        );
+        let mut args: Vec<String> = Vec::new();
+        if let Some(status) = filter.status {
+            sql.push_str(" AND d.status = ?");
+            args.push(status.as_str().to_owned());
+        }
+        if let Some(plugin) = &filter.plugin {
+            sql.push_str(" AND d.plugin = ?");
+            args.push(plugin.clone());
+        }
+        if let Some(event_type) = &filter.event_type {
+            sql.push_str(" AND e.event_type = ?");
+            args.push(event_type.clone());
+        }
+        sql.push_str(&format!(
+            " ORDER BY d.id DESC LIMIT {}",
+            filter.limit.unwrap_or(i64::MAX as usize)
+        ));
+        self.read(|conn| {
+            conn.prepare(&sql)?
+                .query_map(params_from_iter(args), delivery_row)?
+                .collect()
+        })
+    }
+
+    fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
+        self.read(|conn| {
+            let event = conn
+                .query_row(
+                    "SELECT key, event_type, received_at, body FROM events WHERE key = ?1",
+                    [key],
+                    |row| {
+                        Ok(EventRecord {
+                            key: row.get(0)?,
+                            event_type: row.get(1)?,
+                            received_at: row.get(2)?,
+                            body: String::from_utf8_lossy(&row.get::<_, Vec<u8>>(3)?).into_owned(),
+                            deliveries: Vec::new(),
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(mut event) = event else {
+                return Ok(None);
+            };
+            event.deliveries = conn
+                .prepare(&format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
+                     WHERE d.event_key = ?1 ORDER BY d.plugin"
+                ))?
+                .query_map([key], delivery_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(event))
+        })
+    }
+
+    fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
+        let (key, plugin) = (key.to_owned(), plugin.map(str::to_owned));
+        self.op(move |tx| {
+            let now = now_ms();
+            if let Some(plugin) = &plugin {
+                // A plugin added after the event arrived can be given it too.
+                tx.execute(
+                    "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
+                     SELECT key, ?2, 'pending', 0, ?3, ?3, ?3 FROM events WHERE key = ?1
+                     ON CONFLICT (event_key, plugin) DO NOTHING",
+                    params![key, plugin, now],
+                )?;
+            }
+            tx.execute(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?3, updated_at = ?3
+                 WHERE event_key = ?1 AND (?2 IS NULL OR plugin = ?2)",
+                params![key, plugin, now],
+            )
+        })
+    }
+
+    fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError> {
+        let ids = ids.map(<[DeliveryId]>::to_vec);
+        self.op(move |tx| {
+            let now = now_ms();
+            match ids {
+                None => tx.execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, updated_at = ?1
+                     WHERE status = 'dead'",
+                    [now],
+                ),
+                Some(ids) => {
+                    let mut update = tx.prepare_cached(
+                        "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2, updated_at = ?2
+                         WHERE id = ?1 AND status = 'dead'",
+                    )?;
+                    let mut n = 0;
+                    for id in ids {
+                        n += update.execute(params![id, now])?;
+                    }
+                    Ok(n)
+                }
+            }
+        })
+    }
+
+    fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
+        self.op(move |tx| {
+            tx.execute(
+                "DELETE FROM events WHERE received_at < ?1 AND NOT EXISTS (
+                     SELECT 1 FROM deliveries d WHERE d.event_key = events.key AND d.status != 'succeeded')",
+                [before],
+            )
+        })
+    }
+
+    fn outstanding(&self) -> Result<usize, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n as usize)
+    }
+}

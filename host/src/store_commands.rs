@@ -1,0 +1,175 @@
+//! The `events` and `dlq` commands: read and replay the store, also while
+//! the server runs (SQLite in WAL mode lets both at the file at once; the
+//! server's poller picks replayed deliveries up within its poll interval).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use stateset_hooks::hooks::DEFAULT_BUSY_TIMEOUT;
+use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store};
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// List deliveries (one row per event and plugin), newest first.
+    List {
+        /// Only this status: pending, succeeded, failed (retry scheduled) or dead.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// Only this plugin.
+        #[arg(long)]
+        plugin: Option<String>,
+        /// Only this event type, e.g. order.created.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Show one event: its body and every delivery.
+    Show {
+        /// The event's key: its `id`, or `sha256:<hex>` for events without one.
+        key: String,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Run an event's deliveries again (all, or one plugin's).
+    Replay {
+        key: String,
+        /// Only this plugin (it gets the event even if it had no delivery).
+        #[arg(long)]
+        plugin: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead deliveries: every attempt failed.
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Make dead deliveries pending again.
+    Replay {
+        /// Replay every dead delivery.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Delivery ids, as `dlq list` shows them.
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct Output {
+    /// Print JSON instead of a table, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_status(s: &str) -> Result<Status, String> {
+    Status::parse(s)
+        .ok_or_else(|| format!("unknown status {s:?}: pending, succeeded, failed or dead"))
+}
+
+fn open(db: &Path) -> anyhow::Result<SqliteStore> {
+    if !db.exists() {
+        bail!(
+            "no database at {} (pass --db, or run `serve` first)",
+            db.display()
+        );
+    }
+    SqliteStore::open(db, DEFAULT_BUSY_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
+    let store = open(db)?;
+    match command {
+        EventsCommand::List {
+            status,
+            plugin,
+            event_type,
+            limit,
+            output,
+        } => {
+            let filter = Filter {
+                status,
+                plugin,
+                event_type,
+                limit: Some(limit),
+            };
+            print_deliveries(&store.deliveries(&filter)?, output.json)?;
+        }
+        EventsCommand::Show { key, output } => {
+            let event = store
+                .event(&key)?
+                .with_context(|| format!("no event with key {key:?}"))?;
+            if output.json {
+                println!("{}", serde_json::to_string_pretty(&event)?);
+            } else {
+                println!("event:    {} ({})", event.key, event.event_type);
+                println!("received: {}", event.received_at);
+                println!("body:     {}", event.body);
+                print_deliveries(&event.deliveries, false)?;
+            }
+        }
+        EventsCommand::Replay { key, plugin } => {
+            let n = store.replay_event(&key, plugin.as_deref())?;
+            if n == 0 {
+                bail!("nothing to replay for {key:?}");
+            }
+            println!("{n} deliveries pending again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let store = open(db)?;
+    match command {
+        DlqCommand::List { output } => {
+            let filter = Filter {
+                status: Some(Status::Dead),
+                ..Filter::default()
+            };
+            print_deliveries(&store.deliveries(&filter)?, output.json)?;
+        }
+        DlqCommand::Replay { all, ids } => {
+            if !all && ids.is_empty() {
+                bail!("name delivery ids to replay, or pass --all");
+            }
+            let n = store.replay_dead(if all { None } else { Some(&ids) })?;
+            println!("{n} dead deliveries pending again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<10} {:>8}  {:<16} {:<22} {:<32} last failure",
+        "id", "status", "attempts", "plugin", "type", "event"
+    );
+    for d in rows {
+        let failure = match (&d.last_failure_kind, &d.last_failure_message) {
+            (Some(kind), Some(message)) => format!("{kind}: {message}"),
+            _ => String::new(),
+        };
+        println!(
+            "{:>8}  {:<10} {:>8}  {:<16} {:<22} {:<32} {failure}",
+            d.id,
+            d.status.as_str(),
+            d.attempts,
+            d.plugin,
+            d.event_type,
+            d.event_key
+        );
+    }
+    Ok(())
+}
