@@ -33,6 +33,8 @@ impl Served {
             .arg(plugins.path())
             .arg("--db")
             .arg(plugins.path().join("hooks.db"))
+            .arg("--cache-dir")
+            .arg(plugins.path().join("cache"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

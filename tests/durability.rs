@@ -257,6 +257,8 @@ impl Host {
             .arg(plugins.path().join("stateset-hooks.db"))
             .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
             .arg(plugins.path())
+            .arg("--cache-dir")
+            .arg(plugins.path().join("cache"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

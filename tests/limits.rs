@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stateset_hooks::runtime::{CallOutcome, Compiled, FailureKind, Limits, Runtime};
+use stateset_hooks::runtime::{CallOutcome, Compiled, FailureKind, Guest, Limits, Runtime};
 use support::*;
 
 struct Fixture {
@@ -20,7 +20,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let runtime = Runtime::new().unwrap();
+        let runtime = Runtime::new(None).unwrap();
         let compiled = runtime
             .compile(&std::fs::read(wasm("misbehave")).unwrap())
             .unwrap();
@@ -29,14 +29,14 @@ impl Fixture {
 
     fn call(&self, limits: &Limits, data: serde_json::Value) -> CallOutcome {
         let payload = String::from_utf8(event("evt_limit", "order.created", data)).unwrap();
-        self.runtime.call(
-            &self.compiled,
-            &Arc::from("misbehave"),
-            &Arc::from("evt_limit"),
-            limits,
-            "order.created",
-            &payload,
-        )
+        let guest = Guest {
+            name: "misbehave".into(),
+            compiled: self.compiled.clone(),
+            limits: limits.clone(),
+            config: Default::default(),
+        };
+        self.runtime
+            .call(&guest, &Arc::from("evt_limit"), "order.created", &payload)
     }
 }
 

@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use stateset_hooks::runtime::{Limits, Runtime};
+use stateset_hooks::runtime::{Guest, Limits, Runtime};
 use stateset_hooks::{Event, Secret};
 
 /// A component that exports `on-event`, imports nothing and returns `ok`.
@@ -36,7 +36,7 @@ const DO_NOTHING: &str = r#"
 "#;
 
 fn plugin_calls(c: &mut Criterion) {
-    let runtime = Runtime::new().unwrap();
+    let runtime = Runtime::new(None).unwrap();
     let orders = runtime
         .compile(&std::fs::read(support::wasm("orders")).unwrap())
         .unwrap();
@@ -55,16 +55,15 @@ fn plugin_calls(c: &mut Criterion) {
     let mut group = c.benchmark_group("plugin_call");
     for (name, compiled) in [("do-nothing", &nothing), ("orders", &orders)] {
         for (metering, limits) in [("fuel-on", &fuel_on), ("fuel-off", &fuel_off)] {
+            let guest = Guest {
+                name: plugin.clone(),
+                compiled: compiled.clone(),
+                limits: limits.clone(),
+                config: Default::default(),
+            };
             group.bench_function(format!("{name}/{metering}"), |b| {
                 b.iter(|| {
-                    let outcome = runtime.call(
-                        compiled,
-                        &plugin,
-                        &key,
-                        limits,
-                        event.event_type(),
-                        event.payload(),
-                    );
+                    let outcome = runtime.call(&guest, &key, event.event_type(), event.payload());
                     assert!(outcome.result.is_ok());
                     black_box(outcome)
                 })

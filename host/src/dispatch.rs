@@ -448,10 +448,8 @@ impl Worker {
     fn call(&self, plugin: &Plugin, event: &Event, attempt: u32) -> CallOutcome {
         let event_key: Arc<str> = event.key().into();
         let outcome = self.shared.runtime.call(
-            &plugin.compiled,
-            &plugin.name,
+            &plugin.guest,
             &event_key,
-            &plugin.limits,
             event.event_type(),
             event.payload(),
         );

@@ -18,6 +18,7 @@ use crate::retry::RetryPolicy;
 use crate::runtime::Runtime;
 use crate::signature::Secret;
 use crate::store::{DEFAULT_DB_PATH, SqliteStore, Store};
+use crate::watch::{Reloader, Watcher};
 
 /// Default webhook route, as in the StateSet webhook document.
 pub const DEFAULT_PATH: &str = "/webhooks/stateset";
@@ -37,6 +38,9 @@ pub const DEFAULT_BACKLOG_HIGH_WATER: usize = 100_000;
 /// How long a write waits for a lock held by another connection (a
 /// command-line replay, a `sqlite3` shell) before the request gets 503.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The compile cache, in the working directory like the database.
+pub const DEFAULT_CACHE_DIR: &str = "stateset-hooks-cache";
 
 /// How long events whose deliveries all succeeded are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -69,6 +73,11 @@ pub struct Config {
     pub backlog_high_water: usize,
     /// How long events whose deliveries all succeeded are kept.
     pub retention: Duration,
+    /// Reload plugins when files in `plugins_dir` change.
+    pub watch: bool,
+    /// Where compiled components are cached across restarts; `None` compiles
+    /// every start.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -90,6 +99,8 @@ impl Config {
             retry: RetryPolicy::default(),
             backlog_high_water: DEFAULT_BACKLOG_HIGH_WATER,
             retention: DEFAULT_RETENTION,
+            watch: true,
+            cache_dir: Some(DEFAULT_CACHE_DIR.into()),
         }
     }
 }
@@ -112,7 +123,7 @@ pub struct Hooks {
     shared: Arc<Shared>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
-    load_failures: Arc<[LoadFailure]>,
+    _watcher: Option<Arc<Watcher>>,
 }
 
 impl Hooks {
@@ -124,18 +135,28 @@ impl Hooks {
             SqliteStore::open(&config.db_path, config.busy_timeout)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
-        let runtime = Arc::new(Runtime::new()?);
+        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref())?);
         let (plugins, failures) = match &config.plugins_dir {
             Some(dir) => registry::load_dir(&runtime, dir, &config.limits)?,
             None => Default::default(),
         };
-        let registry = Arc::new(Registry::new(plugins));
+        let registry = Arc::new(Registry::new(plugins, failures));
+        let watcher = match (&config.plugins_dir, config.watch) {
+            (Some(dir), true) => Some(Arc::new(Watcher::start(Reloader {
+                dir: dir.clone(),
+                runtime: runtime.clone(),
+                registry: registry.clone(),
+                limits: config.limits.clone(),
+                store: store.clone(),
+            })?)),
+            _ => None,
+        };
         let dispatcher = Dispatcher::start(runtime.clone(), registry.clone(), store, &config);
         Ok(Self {
             shared: Arc::new(Shared { config, dispatcher }),
             registry,
             runtime,
-            load_failures: failures.into(),
+            _watcher: watcher,
         })
     }
 
@@ -170,8 +191,8 @@ impl Hooks {
     }
 
     /// Plugin files that did not load, with the reasons.
-    pub fn load_failures(&self) -> &[LoadFailure] {
-        &self.load_failures
+    pub fn load_failures(&self) -> Vec<LoadFailure> {
+        self.registry.failures()
     }
 
     /// The runtime, to run a plugin directly.

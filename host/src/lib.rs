@@ -25,6 +25,7 @@
 //! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions, limits).
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
 //! - [`registry`]: the plugin directory, names, versions, subscription filter.
+//! - [`watch`]: hot reload of the plugin directory.
 //! - [`health`]: per-plugin counters and quarantine.
 //! - [`store`]: durable events and deliveries (SQLite), behind the `Store` trait.
 //! - [`retry`]: which failures retry, and when.
@@ -45,6 +46,7 @@ pub mod runtime;
 pub mod server;
 pub mod signature;
 pub mod store;
+pub mod watch;
 
 pub use dispatch::Report;
 pub use event::Event;

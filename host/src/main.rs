@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Days to keep events whose deliveries all succeeded.
     #[arg(long, default_value_t = 7)]
     retention_days: u64,
+    /// Where compiled plugins are cached, so a restart does not compile again.
+    #[arg(long, value_name = "DIR", default_value = hooks::DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -204,6 +207,7 @@ fn serve(args: ServeArgs, db: &Path) -> anyhow::Result<ExitCode> {
     config.retry.max_attempts = args.max_attempts;
     config.retention = Duration::from_secs(args.retention_days * 24 * 3600);
     config.db_path = db.to_owned();
+    config.cache_dir = Some(args.cache_dir);
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
@@ -275,7 +279,7 @@ fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCo
     let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
     let event = Event::parse(body.into())
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
-    let runtime = Runtime::new()?;
+    let runtime = Runtime::new(None)?;
     let policy = LimitPolicy {
         defaults: limits.clone(),
         max: Limits::host_max(),
@@ -290,10 +294,8 @@ fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCo
         );
     }
     let outcome = runtime.call(
-        loaded.compiled(),
-        &loaded.name,
+        &loaded.guest,
         &Arc::from(event.key()),
-        &loaded.limits,
         event.event_type(),
         event.payload(),
     );

@@ -14,11 +14,18 @@
 //! timeout_ms = 500
 //! output_kib = 64
 //! error_kib = 4
+//!
+//! [config]          # read by plugins built against WIT 0.2.0 with `config-get`
+//! refund_flag_cents = "50000"
+//! api_token = { env = "ORDERS_API_TOKEN" }   # from the host's environment
 //! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::Deserialize;
 
-use crate::runtime::LimitOverrides;
+use crate::runtime::{ConfigValues, LimitOverrides};
 
 /// The parsed manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -30,12 +37,49 @@ pub struct Manifest {
     /// Per-plugin limits over the host's defaults.
     #[serde(default)]
     pub limits: LimitOverrides,
+    /// Values the plugin reads with `config-get`.
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigSource>,
+}
+
+/// Where a configuration value comes from. `Debug` never shows a value.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ConfigSource {
+    /// Written in the manifest.
+    Value(String),
+    /// Read from the host's environment when the plugin loads.
+    Env { env: String },
+}
+
+impl fmt::Debug for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(_) => f.write_str("<value>"),
+            Self::Env { env } => write!(f, "env:{env}"),
+        }
+    }
 }
 
 impl Manifest {
     /// Parse a manifest's text; errors carry the line and column.
     pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    /// Resolve `[config]`, reading environment references now. The error
+    /// names the key and variable, never a value.
+    pub fn resolve_config(&self) -> Result<ConfigValues, String> {
+        let mut values = BTreeMap::new();
+        for (key, source) in &self.config {
+            let value = match source {
+                ConfigSource::Value(value) => value.clone(),
+                ConfigSource::Env { env } => std::env::var(env)
+                    .map_err(|_| format!("config.{key}: environment variable {env} is not set"))?,
+            };
+            values.insert(key.clone(), value);
+        }
+        Ok(ConfigValues::new(values))
     }
 
     /// The subscriptions for people: `order.*, payment.refunded`, or `*` for all.
@@ -137,6 +181,26 @@ mod tests {
         assert!(!m.subscribes_to("payment.succeeded"));
         let none = Manifest::parse("subscriptions = []").unwrap();
         assert!(!none.subscribes_to("order.created"));
+    }
+
+    #[test]
+    fn config_values_and_environment_references() {
+        let m = Manifest::parse(
+            "[config]\nplain = \"50000\"\nsecret = { env = \"MANIFEST_TEST_SECRET\" }\nmissing = { env = \"MANIFEST_TEST_UNSET\" }",
+        )
+        .unwrap();
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("50000"), "{shown}");
+        let err = m.resolve_config().unwrap_err();
+        assert_eq!(
+            err,
+            "config.missing: environment variable MANIFEST_TEST_UNSET is not set"
+        );
+        let m = Manifest::parse("[config]\nplain = \"50000\"\nhome = { env = \"PATH\" }").unwrap();
+        let values = m.resolve_config().unwrap();
+        assert_eq!(values.get("plain"), Some("50000"));
+        assert_eq!(values.get("home"), std::env::var("PATH").ok().as_deref());
+        assert!(!format!("{values:?}").contains("50000"));
     }
 
     #[test]

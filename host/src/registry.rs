@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::health::Health;
 use crate::manifest::Manifest;
-use crate::runtime::{Compiled, Limits, Runtime};
+use crate::runtime::{Guest, Limits, Runtime};
 
 /// Hex digits of the SHA-256 of a component's bytes that make its version:
 /// enough to tell builds apart in a log line.
@@ -29,17 +29,10 @@ pub struct Plugin {
     pub version: Arc<str>,
     pub path: PathBuf,
     pub manifest: Manifest,
-    /// The host's defaults with the manifest's `[limits]` applied.
-    pub limits: Limits,
     pub health: Health,
-    pub(crate) compiled: Compiled,
-}
-
-impl Plugin {
-    /// The compiled component, for [`Runtime::call`].
-    pub fn compiled(&self) -> &Compiled {
-        &self.compiled
-    }
+    /// What the runtime runs: the component, the host's default limits with
+    /// the manifest's `[limits]` applied, and the resolved `[config]`.
+    pub guest: Guest,
 }
 
 /// A plugin file that did not load, and why.
@@ -49,18 +42,67 @@ pub struct LoadFailure {
     pub reason: String,
 }
 
-/// The plugins currently serving. Readers take a snapshot; a reload swaps it.
+/// The plugins currently serving, and the files that failed to load.
+/// Readers take a snapshot; a reload swaps one entry, so calls in flight
+/// finish on the version they started with.
 #[derive(Debug, Default)]
 pub struct Registry {
     plugins: RwLock<Arc<[Arc<Plugin>]>>,
+    failures: RwLock<Vec<LoadFailure>>,
 }
 
 impl Registry {
-    pub fn new(plugins: Vec<Plugin>) -> Self {
+    pub fn new(plugins: Vec<Plugin>, failures: Vec<LoadFailure>) -> Self {
         let plugins: Arc<[Arc<Plugin>]> = plugins.into_iter().map(Arc::new).collect();
         Self {
             plugins: RwLock::new(plugins),
+            failures: RwLock::new(failures),
         }
+    }
+
+    /// Add a plugin, or replace the one of the same name; returns the old one.
+    pub fn upsert(&self, plugin: Plugin) -> Option<Arc<Plugin>> {
+        let name = plugin.name.clone();
+        self.clear_failure(&plugin.path);
+        let mut plugins = self.plugins.write().expect("registry lock");
+        let mut next: Vec<Arc<Plugin>> =
+            plugins.iter().filter(|p| p.name != name).cloned().collect();
+        let old = plugins.iter().find(|p| p.name == name).cloned();
+        next.push(Arc::new(plugin));
+        next.sort_by(|a, b| a.name.cmp(&b.name));
+        *plugins = next.into();
+        old
+    }
+
+    /// Stop serving a plugin; returns it if it was loaded.
+    pub fn remove(&self, name: &str) -> Option<Arc<Plugin>> {
+        let mut plugins = self.plugins.write().expect("registry lock");
+        let old = plugins.iter().find(|p| &*p.name == name).cloned();
+        *plugins = plugins
+            .iter()
+            .filter(|p| &*p.name != name)
+            .cloned()
+            .collect();
+        old
+    }
+
+    /// Record that a file failed to load (replacing an earlier failure of it).
+    pub fn set_failure(&self, failure: LoadFailure) {
+        let mut failures = self.failures.write().expect("registry lock");
+        failures.retain(|f| f.path != failure.path);
+        failures.push(failure);
+    }
+
+    pub fn clear_failure(&self, path: &Path) {
+        self.failures
+            .write()
+            .expect("registry lock")
+            .retain(|f| f.path != path);
+    }
+
+    /// Files that failed to load, with the reasons.
+    pub fn failures(&self) -> Vec<LoadFailure> {
+        self.failures.read().expect("registry lock").clone()
     }
 
     /// Every loaded plugin, sorted by name.
@@ -135,20 +177,27 @@ pub fn load_file(runtime: &Runtime, path: &Path, limits: &LimitPolicy) -> anyhow
         .with_context(|| format!("{}: the file name is not valid UTF-8", path.display()))?;
     let manifest_path = path.with_extension("toml");
     let manifest = read_manifest(&manifest_path)?;
+    let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
     let limits = limits
         .defaults
         .with_overrides(&manifest.limits, &limits.max)
-        .map_err(|e| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display()))?;
+        .map_err(invalid)?;
+    let config = manifest.resolve_config().map_err(invalid)?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let compiled = runtime.compile(&bytes)?;
+    let name: Arc<str> = name.into();
     Ok(Plugin {
-        name: name.into(),
+        name: name.clone(),
         version: version_of(&bytes).into(),
         path: path.to_owned(),
         manifest,
-        limits,
         health: Health::default(),
-        compiled,
+        guest: Guest {
+            name,
+            compiled,
+            limits,
+            config: Arc::new(config),
+        },
     })
 }
 

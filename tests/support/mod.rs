@@ -111,6 +111,7 @@ pub fn config(plugins: &PluginDir) -> Config {
     let mut config = Config::new(Secret::new(SECRET).unwrap());
     config.plugins_dir = Some(plugins.path().to_owned());
     config.db_path = plugins.path().join("stateset-hooks.db");
+    config.cache_dir = Some(plugins.path().join("cache"));
     // One attempt per delivery unless a test is about retries: every report a
     // test waits for is then caused by an event it sent.
     config.retry.max_attempts = 1;

@@ -1,13 +1,25 @@
 //! Host-side bindings, one module per released WIT version of `stateset:webhooks`.
 //!
 //! Each version's WIT is frozen under `wit/`, so a plugin built against an old
-//! version keeps loading after a new one ships. This module owns only the
-//! generated code; what the imports do lives in `host_api.rs`.
+//! version keeps loading after a new one ships: the linker offers every
+//! version's `host` interface, and a component imports the one it was built
+//! against (or none). `on-event` is the same in every version so far, so one
+//! version's export bindings call them all; a version that changes the export
+//! gets its own arm where `Compiled` is built. The imports are implemented
+//! on the call's store data in `mod.rs`.
 
 /// `stateset:webhooks@0.1.0`: `on-event` plus the `host.log` import.
 pub mod v0_1_0 {
     wasmtime::component::bindgen!({
         world: "plugin",
         path: "../wit/v0.1.0",
+    });
+}
+
+/// `stateset:webhooks@0.2.0`: 0.1.0 plus `host.config-get`.
+pub mod v0_2_0 {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit/v0.2.0",
     });
 }

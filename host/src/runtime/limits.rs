@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Engine, ResourceLimiter, Store};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+};
 
 /// Fuel per call: about a thousand times what a realistic order event costs a
 /// Rust plugin (about 8,000 units), so honest plugins never meet it and a
@@ -56,6 +58,36 @@ pub const HOST_MAX_MEMORY_BYTES: usize = 1 << 30;
 pub const HOST_MAX_TIMEOUT: Duration = Duration::from_secs(30);
 pub const HOST_MAX_OUTPUT_BYTES: usize = 1 << 20;
 pub const HOST_MAX_ERROR_BYTES: usize = 64 << 10;
+
+/// Component instances alive at once per engine: the workers (one per core
+/// on the machines this runs on) plus `run` and headroom. A call past it
+/// waits for no slot; it fails, so keep it above `--workers`.
+const POOL_INSTANCES: u32 = 64;
+
+/// The pooling allocator: instances come from pre-reserved slots with
+/// copy-on-write memory images, so a fresh instance per event costs
+/// microseconds, not a round of `mmap`s. Sized so every call can reach the
+/// host maximum of every per-call limit below.
+pub(crate) fn pooling() -> InstanceAllocationStrategy {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(POOL_INSTANCES * 16)
+        .total_memories(POOL_INSTANCES * 2)
+        .total_tables(POOL_INSTANCES * 2)
+        .max_core_instances_per_component(MAX_INSTANCES as u32)
+        .max_memories_per_component(MAX_MEMORIES as u32)
+        .max_tables_per_component(MAX_TABLES as u32)
+        .max_memory_size(HOST_MAX_MEMORY_BYTES)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        // Interpreters (CPython, SpiderMonkey) have large instance contexts.
+        .max_core_instance_size(4 << 20)
+        .max_component_instance_size(4 << 20)
+        // Reset the first pages by memset, not madvise: cheaper for the
+        // small heaps a webhook handler touches.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10);
+    InstanceAllocationStrategy::Pooling(pool)
+}
 
 /// Limits for one plugin call.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,18 +13,23 @@
 //! work (the standard libraries need them).
 
 mod bindings;
+mod cache;
 mod failure;
 mod limits;
 mod output;
 
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store};
+
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use self::bindings::v0_1_0;
+use self::bindings::{v0_1_0, v0_2_0};
+use self::cache::CompileCache;
 use self::limits::{EpochTicker, HasLimiter, MemoryLimiter, configure_store};
 use self::output::{CallTag, Capture, Output};
 
@@ -39,6 +44,9 @@ pub use self::output::{LogLevel, LogLine, LogSource};
 pub struct Runtime {
     engine: Engine,
     linker: Linker<CallState>,
+    cache: Option<CompileCache>,
+    /// Components compiled (not found in the cache) since start.
+    compiled: AtomicU64,
     _ticker: EpochTicker,
 }
 
@@ -48,10 +56,40 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-/// A component compiled and pre-instantiated against one WIT version.
+/// A component compiled and pre-instantiated.
 #[derive(Clone)]
 pub struct Compiled {
-    pre: v0_1_0::PluginPre<CallState>,
+    pre: v0_2_0::PluginPre<CallState>,
+}
+
+/// A plugin as the runtime runs it: its component, limits and configuration.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    pub name: Arc<str>,
+    pub compiled: Compiled,
+    pub limits: Limits,
+    pub config: Arc<ConfigValues>,
+}
+
+/// Configuration a plugin reads with `config-get`. `Debug` shows the keys
+/// only: values may be secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ConfigValues(std::collections::BTreeMap<String, String>);
+
+impl ConfigValues {
+    pub fn new(values: std::collections::BTreeMap<String, String>) -> Self {
+        Self(values)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for ConfigValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 impl std::fmt::Debug for Compiled {
@@ -89,22 +127,33 @@ pub struct CallOutcome {
 }
 
 impl Runtime {
-    /// Build the engine (fuel metering, epoch interruption, bounded wasm stack)
-    /// and the linker (WASI plus every WIT version's `host` interface).
-    pub fn new() -> anyhow::Result<Self> {
+    /// Build the engine (fuel metering, epoch interruption, bounded wasm
+    /// stack, pooling allocator) and the linker (WASI plus every WIT version's
+    /// `host` interface). With a `cache_dir`, compiled code survives restarts.
+    pub fn new(cache_dir: Option<&Path>) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config
             .consume_fuel(true)
             .epoch_interruption(true)
-            .max_wasm_stack(MAX_WASM_STACK_BYTES);
+            .max_wasm_stack(MAX_WASM_STACK_BYTES)
+            .allocation_strategy(limits::pooling());
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         v0_1_0::Plugin::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)?;
+        v0_2_0::Plugin::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)?;
+        let cache = match cache_dir {
+            Some(dir) => Some(CompileCache::open(dir, &engine).map_err(|e| {
+                anyhow::anyhow!("cannot use compile cache directory {}: {e}", dir.display())
+            })?),
+            None => None,
+        };
         let ticker = EpochTicker::start(&engine);
         Ok(Self {
             engine,
             linker,
+            cache,
+            compiled: AtomicU64::new(0),
             _ticker: ticker,
         })
     }
@@ -115,32 +164,49 @@ impl Runtime {
         if is_core_module(bytes) {
             return Err(CompileError::CoreModule);
         }
-        let component = Component::new(&self.engine, bytes).map_err(CompileError::Invalid)?;
+        let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, bytes));
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component =
+                    Component::new(&self.engine, bytes).map_err(CompileError::Invalid)?;
+                self.compiled.fetch_add(1, Ordering::Relaxed);
+                if let Some(cache) = &self.cache {
+                    cache.put(bytes, &component);
+                }
+                component
+            }
+        };
         let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(CompileError::WrongWorld)?;
-        let pre = v0_1_0::PluginPre::new(pre).map_err(CompileError::WrongWorld)?;
+        let pre = v0_2_0::PluginPre::new(pre).map_err(CompileError::WrongWorld)?;
         Ok(Compiled { pre })
+    }
+
+    /// Components compiled since start, cache hits not counted.
+    pub fn compiled_count(&self) -> u64 {
+        self.compiled.load(Ordering::Relaxed)
     }
 
     /// Run `on-event` once in a fresh, limited instance. Blocking: call it from
     /// a thread that may block (a worker, `spawn_blocking`).
     pub fn call(
         &self,
-        compiled: &Compiled,
-        plugin: &Arc<str>,
+        guest: &Guest,
         event: &Arc<str>,
-        limits: &Limits,
         event_type: &str,
         payload: &str,
     ) -> CallOutcome {
+        let (compiled, plugin, limits) = (&guest.compiled, &guest.name, &guest.limits);
         let tag = CallTag {
             plugin: plugin.clone(),
             event: event.clone(),
         };
         let output = Arc::new(Mutex::new(Output::new(tag, limits.output_bytes)));
-        let mut store = Store::new(&self.engine, CallState::new(&output, limits));
+        let state = CallState::new(&output, limits, guest.config.clone());
+        let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits);
         let fuel_before = store.get_fuel().unwrap_or(0);
 
@@ -204,10 +270,11 @@ pub(crate) struct CallState {
     table: ResourceTable,
     limiter: MemoryLimiter,
     output: Arc<Mutex<Output>>,
+    config: Arc<ConfigValues>,
 }
 
 impl CallState {
-    fn new(output: &Arc<Mutex<Output>>, limits: &Limits) -> Self {
+    fn new(output: &Arc<Mutex<Output>>, limits: &Limits, config: Arc<ConfigValues>) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(Capture::new(output.clone(), LogSource::Stdout))
             .stderr(Capture::new(output.clone(), LogSource::Stderr))
@@ -220,6 +287,7 @@ impl CallState {
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output: output.clone(),
+            config,
         }
     }
 }
@@ -239,17 +307,41 @@ impl HasLimiter for CallState {
     }
 }
 
-impl v0_1_0::stateset::webhooks::host::Host for CallState {
-    fn log(&mut self, level: v0_1_0::stateset::webhooks::host::LogLevel, message: String) {
-        use v0_1_0::stateset::webhooks::host::LogLevel as Wit;
-        let level = match level {
+impl CallState {
+    fn log(&mut self, level: LogLevel, message: &str) {
+        lock(&self.output).line(level, LogSource::Log, message);
+    }
+}
+
+/// Each WIT version's `log-level` is its own type; they map the same way.
+macro_rules! log_level {
+    ($wit:ty, $level:expr) => {{
+        type Wit = $wit;
+        match $level {
             Wit::Trace => LogLevel::Trace,
             Wit::Debug => LogLevel::Debug,
             Wit::Info => LogLevel::Info,
             Wit::Warn => LogLevel::Warn,
             Wit::Error => LogLevel::Error,
-        };
-        lock(&self.output).line(level, LogSource::Log, &message);
+        }
+    }};
+}
+
+impl v0_1_0::stateset::webhooks::host::Host for CallState {
+    fn log(&mut self, level: v0_1_0::stateset::webhooks::host::LogLevel, message: String) {
+        let level = log_level!(v0_1_0::stateset::webhooks::host::LogLevel, level);
+        CallState::log(self, level, &message);
+    }
+}
+
+impl v0_2_0::stateset::webhooks::host::Host for CallState {
+    fn log(&mut self, level: v0_2_0::stateset::webhooks::host::LogLevel, message: String) {
+        let level = log_level!(v0_2_0::stateset::webhooks::host::LogLevel, level);
+        CallState::log(self, level, &message);
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).map(str::to_owned)
     }
 }
 

@@ -6,17 +6,17 @@
 //! `payment.*` types are logged at debug and accepted. Amounts are integer minor
 //! units in `data.currency` (default `USD`), printed with two decimals.
 //!
-//! Configuration: the refund threshold, in cents, is read at build time from
-//! the `PAYMENTS_REFUND_FLAG_CENTS` environment variable (default `50000`, that
-//! is 500.00), e.g. `PAYMENTS_REFUND_FLAG_CENTS=100000 cargo build ...`. A later
-//! contract version will bring runtime configuration.
+//! Configuration (WIT 0.2.0 `config-get`, from `[config]` in `payments.toml`):
+//! `refund_flag_cents`, the refund threshold in cents (default `50000`, that is
+//! 500.00). It may come from the host's environment:
+//! `refund_flag_cents = { env = "PAYMENTS_REFUND_FLAG_CENTS" }`.
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-wit_bindgen::generate!({ path: "../../wit/v0.1.0", world: "plugin" });
+wit_bindgen::generate!({ path: "../../wit/v0.2.0", world: "plugin" });
 
-use stateset::webhooks::host::{LogLevel, log};
+use stateset::webhooks::host::{LogLevel, config_get, log};
 
 const DEFAULT_REFUND_FLAG_CENTS: u64 = 50_000;
 
@@ -38,11 +38,12 @@ fn usd() -> String {
 /// Parsed per call rather than in a `const` so a bad value is reported as a
 /// delivery error naming the variable instead of failing the build obscurely.
 fn refund_flag_cents() -> Result<u64, String> {
-    match option_env!("PAYMENTS_REFUND_FLAG_CENTS") {
+    match config_get("refund_flag_cents") {
         None => Ok(DEFAULT_REFUND_FLAG_CENTS),
-        Some(raw) => raw.trim().parse().map_err(|e| {
-            format!("plugin built with invalid PAYMENTS_REFUND_FLAG_CENTS {raw:?}: {e}")
-        }),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|e| format!("config refund_flag_cents {raw:?} is not a number of cents: {e}")),
     }
 }
 
