@@ -147,6 +147,7 @@ fn bad_options_are_refused_before_binding() {
 #[test]
 fn the_documented_curl_recipe_works_and_the_plugin_logs() {
     let plugins = PluginDir::samples();
+    plugins.write("broken.wasm", b"not a component");
     let mut served = Served::start(&plugins);
     let script = format!(
         r#"
@@ -186,6 +187,54 @@ fn the_documented_curl_recipe_works_and_the_plugin_logs() {
         "200 OK\n{\"received\":true}\n"
     );
     served.wait_for("payment pay_01JQ8ZNZ5Q7S9U1W3Y5A7C9E1G succeeded");
+
+    // `plugins list` reads what the running server saved (every second).
+    let deadline = std::time::Instant::now() + REPORT_TIMEOUT;
+    let rows = loop {
+        let output = bin()
+            .arg("--db")
+            .arg(plugins.path().join("hooks.db"))
+            .args(["plugins", "list", "--json"])
+            .output()
+            .unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let orders = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "orders")
+            .cloned();
+        if orders.is_some_and(|o| o["counters"].as_str().unwrap().contains("\"succeeded\":1")) {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "plugins list never showed the call: {rows}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let states: Vec<(&str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("broken", "failed"),
+            ("low-stock", "active"),
+            ("orders", "active"),
+            ("payments", "active")
+        ]
+    );
+    assert!(
+        rows[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly component")
+    );
+    assert_eq!(rows[2]["subscriptions"], "order.*");
 
     let (status, log) = served.stop();
     assert!(status.success());

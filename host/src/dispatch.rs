@@ -34,6 +34,9 @@ const REPORT_BUFFER: usize = 4096;
 /// times and how soon a replay from the command line starts.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often the plugin table `plugins list` reads is rewritten.
+const PLUGIN_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often succeeded events past the retention age are purged.
 const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
 
@@ -318,7 +321,14 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 /// backlog count, purge old succeeded events now and then.
 fn poll_loop(shared: &Shared, retention: Duration) {
     let mut last_sweep: Option<Instant> = None;
+    let mut last_snapshot: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
+        if last_snapshot.is_none_or(|t| t.elapsed() >= PLUGIN_SNAPSHOT_INTERVAL) {
+            if let Err(error) = shared.store.save_plugins(shared.registry.rows(now_ms())) {
+                tracing::warn!(%error, "could not save the plugin table");
+            }
+            last_snapshot = Some(Instant::now());
+        }
         if last_sweep.is_none_or(|t| t.elapsed() >= RETENTION_SWEEP) {
             let before = now_ms() - retention.as_millis() as i64;
             match shared.store.purge_succeeded(before) {

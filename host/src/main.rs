@@ -51,6 +51,9 @@ enum Command {
     /// The dead-letter queue: deliveries whose every attempt failed.
     #[command(subcommand)]
     Dlq(store_commands::DlqCommand),
+    /// The plugins the server has loaded (works while the server runs).
+    #[command(subcommand)]
+    Plugins(store_commands::PluginsCommand),
     /// Run one plugin on one event locally and print its result, fuel used,
     /// time and peak memory: no server, no secret needed.
     Run {
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args, &cli.db),
         Command::Events(command) => store_commands::events(&cli.db, command),
         Command::Dlq(command) => store_commands::dlq(&cli.db, command),
+        Command::Plugins(command) => store_commands::plugins(&cli.db, command),
         Command::Sign { file } => sign(&file),
         Command::Send { url, file } => send(&url, &file),
         Command::Run {

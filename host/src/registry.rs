@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::health::Health;
 use crate::manifest::Manifest;
 use crate::runtime::{Guest, Limits, Runtime};
+use crate::store::PluginRow;
 
 /// Hex digits of the SHA-256 of a component's bytes that make its version:
 /// enough to tell builds apart in a log line.
@@ -103,6 +104,72 @@ impl Registry {
     /// Files that failed to load, with the reasons.
     pub fn failures(&self) -> Vec<LoadFailure> {
         self.failures.read().expect("registry lock").clone()
+    }
+
+    /// Every plugin and failed file as a row for `plugins list`.
+    pub fn rows(&self, now: i64) -> Vec<PluginRow> {
+        let mut rows: Vec<PluginRow> = self
+            .snapshot()
+            .iter()
+            .map(|p| {
+                let health = p.health.snapshot();
+                let failed: serde_json::Map<String, serde_json::Value> = health
+                    .failed
+                    .iter()
+                    .map(|(kind, n)| (kind.to_string(), (*n).into()))
+                    .collect();
+                let l = &p.guest.limits;
+                PluginRow {
+                    name: p.name.to_string(),
+                    version: Some(p.version.to_string()),
+                    state: if health.quarantined {
+                        "quarantined"
+                    } else {
+                        "active"
+                    }
+                    .into(),
+                    reason: None,
+                    subscriptions: p.manifest.describe(),
+                    limits: format!(
+                        "fuel {}, memory {} MiB, timeout {} ms, output {} KiB",
+                        l.fuel.map_or("unmetered".into(), |f| f.to_string()),
+                        l.memory_bytes >> 20,
+                        l.timeout.as_millis(),
+                        l.output_bytes >> 10
+                    ),
+                    counters:
+                        serde_json::json!({ "succeeded": health.succeeded, "failed": failed })
+                            .to_string(),
+                    updated_at: now,
+                }
+            })
+            .collect();
+        for failure in self.failures() {
+            let name = failure
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned());
+            let name = name.unwrap_or_default();
+            if rows.iter().any(|r| r.name == name) {
+                // Its previous version still serves; say why the new one did not load.
+                if let Some(row) = rows.iter_mut().find(|r| r.name == name) {
+                    row.reason = Some(format!("replacement failed to load: {}", failure.reason));
+                }
+                continue;
+            }
+            rows.push(PluginRow {
+                name,
+                version: None,
+                state: "failed".into(),
+                reason: Some(failure.reason),
+                subscriptions: String::new(),
+                limits: String::new(),
+                counters: "{}".into(),
+                updated_at: now,
+            });
+        }
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        rows
     }
 
     /// Every loaded plugin, sorted by name.

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use stateset_hooks::hooks::DEFAULT_BUSY_TIMEOUT;
-use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store};
+use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -59,6 +59,16 @@ pub enum DlqCommand {
         all: bool,
         /// Delivery ids, as `dlq list` shows them.
         ids: Vec<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginsCommand {
+    /// The plugins the server has loaded: version, subscriptions, limits,
+    /// state (active, quarantined, failed with the reason) and counters.
+    List {
+        #[command(flatten)]
+        output: Output,
     },
 }
 
@@ -143,6 +153,43 @@ pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
             let n = store.replay_dead(if all { None } else { Some(&ids) })?;
             println!("{n} dead deliveries pending again");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
+    let store = open(db)?;
+    let PluginsCommand::List { output } = command;
+    let rows = store.plugins()?;
+    if output.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let age = rows
+        .iter()
+        .map(|r| r.updated_at)
+        .max()
+        .map(|at| (now_ms() - at) / 1000);
+    println!(
+        "{:<16} {:<13} {:<12} {:<24} {:<60} counters",
+        "name", "version", "state", "subscriptions", "limits"
+    );
+    for r in &rows {
+        println!(
+            "{:<16} {:<13} {:<12} {:<24} {:<60} {}",
+            r.name,
+            r.version.as_deref().unwrap_or("-"),
+            r.state,
+            r.subscriptions,
+            r.limits,
+            r.counters
+        );
+        if let Some(reason) = &r.reason {
+            println!("{:<16} reason: {reason}", "");
+        }
+    }
+    if let Some(age) = age.filter(|&a| a > 5) {
+        println!("(saved {age} s ago: the server may not be running)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -105,6 +105,21 @@ pub struct EventRecord {
     pub deliveries: Vec<DeliveryRecord>,
 }
 
+/// A loaded (or failed) plugin as the server last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginRow {
+    pub name: String,
+    pub version: Option<String>,
+    /// `active`, `quarantined` or `failed`.
+    pub state: String,
+    pub reason: Option<String>,
+    pub subscriptions: String,
+    pub limits: String,
+    /// JSON: `{"succeeded": n, "failed": {"kind": n, ...}}`.
+    pub counters: String,
+    pub updated_at: i64,
+}
+
 /// Which deliveries to list.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -165,6 +180,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Delete events all of whose deliveries succeeded and that were received
     /// before `before` (unix ms); returns how many.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError>;
+
+    /// Replace the saved plugin table with `rows`.
+    fn save_plugins(&self, rows: Vec<PluginRow>) -> Result<(), StoreError>;
+
+    /// The plugin table as last saved, by name.
+    fn plugins(&self) -> Result<Vec<PluginRow>, StoreError>;
 
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;

@@ -30,4 +30,19 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 
+
+-- What the running server has loaded, rewritten every second by the server
+-- for `stateset-hooks plugins list`. `counters` is JSON: succeeded, and
+-- failures by kind.
+CREATE TABLE IF NOT EXISTS plugins (
+    name          TEXT PRIMARY KEY,
+    version       TEXT,                 -- NULL when the file failed to load
+    state         TEXT NOT NULL CHECK (state IN ('active', 'quarantined', 'failed')),
+    reason        TEXT,                 -- why it failed to load
+    subscriptions TEXT NOT NULL,
+    limits        TEXT NOT NULL,
+    counters      TEXT NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+
 PRAGMA user_version = 1;

@@ -17,8 +17,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params, pa
 use tokio::sync::oneshot;
 
 use super::{
-    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter, Status,
-    Store, StoreError, now_ms,
+    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
+    PluginRow, Status, Store, StoreError, now_ms,
 };
 use crate::event::Event;
 
@@ -475,6 +475,45 @@ impl Store for SqliteStore {
                      SELECT 1 FROM deliveries d WHERE d.event_key = events.key AND d.status != 'succeeded')",
                 [before],
             )
+        })
+    }
+
+    fn save_plugins(&self, rows: Vec<PluginRow>) -> Result<(), StoreError> {
+        self.op(move |tx| {
+            tx.execute("DELETE FROM plugins", [])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for r in &rows {
+                insert.execute(params![
+                    r.name, r.version, r.state, r.reason, r.subscriptions, r.limits, r.counters, r.updated_at
+                ])?;
+            }
+            Ok(rows.len())
+        })
+        .map(drop)
+    }
+
+    fn plugins(&self) -> Result<Vec<PluginRow>, StoreError> {
+        self.read(|conn| {
+            conn.prepare(
+                "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
+                 FROM plugins ORDER BY name",
+            )?
+            .query_map([], |row| {
+                Ok(PluginRow {
+                    name: row.get(0)?,
+                    version: row.get(1)?,
+                    state: row.get(2)?,
+                    reason: row.get(3)?,
+                    subscriptions: row.get(4)?,
+                    limits: row.get(5)?,
+                    counters: row.get(6)?,
+                    updated_at: row.get(7)?,
+                })
+            })?
+            .collect()
         })
     }
 
