@@ -1,0 +1,336 @@
+//! End-to-end load: the host (a child process, release build, the three sample
+//! plugins, durable store, every limit on) against a reference endpoint that
+//! only verifies the signature and parses the JSON, side by side in one run.
+//!
+//! `cargo bench -p stateset-hooks --bench load` (`LOAD_SECONDS=N` per phase,
+//! default 10; `LOAD_CONNECTIONS`, default 32).
+//!
+//! Prints acknowledged requests per second, acknowledgement latency
+//! percentiles, end-to-end throughput (every plugin call finished), whether
+//! the backlog grew, and the host's peak memory, each also as a ratio to the
+//! reference where that means something.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use stateset_hooks::Secret;
+use stateset_hooks::store::{Filter, SqliteStore, Status, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Signed bodies: realistic events of all three plugins' types, each with a
+/// unique id so the host stores and dispatches every one.
+fn bodies(n: usize) -> Vec<(Bytes, String)> {
+    let secret = Secret::new(support::SECRET).unwrap();
+    let templates: Vec<serde_json::Value> =
+        ["order.created", "payment.succeeded", "inventory.low_stock"]
+            .iter()
+            .map(|name| serde_json::from_slice(&support::example_event(name)).unwrap())
+            .collect();
+    (0..n)
+        .map(|i| {
+            let mut event = templates[i % templates.len()].clone();
+            event["id"] = format!("evt_load_{}_{i}", std::process::id()).into();
+            let body = Bytes::from(serde_json::to_vec(&event).unwrap());
+            let signature = secret.sign(&body);
+            (body, signature)
+        })
+        .collect()
+}
+
+/// The reference: verify, parse, answer. No store, no plugins.
+async fn reference(listener: tokio::net::TcpListener) {
+    let secret = Arc::new(Secret::new(support::SECRET).unwrap());
+    let app = axum::Router::new().route(
+        "/webhooks/stateset",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let secret = secret.clone();
+            async move {
+                let signature = headers.get("x-stateset-signature").map(|v| v.as_bytes());
+                if secret.verify(&body, signature).is_err() {
+                    return (StatusCode::UNAUTHORIZED, "bad signature");
+                }
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(_) => (StatusCode::OK, r#"{"received":true}"#),
+                    Err(_) => (StatusCode::BAD_REQUEST, "bad json"),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await.unwrap();
+}
+
+struct Run {
+    acked: usize,
+    refused: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.acked as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted
+            .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// `connections` keep-alive clients for `seconds`, each sending as fast as it
+/// can, or at `per_connection_rate` requests per second.
+async fn load(
+    url: &str,
+    bodies: Arc<Vec<(Bytes, String)>>,
+    connections: usize,
+    seconds: u64,
+    per_connection_rate: Option<f64>,
+) -> Run {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let (url, bodies, stop) = (url.to_owned(), bodies.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .unwrap();
+                let (mut acked, mut refused, mut latencies) = (0, 0, Vec::new());
+                let mut i = c;
+                let interval = per_connection_rate.map(|r| Duration::from_secs_f64(1.0 / r));
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(interval) = interval {
+                        next += interval;
+                        tokio::time::sleep_until(next.into()).await;
+                    }
+                    let (body, signature) = &bodies[i % bodies.len()];
+                    i += connections;
+                    let sent = Instant::now();
+                    let response = client
+                        .post(&url)
+                        .header("x-stateset-signature", signature)
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match response {
+                        Ok(r) if r.status() == 200 => {
+                            let _ = r.bytes().await;
+                            latencies.push(sent.elapsed());
+                            acked += 1;
+                        }
+                        _ => refused += 1,
+                    }
+                }
+                (acked, refused, latencies)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    let mut run = Run {
+        acked: 0,
+        refused: 0,
+        elapsed,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        let (acked, refused, latencies) = task.await.unwrap();
+        run.acked += acked;
+        run.refused += refused;
+        run.latencies.extend(latencies);
+    }
+    run
+}
+
+fn peak_rss_kib(child: &Child) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Start the host; also returns how long it took from spawn to ready.
+fn start_host(dir: &support::PluginDir) -> (Child, String, Duration) {
+    use std::io::{BufRead, BufReader};
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .env("STATESET_WEBHOOK_SECRET", support::SECRET)
+        .env(
+            "RUST_LOG",
+            "warn,stateset_hooks=info,plugin=off,stateset_hooks::http=warn",
+        )
+        .arg("--db")
+        .arg(dir.path().join("load.db"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+        .arg(dir.path())
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("host ready line").unwrap();
+        if let Some(addr) = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("address="))
+        {
+            break addr.to_owned();
+        }
+    };
+    let ready = started.elapsed();
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr, ready)
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` from tooling: nothing to list
+    }
+    let seconds = env_or("LOAD_SECONDS", 10);
+    let connections = env_or("LOAD_CONNECTIONS", 32) as usize;
+    let plugins = support::PluginDir::samples();
+    let bodies = Arc::new(bodies(1_000_000.min(seconds as usize * 40_000).max(10_000)));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reference_url = format!(
+        "http://{}/webhooks/stateset",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(reference(listener));
+    // Start-up with the three plugins: cold (empty compile cache), then warm.
+    let (mut cold, _, cold_startup) = start_host(&plugins);
+    let _ = cold.kill();
+    let _ = cold.wait();
+    let (mut host, addr, warm_startup) = start_host(&plugins);
+    let host_url = format!("http://{addr}/webhooks/stateset");
+    let store = SqliteStore::open(&plugins.path().join("load.db"), Duration::from_secs(5)).unwrap();
+
+    let reference_max = load(&reference_url, bodies.clone(), connections, seconds, None).await;
+    let host_max = load(&host_url, bodies.clone(), connections, seconds, None).await;
+
+    // Plugin calls keep running after the acks: wait for the backlog to drain.
+    let drained_from = Instant::now();
+    let pending = |store: &SqliteStore| store.outstanding().unwrap_or(0);
+    let backlog_after_max = pending(&store);
+    while pending(&store) > 0 && drained_from.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = drained_from.elapsed();
+    let done = |store: &SqliteStore| {
+        store
+            .deliveries(&Filter {
+                status: Some(Status::Succeeded),
+                limit: Some(usize::MAX >> 1),
+                ..Filter::default()
+            })
+            .map_or(0, |d| d.len())
+    };
+    let delivered = done(&store);
+    let end_to_end = delivered as f64 / (host_max.elapsed + drain).as_secs_f64();
+
+    // Half the maximum acknowledged rate, paced: latency, and whether the
+    // backlog stays flat while plugins keep up.
+    let half = host_max.rate() / 2.0;
+    let backlog_before = pending(&store);
+    let paced = load(
+        &host_url,
+        bodies.clone(),
+        connections,
+        seconds,
+        Some(half / connections as f64),
+    )
+    .await;
+    let backlog_end = pending(&store);
+    let peak_kib = peak_rss_kib(&host);
+    let _ = host.kill();
+    let _ = host.wait();
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "\nload: {connections} connections, {seconds} s per phase, {} cores, events of 3 types (3 sample plugins)\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| figure | value | ratio to reference |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| reference (verify + parse) acked req/s | {:.0} | 1.00 |",
+        reference_max.rate()
+    );
+    println!(
+        "| host (durable store) acked req/s | {:.0} | {:.2} |",
+        host_max.rate(),
+        host_max.rate() / reference_max.rate()
+    );
+    println!(
+        "| host refused (503) during max run | {} | |",
+        host_max.refused
+    );
+    println!(
+        "| host ack latency p50 / p99 / p999 at max, ms | {:.2} / {:.2} / {:.2} | reference {:.2} / {:.2} / {:.2} |",
+        ms(host_max.percentile(0.5)),
+        ms(host_max.percentile(0.99)),
+        ms(host_max.percentile(0.999)),
+        ms(reference_max.percentile(0.5)),
+        ms(reference_max.percentile(0.99)),
+        ms(reference_max.percentile(0.999))
+    );
+    println!(
+        "| end-to-end events/s (all plugin calls done) | {:.0} | {:.2} of acked |",
+        end_to_end,
+        end_to_end / host_max.rate()
+    );
+    println!(
+        "| backlog after max run, drained in | {} deliveries, {:.1} s | |",
+        backlog_after_max,
+        drain.as_secs_f64()
+    );
+    println!(
+        "| paced at half max ({:.0} req/s): acked req/s | {:.0} | |",
+        half,
+        paced.rate()
+    );
+    println!(
+        "| paced: ack latency p50 / p99 / p999, ms | {:.2} / {:.2} / {:.2} | |",
+        ms(paced.percentile(0.5)),
+        ms(paced.percentile(0.99)),
+        ms(paced.percentile(0.999))
+    );
+    println!("| paced: backlog at start / end | {backlog_before} / {backlog_end} | |");
+    println!(
+        "| host peak memory (VmHWM) | {:.1} MiB | |",
+        peak_kib as f64 / 1024.0
+    );
+    println!(
+        "| start-up to ready, 3 plugins: cold / warm cache | {:.0} ms / {:.0} ms | |",
+        ms(cold_startup),
+        ms(warm_startup)
+    );
+}

@@ -1,0 +1,85 @@
+//! Plugins in three languages in one host: the Rust samples, the Python
+//! example (componentize-py) and the JavaScript example (componentize-js),
+//! each built from source with its real toolchain by its own build script,
+//! fed one stream of events over HTTP.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use support::*;
+
+fn build(example: &str, output: &str) -> std::path::PathBuf {
+    let dir = workspace_root().join("examples").join(example);
+    let status = Command::new("bash")
+        .arg(dir.join("build.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "{example}/build.sh failed");
+    dir.join(output)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_python_and_javascript_plugins_share_one_stream() {
+    let python = build("python-plugin", "shipment-review.wasm");
+    let js = build("js-plugin", "return-refund.wasm");
+    let plugins = PluginDir::samples();
+    for (wasm, name) in [(&python, "shipment-review"), (&js, "return-refund")] {
+        std::fs::copy(wasm, plugins.path().join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(
+            wasm.with_extension("toml"),
+            plugins.path().join(format!("{name}.toml")),
+        )
+        .unwrap();
+    }
+    let mut server = TestServer::start(config(&plugins)).await;
+    assert!(
+        server.hooks.load_failures().is_empty(),
+        "{:?}",
+        server.hooks.load_failures()
+    );
+
+    let stream = [
+        "order.created",
+        "shipment.delivered",
+        "payment.refunded",
+        "return.created",
+        "inventory.low_stock",
+        "payment.failed",
+    ];
+    for name in stream {
+        assert_eq!(server.send(&example_event(name)).await.0, 200, "{name}");
+    }
+    let mut handled: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for report in server.reports(stream.len()).await {
+        assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+        handled
+            .entry(report.plugin.to_string())
+            .or_default()
+            .push(format!(
+                "{}: {}",
+                report.event_type,
+                messages(&report).join(" | ")
+            ));
+    }
+    let plugin = |name: &str| handled.get(name).cloned().unwrap_or_default();
+    assert_eq!(
+        plugin("shipment-review"),
+        [
+            "shipment.delivered: shipment shp_01JQBB4D6F8H0K2M4P6R8T0V2X delivered in 2 days 22 hours \
+          (carrier UPS): ask Maya Chen for a review of order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E (SS-104821)"
+        ]
+    );
+    assert_eq!(
+        plugin("return-refund"),
+        [
+            "return.created: return ret_01JQ3N8P4R6T8V0X2Z4B6D8F0H for order ord_01JPZ4R7T9V1X3Z5B7D9F1H3K5: \
+          refund 749.00 USD for 1 item"
+        ]
+    );
+    assert_eq!(plugin("orders").len(), 1);
+    assert_eq!(plugin("low-stock").len(), 1);
+    assert_eq!(plugin("payments").len(), 2, "refunded and failed");
+    server.stop().await;
+}
