@@ -9,42 +9,7 @@
 //! integer minor units in `data.currency` (default `USD`), printed with two
 //! decimals. Nothing to configure.
 
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
-
-wit_bindgen::generate!({ path: "../../wit/v0.1.0", world: "plugin" });
-
-use stateset::webhooks::host::{LogLevel, log};
-
-#[derive(Deserialize)]
-struct Order {
-    id: String,
-    status: Option<String>,
-    #[serde(default = "usd")]
-    currency: String,
-    #[serde(default)]
-    line_items: Vec<LineItem>,
-    subtotal_cents: Option<u64>,
-    total_cents: Option<u64>,
-    #[serde(default)]
-    tax_cents: u64,
-    #[serde(default)]
-    shipping_cents: u64,
-    #[serde(default)]
-    discount_cents: u64,
-}
-
-#[derive(Deserialize)]
-struct LineItem {
-    sku: String,
-    quantity: u64,
-    unit_price_cents: u64,
-    total_cents: Option<u64>,
-}
-
-fn usd() -> String {
-    "USD".to_owned()
-}
+use stateset_hooks_sdk::{Event, Order, debug, export_plugin, info, money};
 
 /// Verified figures of a consistent order.
 struct Summary {
@@ -89,62 +54,45 @@ fn check_totals(order: &Order) -> Result<Summary, String> {
     })
 }
 
-/// Two decimals: the host's sample data is in two-decimal currencies only.
-fn money(cents: u64, currency: &str) -> String {
-    format!("{}.{:02} {currency}", cents / 100, cents % 100)
-}
+struct Orders;
 
-/// The envelope's `id` and its `data` as `T`; errors name the event so the
-/// failed delivery is easy to find.
-fn parse_data<T: DeserializeOwned>(payload: &str, what: &str) -> Result<(String, T), String> {
-    #[derive(Deserialize)]
-    struct Envelope {
-        #[serde(default)]
-        id: String,
-        data: Option<serde_json::Value>,
-    }
-    let event: Envelope =
-        serde_json::from_str(payload).map_err(|e| format!("invalid event JSON: {e}"))?;
-    let evt = event.id;
-    let data = event
-        .data
-        .ok_or_else(|| format!("event {evt} has no data"))?;
-    match serde_json::from_value(data) {
-        Ok(data) => Ok((evt, data)),
-        Err(e) => Err(format!("event {evt}: invalid {what} data: {e}")),
-    }
-}
-
-struct Plugin;
-
-impl Guest for Plugin {
-    fn on_event(event_type: String, payload: String) -> Result<(), String> {
-        let Some(verb) = event_type.strip_prefix("order.") else {
-            let line = format!("ignoring unhandled event type {event_type}");
-            log(LogLevel::Debug, &line);
+impl stateset_hooks_sdk::Plugin for Orders {
+    fn on_event(event: Event) -> Result<(), String> {
+        if !event.event_type.starts_with("order.") {
+            debug(&format!(
+                "ignoring unhandled event type {}",
+                event.event_type
+            ));
             return Ok(());
-        };
-        let (evt, order): (_, Order) = parse_data(&payload, "order")?;
-        if order.id.is_empty() {
-            return Err(format!("event {evt}: invalid order data: empty `id`"));
         }
-        let (id, currency) = (&order.id, &order.currency);
+        let order: Order = event.data()?;
+        if order.id.is_empty() {
+            return Err(format!(
+                "event {}: invalid order data: empty `id`",
+                event.id
+            ));
+        }
+        let (id, verb, currency) = (&order.id, event.action(), &order.currency);
         let line = if order.line_items.is_empty() {
             let status = order.status.as_deref().unwrap_or("unknown");
             let total = order
                 .total_cents
                 .map(|t| format!(", total {}", money(t, currency)));
-            let total = total.unwrap_or_default();
-            format!("order {id} {verb}: status {status}{total}")
+            format!(
+                "order {id} {verb}: status {status}{}",
+                total.unwrap_or_default()
+            )
         } else {
             let Summary { units, total_cents } = check_totals(&order)?;
             let items = if units == 1 { "item" } else { "items" };
-            let total = money(total_cents, currency);
-            format!("order {id} {verb}: {units} {items}, total {total}")
+            format!(
+                "order {id} {verb}: {units} {items}, total {}",
+                money(total_cents, currency)
+            )
         };
-        log(LogLevel::Info, &line);
+        info(&line);
         Ok(())
     }
 }
 
-export!(Plugin);
+export_plugin!(Orders);
