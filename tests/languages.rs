@@ -83,3 +83,69 @@ async fn rust_python_and_javascript_plugins_share_one_stream() {
     assert_eq!(plugin("payments").len(), 2, "refunded and failed");
     server.stop().await;
 }
+
+/// `stateset-hooks new` in each language, built with the generated build
+/// script outside this repository, loaded together, fed one event over HTTP.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_projects_in_every_language_build_and_handle_events() {
+    let projects = tempfile::tempdir().unwrap();
+    let plugins = PluginDir::new();
+    for lang in ["rust", "python", "js"] {
+        let name = format!("hello-{lang}");
+        let dir = projects.path().join(&name);
+        let new = Command::new(env!("CARGO_BIN_EXE_stateset-hooks"))
+            .args(["new", &name, "--lang", lang, "--event", "order.*", "--dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            new.status.success(),
+            "{}",
+            String::from_utf8_lossy(&new.stderr)
+        );
+        let build = Command::new(dir.join("build.sh"))
+            // Reuse one target directory across runs for the Rust project.
+            .env(
+                "CARGO_TARGET_DIR",
+                workspace_root().join("target/scaffolded"),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            build.status.success(),
+            "{lang}: {}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        for ext in ["wasm", "toml"] {
+            let file = format!("{name}.{ext}");
+            std::fs::copy(dir.join(&file), plugins.path().join(&file)).unwrap();
+        }
+    }
+    let mut server = TestServer::start(config(&plugins)).await;
+    assert!(
+        server.hooks.load_failures().is_empty(),
+        "{:?}",
+        server.hooks.load_failures()
+    );
+    // One worker: had the payment reached anyone, its reports would come first.
+    assert_eq!(server.send(&example_event("payment.failed")).await.0, 200);
+    assert_eq!(server.send(&example_event("order.created")).await.0, 200);
+    let mut lines: Vec<String> = server
+        .reports(3)
+        .await
+        .iter()
+        .map(|r| messages(r).join(" "))
+        .collect();
+    lines.sort();
+    let order = "order.created for ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E";
+    assert_eq!(
+        lines,
+        [
+            format!("hello-js handled {order}"),
+            format!("hello-python handled {order}"),
+            format!("hello-rust handled {order}"),
+        ],
+        "each handles its subscribed type only"
+    );
+    server.stop().await;
+}

@@ -33,6 +33,7 @@
 //! - `http`: the webhook route and its status codes.
 //! - [`hooks`]: [`Hooks`], the type an app holds; [`Config`].
 //! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`.
+//! - [`scaffold`]: `stateset-hooks new`, a plugin project per language.
 
 pub mod dispatch;
 pub mod event;
@@ -43,6 +44,7 @@ pub mod manifest;
 pub mod registry;
 pub mod retry;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
 pub mod signature;
 pub mod store;

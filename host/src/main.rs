@@ -45,6 +45,20 @@ enum Command {
         /// The event JSON to send, byte for byte.
         file: PathBuf,
     },
+    /// Write a ready-to-build plugin project that handles one event type.
+    New {
+        /// The plugin's name (lower-case, digits, '-'); also the directory.
+        name: String,
+        /// The language to write it in.
+        #[arg(long, value_enum)]
+        lang: stateset_hooks::scaffold::Lang,
+        /// The event type it subscribes to.
+        #[arg(long, default_value = "order.created")]
+        event: String,
+        /// Where to create it [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Inspect and replay stored events (works while the server runs).
     #[command(subcommand)]
     Events(store_commands::EventsCommand),
@@ -149,6 +163,21 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args, &cli.db),
+        Command::New {
+            name,
+            lang,
+            event,
+            dir,
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            stateset_hooks::scaffold::new_plugin(&dir, &name, lang, &event).map(|files| {
+                for file in files {
+                    println!("wrote {}", file.display());
+                }
+                println!("next: cd {} && ./build.sh", dir.display());
+                ExitCode::SUCCESS
+            })
+        }
         Command::Events(command) => store_commands::events(&cli.db, command),
         Command::Dlq(command) => store_commands::dlq(&cli.db, command),
         Command::Plugins(command) => store_commands::plugins(&cli.db, command),
