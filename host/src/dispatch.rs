@@ -242,13 +242,7 @@ impl Dispatcher {
         if backlog >= self.high_water {
             return Err(AcceptError::Backlogged(backlog));
         }
-        let plugins: Vec<Arc<str>> = self
-            .shared
-            .registry
-            .subscribed(event.event_type())
-            .iter()
-            .map(|p| p.name.clone())
-            .collect();
+        let plugins = self.shared.registry.subscribed_names(event.event_type());
         let event = Arc::new(event);
         let ticket = self
             .shared

@@ -136,21 +136,31 @@ impl Hooks {
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref())?);
-        let (plugins, failures) = match &config.plugins_dir {
-            Some(dir) => registry::load_dir(&runtime, dir, &config.limits)?,
+        let loaded = match &config.plugins_dir {
+            Some(dir) => registry::load_dir(&runtime, dir, &config.limits, true)?,
             None => Default::default(),
         };
-        let registry = Arc::new(Registry::new(plugins, failures));
-        let watcher = match (&config.plugins_dir, config.watch) {
-            (Some(dir), true) => Some(Arc::new(Watcher::start(Reloader {
+        let deferred: Vec<Arc<str>> = loaded.deferred.iter().map(|(n, _)| n.clone()).collect();
+        let registry = Arc::new(Registry::new(loaded));
+        let mut watcher = None;
+        if let Some(dir) = &config.plugins_dir {
+            let reloader = Reloader {
                 dir: dir.clone(),
                 runtime: runtime.clone(),
                 registry: registry.clone(),
                 limits: config.limits.clone(),
                 store: store.clone(),
-            })?)),
-            _ => None,
-        };
+            };
+            if !deferred.is_empty() {
+                let reloader = reloader.clone();
+                std::thread::Builder::new()
+                    .name("plugin-loader".into())
+                    .spawn(move || deferred.iter().for_each(|name| reloader.reload(name)))?;
+            }
+            if config.watch {
+                watcher = Some(Arc::new(Watcher::start(reloader)?));
+            }
+        }
         let dispatcher = Dispatcher::start(runtime.clone(), registry.clone(), store, &config);
         Ok(Self {
             shared: Arc::new(Shared { config, dispatcher }),

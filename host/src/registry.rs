@@ -18,6 +18,12 @@ use crate::manifest::Manifest;
 use crate::runtime::{Guest, Limits, Runtime};
 use crate::store::PluginRow;
 
+/// Components larger than this, and not in the compile cache, are compiled
+/// after the host starts serving (CPython and JavaScript engines are 10-20 MB
+/// and take seconds to compile). Their events are stored meanwhile and
+/// delivered once they load.
+pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
+
 /// Hex digits of the SHA-256 of a component's bytes that make its version:
 /// enough to tell builds apart in a log line.
 const VERSION_HEX_DIGITS: usize = 12;
@@ -50,21 +56,51 @@ pub struct LoadFailure {
 pub struct Registry {
     plugins: RwLock<Arc<[Arc<Plugin>]>>,
     failures: RwLock<Vec<LoadFailure>>,
+    /// Plugins still compiling after start-up, with their manifests: events
+    /// get deliveries for them, which wait until they load.
+    loading: RwLock<Vec<(Arc<str>, Manifest)>>,
 }
 
 impl Registry {
-    pub fn new(plugins: Vec<Plugin>, failures: Vec<LoadFailure>) -> Self {
-        let plugins: Arc<[Arc<Plugin>]> = plugins.into_iter().map(Arc::new).collect();
+    pub fn new(loaded: Loaded) -> Self {
+        let plugins: Arc<[Arc<Plugin>]> = loaded.plugins.into_iter().map(Arc::new).collect();
         Self {
             plugins: RwLock::new(plugins),
-            failures: RwLock::new(failures),
+            failures: RwLock::new(loaded.failures),
+            loading: RwLock::new(loaded.deferred),
         }
+    }
+
+    /// Names of the plugins an event of this type goes to: loaded and not
+    /// quarantined, or still loading.
+    pub fn subscribed_names(&self, event_type: &str) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self
+            .subscribed(event_type)
+            .into_iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let loading = self.loading.read().expect("registry lock");
+        names.extend(
+            loading
+                .iter()
+                .filter(|(_, manifest)| manifest.subscribes_to(event_type))
+                .map(|(name, _)| name.clone()),
+        );
+        names
+    }
+
+    fn done_loading(&self, name: &str) {
+        self.loading
+            .write()
+            .expect("registry lock")
+            .retain(|(n, _)| &**n != name);
     }
 
     /// Add a plugin, or replace the one of the same name; returns the old one.
     pub fn upsert(&self, plugin: Plugin) -> Option<Arc<Plugin>> {
         let name = plugin.name.clone();
         self.clear_failure(&plugin.path);
+        self.done_loading(&name);
         let mut plugins = self.plugins.write().expect("registry lock");
         let mut next: Vec<Arc<Plugin>> =
             plugins.iter().filter(|p| p.name != name).cloned().collect();
@@ -77,6 +113,7 @@ impl Registry {
 
     /// Stop serving a plugin; returns it if it was loaded.
     pub fn remove(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.done_loading(name);
         let mut plugins = self.plugins.write().expect("registry lock");
         let old = plugins.iter().find(|p| &*p.name == name).cloned();
         *plugins = plugins
@@ -89,6 +126,9 @@ impl Registry {
 
     /// Record that a file failed to load (replacing an earlier failure of it).
     pub fn set_failure(&self, failure: LoadFailure) {
+        if let Some(name) = failure.path.file_stem().and_then(|s| s.to_str()) {
+            self.done_loading(name);
+        }
         let mut failures = self.failures.write().expect("registry lock");
         failures.retain(|f| f.path != failure.path);
         failures.push(failure);
@@ -144,6 +184,18 @@ impl Registry {
                 }
             })
             .collect();
+        for (name, manifest) in self.loading.read().expect("registry lock").iter() {
+            rows.push(PluginRow {
+                name: name.to_string(),
+                version: None,
+                state: "loading".into(),
+                reason: None,
+                subscriptions: manifest.describe(),
+                limits: String::new(),
+                counters: "{}".into(),
+                updated_at: now,
+            });
+        }
         for failure in self.failures() {
             let name = failure
                 .path
@@ -199,13 +251,25 @@ pub struct LimitPolicy {
     pub max: Limits,
 }
 
+/// What loading a directory found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub plugins: Vec<Plugin>,
+    pub failures: Vec<LoadFailure>,
+    /// Large, uncached components left to compile after start-up.
+    pub deferred: Vec<(Arc<str>, Manifest)>,
+}
+
 /// Load every `*.wasm` in `dir`. Files that fail are logged and returned
 /// beside the plugins that loaded; only an unreadable directory is an error.
+/// With `defer_large`, large components not in the compile cache are only
+/// named (with their manifests) for loading later.
 pub fn load_dir(
     runtime: &Runtime,
     dir: &Path,
     limits: &LimitPolicy,
-) -> anyhow::Result<(Vec<Plugin>, Vec<LoadFailure>)> {
+    defer_large: bool,
+) -> anyhow::Result<Loaded> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
     let mut paths: Vec<PathBuf> = entries
@@ -214,8 +278,27 @@ pub fn load_dir(
         .collect();
     paths.sort();
 
-    let (mut plugins, mut failures) = (Vec::new(), Vec::new());
+    let mut loaded = Loaded::default();
     for path in paths {
+        if defer_large && is_large_and_uncached(runtime, &path) {
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            match read_manifest(&path.with_extension("toml")) {
+                Ok(manifest) => {
+                    tracing::info!(plugin = name, "large plugin: compiling after start-up");
+                    loaded.deferred.push((name.into(), manifest));
+                    continue;
+                }
+                Err(error) => {
+                    let reason = format!("{error:#}");
+                    tracing::error!(path = %path.display(), %reason, "plugin failed to load");
+                    loaded.failures.push(LoadFailure { path, reason });
+                    continue;
+                }
+            }
+        }
         match load_file(runtime, &path, limits) {
             Ok(plugin) => {
                 tracing::info!(
@@ -224,16 +307,21 @@ pub fn load_dir(
                     subscriptions = %plugin.manifest.describe(),
                     "plugin loaded"
                 );
-                plugins.push(plugin);
+                loaded.plugins.push(plugin);
             }
             Err(error) => {
                 let reason = format!("{error:#}");
                 tracing::error!(path = %path.display(), %reason, "plugin failed to load");
-                failures.push(LoadFailure { path, reason });
+                loaded.failures.push(LoadFailure { path, reason });
             }
         }
     }
-    Ok((plugins, failures))
+    Ok(loaded)
+}
+
+fn is_large_and_uncached(runtime: &Runtime, path: &Path) -> bool {
+    let large = std::fs::metadata(path).is_ok_and(|m| m.len() > LARGE_COMPONENT_BYTES);
+    large && std::fs::read(path).is_ok_and(|bytes| !runtime.is_cached(&bytes))
 }
 
 /// Load one `NAME.wasm` and its optional `NAME.toml`.

@@ -44,6 +44,7 @@ impl std::fmt::Debug for Watcher {
 }
 
 /// What a reload needs.
+#[derive(Clone)]
 pub(crate) struct Reloader {
     pub dir: PathBuf,
     pub runtime: Arc<Runtime>,
@@ -119,7 +120,8 @@ impl Reloader {
         }
     }
 
-    fn reload(&self, name: &str) {
+    /// Load (or unload) plugin `name` from the directory as it is now.
+    pub(crate) fn reload(&self, name: &str) {
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
             self.registry.clear_failure(&path);

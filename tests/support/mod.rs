@@ -13,8 +13,9 @@ use tokio::sync::{broadcast, oneshot};
 
 pub const SECRET: &str = "test-webhook-secret";
 
-/// How long a test waits for plugin reports before it fails.
-pub const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a test waits for plugin reports before it fails: generous, as
+/// large (Python, JavaScript) components compile after start-up first.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

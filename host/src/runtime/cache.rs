@@ -42,6 +42,11 @@ impl CompileCache {
             .join(format!("{digest}-{:016x}.cwasm", self.engine_hash))
     }
 
+    /// Whether an entry exists for these bytes (not yet checked for soundness).
+    pub(crate) fn contains(&self, component_bytes: &[u8]) -> bool {
+        self.path(component_bytes).exists()
+    }
+
     /// The cached component for these bytes, if a sound entry exists.
     pub(crate) fn get(&self, engine: &Engine, component_bytes: &[u8]) -> Option<Component> {
         let path = self.path(component_bytes);

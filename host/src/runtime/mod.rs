@@ -185,6 +185,11 @@ impl Runtime {
         Ok(Compiled { pre })
     }
 
+    /// Whether the compile cache holds these bytes' compiled code.
+    pub fn is_cached(&self, bytes: &[u8]) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.contains(bytes))
+    }
+
     /// Components compiled since start, cache hits not counted.
     pub fn compiled_count(&self) -> u64 {
         self.compiled.load(Ordering::Relaxed)

@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 CREATE TABLE IF NOT EXISTS plugins (
     name          TEXT PRIMARY KEY,
     version       TEXT,                 -- NULL when the file failed to load
-    state         TEXT NOT NULL CHECK (state IN ('active', 'quarantined', 'failed')),
+    state         TEXT NOT NULL CHECK (state IN ('active', 'quarantined', 'loading', 'failed')),
     reason        TEXT,                 -- why it failed to load
     subscriptions TEXT NOT NULL,
     limits        TEXT NOT NULL,
