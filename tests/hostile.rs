@@ -14,21 +14,6 @@ use stateset_hooks::Report;
 use stateset_hooks::runtime::FailureKind;
 use support::*;
 
-/// A component whose start-up code traps (see `plugins.rs` for the format).
-const START_TRAP_COMPONENT: &str = r#"
-(component
-  (core module $m
-    (memory (export "memory") 1)
-    (func $start unreachable)
-    (start $start)
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func (export "on-event")
-    (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
-"#;
-
 /// Deadline given to the `slowpoke` plugin, which has fuel to spare, so an
 /// infinite loop meets the clock rather than the fuel.
 const SLOWPOKE_TIMEOUT: Duration = Duration::from_millis(300);

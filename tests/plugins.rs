@@ -6,52 +6,6 @@ use serde_json::json;
 use stateset_hooks::runtime::FailureKind;
 use support::*;
 
-/// The smallest plugin any WIT toolchain could emit: exports `on-event`,
-/// imports nothing (no `host`, no WASI), always answers `ok`.
-const NO_IMPORTS_COMPONENT: &str = r#"
-(component
-  (core module $m
-    (memory (export "memory") 1)
-    (global $next (mut i32) (i32.const 1024))
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
-      (local $at i32)
-      (local.set $at (global.get $next))
-      (global.set $next (i32.add (global.get $next) (local.get 3)))
-      (local.get $at))
-    ;; result<_, string> comes back through a return area at address 0;
-    ;; its first byte 0 means `ok`.
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32)
-      (i32.store8 (i32.const 0) (i32.const 0))
-      (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func (export "on-event")
-    (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
-"#;
-
-/// A component whose start-up code traps: every call fails at instantiation.
-const START_TRAP_COMPONENT: &str = r#"
-(component
-  (core module $m
-    (memory (export "memory") 1)
-    (func $start unreachable)
-    (start $start)
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func (export "on-event")
-    (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
-"#;
-
-/// A component that fits another world: it exports `handle`, not `on-event`.
-const WRONG_WORLD_COMPONENT: &str = r#"
-(component
-  (core module $m (func (export "handle")))
-  (core instance $i (instantiate $m))
-  (func (export "handle") (canon lift (core func $i "handle"))))
-"#;
-
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_files_are_reported_and_the_rest_serve() {
     let plugins = PluginDir::samples();

@@ -15,33 +15,13 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use stateset_hooks::runtime::{Guest, Limits, Runtime};
 use stateset_hooks::{Event, Secret};
 
-/// A component that exports `on-event`, imports nothing and returns `ok`.
-const DO_NOTHING: &str = r#"
-(component
-  (core module $m
-    (memory (export "memory") 1)
-    (global $next (mut i32) (i32.const 1024))
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
-      (local $at i32)
-      (local.set $at (global.get $next))
-      (global.set $next (i32.add (global.get $next) (local.get 3)))
-      (local.get $at))
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32)
-      (i32.store8 (i32.const 0) (i32.const 0))
-      (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func (export "on-event")
-    (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
-"#;
-
 fn plugin_calls(c: &mut Criterion) {
     let runtime = Runtime::new(None).unwrap();
     let orders = runtime
         .compile(&std::fs::read(support::wasm("orders")).unwrap())
         .unwrap();
     let nothing = runtime
-        .compile(&wat::parse_str(DO_NOTHING).unwrap())
+        .compile(&wat::parse_str(support::NO_IMPORTS_COMPONENT).unwrap())
         .unwrap();
     let body = support::example_event("order.created");
     let event = Event::parse(body.into()).unwrap();
