@@ -2,13 +2,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
 
 fn bin() -> Command {
     let mut command = Command::new(BIN);
@@ -16,94 +12,6 @@ fn bin() -> Command {
         .env_remove("RUST_LOG")
         .env("STATESET_WEBHOOK_SECRET", SECRET);
     command
-}
-
-/// `serve` as a child process, with its log lines read on a thread.
-struct Served {
-    child: Child,
-    addr: String,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Served {
-    fn start(plugins: &PluginDir) -> Self {
-        let mut child = bin()
-            .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
-            .arg(plugins.path())
-            .arg("--db")
-            .arg(plugins.path().join("hooks.db"))
-            .arg("--cache-dir")
-            .arg(plugins.path().join("cache"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut served = Self {
-            child,
-            addr: String::new(),
-            lines,
-            seen: Vec::new(),
-        };
-        let ready = served.wait_for("stateset-hooks ready");
-        served.addr = ready
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("address="))
-            .expect("the ready line names the address")
-            .to_owned();
-        served
-    }
-
-    /// Wait for a log line containing `needle` and return it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(REPORT_TIMEOUT) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {needle:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/webhooks/stateset", self.addr)
-    }
-
-    /// SIGTERM; the exit status and every log line the host wrote.
-    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.wait_for("stopped");
-        let status = self.child.wait().unwrap();
-        let mut log = std::mem::take(&mut self.seen);
-        log.extend(self.lines.try_iter());
-        (status, log)
-    }
-}
-
-impl Drop for Served {
-    /// A failed assertion must not leave a server running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -148,7 +56,7 @@ fn bad_options_are_refused_before_binding() {
 fn the_documented_curl_recipe_works_and_the_plugin_logs() {
     let plugins = PluginDir::samples();
     plugins.write("broken.wasm", b"not a component");
-    let mut served = Served::start(&plugins);
+    let mut served = ServeProcess::start(&plugins, None);
     let script = format!(
         r#"
         WEBHOOK_SECRET="{SECRET}"
@@ -193,7 +101,7 @@ fn the_documented_curl_recipe_works_and_the_plugin_logs() {
     let rows = loop {
         let output = bin()
             .arg("--db")
-            .arg(plugins.path().join("hooks.db"))
+            .arg(plugins.path().join("stateset-hooks.db"))
             .args(["plugins", "list", "--json"])
             .output()
             .unwrap();
@@ -236,7 +144,8 @@ fn the_documented_curl_recipe_works_and_the_plugin_logs() {
     );
     assert_eq!(rows[2]["subscriptions"], "order.*");
 
-    let (status, log) = served.stop();
+    let status = served.stop();
+    let log = served.log().to_vec();
     assert!(status.success());
     let signature =
         sign(br#"{"type":"order.created","data":{"id":"order-123","status":"pending"}}"#);

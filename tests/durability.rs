@@ -4,8 +4,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,8 +12,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use stateset_hooks::store::{Filter, SqliteStore, Status, Store};
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
 
 fn now_ms() -> u64 {
     stateset_hooks::store::now_ms() as u64
@@ -241,69 +238,16 @@ async fn a_backlog_over_the_high_water_mark_gets_503() {
     server.stop().await;
 }
 
-/// The host as a child process with its log lines collected.
-struct Host {
-    child: Child,
-    addr: String,
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Host {
-    fn start(plugins: &PluginDir) -> Self {
-        let mut child = Command::new(BIN)
-            .env("STATESET_WEBHOOK_SECRET", SECRET)
-            .env("RUST_LOG", "info")
-            .arg("--db")
-            .arg(plugins.path().join("stateset-hooks.db"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
-            .arg(plugins.path())
-            .arg("--cache-dir")
-            .arg(plugins.path().join("cache"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (ready, address) = std::sync::mpsc::channel();
-        std::thread::spawn({
-            let log = log.clone();
-            move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|f| f.strip_prefix("address="))
-                    {
-                        let _ = ready.send(addr.to_owned());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            }
-        });
-        let addr = address.recv_timeout(REPORT_TIMEOUT).expect("host ready");
-        Self { child, addr, log }
-    }
-
-    /// Event keys each plugin logged handling (the fixture logs `misbehave ok "KEY"`).
-    fn handled(&self) -> Vec<(String, String)> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|line| {
-                let key = line.split("misbehave ok \"").nth(1)?.split('"').next()?;
-                let plugin = line.split("plugin=\"").nth(1)?.split('"').next()?;
-                Some((key.to_owned(), plugin.to_owned()))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Event keys each plugin logged handling (the fixture logs `misbehave ok "KEY"`).
+fn handled(host: &mut ServeProcess) -> Vec<(String, String)> {
+    host.log()
+        .iter()
+        .filter_map(|line| {
+            let key = line.split("misbehave ok \"").nth(1)?.split('"').next()?;
+            let plugin = line.split("plugin=\"").nth(1)?.split('"').next()?;
+            Some((key.to_owned(), plugin.to_owned()))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,7 +259,7 @@ async fn a_crash_loses_no_acknowledged_event() {
     plugins
         .add("alpha", "misbehave", None)
         .add("beta", "misbehave", None);
-    let mut host = Host::start(&plugins);
+    let mut host = ServeProcess::start(&plugins, Some("info"));
     let url = format!("http://{}/webhooks/stateset", host.addr);
 
     let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -357,12 +301,12 @@ async fn a_crash_loses_no_acknowledged_event() {
         sender.await.unwrap();
     }
     let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
-    let before_crash = host.handled();
+    let before_crash = handled(&mut host);
     assert!(acked.len() >= KILL_AFTER, "{}", acked.len());
 
     // Restart on the same database: everything acknowledged is there and
     // every delivery for it completes.
-    let restarted = Host::start(&plugins);
+    let mut restarted = ServeProcess::start(&plugins, Some("info"));
     let store = SqliteStore::open(
         &plugins.path().join("stateset-hooks.db"),
         Duration::from_secs(5),
@@ -406,7 +350,7 @@ async fn a_crash_loses_no_acknowledged_event() {
     // Handled twice: ran before the crash, but its outcome was not yet
     // recorded, so it ran again after the restart.
     let mut runs: HashMap<(String, String), usize> = HashMap::new();
-    for handled in before_crash.into_iter().chain(restarted.handled()) {
+    for handled in before_crash.into_iter().chain(handled(&mut restarted)) {
         *runs.entry(handled).or_default() += 1;
     }
     let twice = runs.values().filter(|&&n| n > 1).count();

@@ -13,7 +13,7 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,8 +22,6 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use stateset_hooks::Secret;
 use stateset_hooks::store::{Filter, SqliteStore, Status, Store};
-
-const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -175,38 +173,11 @@ fn peak_rss_kib(child: &Child) -> u64 {
 }
 
 /// Start the host; also returns how long it took from spawn to ready.
-fn start_host(dir: &support::PluginDir) -> (Child, String, Duration) {
-    use std::io::{BufRead, BufReader};
+fn start_host(dir: &support::PluginDir) -> (support::ServeProcess, Duration) {
     let started = Instant::now();
-    let mut child = Command::new(BIN)
-        .env("STATESET_WEBHOOK_SECRET", support::SECRET)
-        .env(
-            "RUST_LOG",
-            "warn,stateset_hooks=info,plugin=off,stateset_hooks::http=warn",
-        )
-        .arg("--db")
-        .arg(dir.path().join("load.db"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
-        .arg(dir.path())
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("host ready line").unwrap();
-        if let Some(addr) = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("address="))
-        {
-            break addr.to_owned();
-        }
-    };
-    let ready = started.elapsed();
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr, ready)
+    let filter = "warn,stateset_hooks=info,plugin=off,stateset_hooks::http=warn";
+    let host = support::ServeProcess::start(dir, Some(filter));
+    (host, started.elapsed())
 }
 
 #[tokio::main]
@@ -226,12 +197,15 @@ async fn main() {
     );
     tokio::spawn(reference(listener));
     // Start-up with the three plugins: cold (empty compile cache), then warm.
-    let (mut cold, _, cold_startup) = start_host(&plugins);
-    let _ = cold.kill();
-    let _ = cold.wait();
-    let (mut host, addr, warm_startup) = start_host(&plugins);
-    let host_url = format!("http://{addr}/webhooks/stateset");
-    let store = SqliteStore::open(&plugins.path().join("load.db"), Duration::from_secs(5)).unwrap();
+    let (cold, cold_startup) = start_host(&plugins);
+    drop(cold);
+    let (host, warm_startup) = start_host(&plugins);
+    let host_url = host.url();
+    let store = SqliteStore::open(
+        &plugins.path().join("stateset-hooks.db"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
 
     let reference_max = load(&reference_url, bodies.clone(), connections, seconds, None).await;
     let host_max = load(&host_url, bodies.clone(), connections, seconds, None).await;
@@ -269,9 +243,8 @@ async fn main() {
     )
     .await;
     let backlog_end = pending(&store);
-    let peak_kib = peak_rss_kib(&host);
-    let _ = host.kill();
-    let _ = host.wait();
+    let peak_kib = peak_rss_kib(&host.child);
+    drop(host);
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(

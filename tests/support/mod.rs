@@ -2,16 +2,20 @@
 //! directories, start the real server on port 0 and talk to it over HTTP.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
 use stateset_hooks::{Config, Hooks, Report, Secret, server};
 use tokio::sync::{broadcast, oneshot};
 
 pub const SECRET: &str = "test-webhook-secret";
+
+/// The host binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
 
 /// How long a test waits for plugin reports before it fails: generous, as
 /// large (Python, JavaScript) components compile after start-up first.
@@ -204,6 +208,106 @@ impl TestServer {
     pub async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// `stateset-hooks serve` as a child process on 127.0.0.1:0, database and
+/// compile cache in the plugin directory, its log lines read on a thread.
+/// Killed when dropped, so a failed assertion leaves no server behind.
+pub struct ServeProcess {
+    pub child: Child,
+    pub addr: String,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl ServeProcess {
+    /// Start and wait until ready. `rust_log` sets the log filter (the
+    /// host's default when `None`).
+    pub fn start(plugins: &PluginDir, rust_log: Option<&str>) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .env_remove("RUST_LOG")
+            .env("STATESET_WEBHOOK_SECRET", SECRET);
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
+            .arg("--db")
+            .arg(plugins.path().join("stateset-hooks.db"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+            .arg(plugins.path())
+            .arg("--cache-dir")
+            .arg(plugins.path().join("cache"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut served = Self {
+            child,
+            addr: String::new(),
+            lines,
+            seen: Vec::new(),
+        };
+        let ready = served.wait_for("stateset-hooks ready");
+        served.addr = ready
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("address="))
+            .expect("the ready line names the address")
+            .to_owned();
+        served
+    }
+
+    /// Wait for a log line containing `needle` and return it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(REPORT_TIMEOUT) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/webhooks/stateset", self.addr)
+    }
+
+    /// Every log line so far.
+    pub fn log(&mut self) -> &[String] {
+        self.seen.extend(self.lines.try_iter());
+        &self.seen
+    }
+
+    /// SIGTERM, then wait for a clean exit; the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.wait_for("stopped");
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
