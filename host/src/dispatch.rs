@@ -273,11 +273,6 @@ impl Dispatcher {
         self.shared.reports.subscribe()
     }
 
-    /// Deliveries waiting for a first attempt.
-    pub fn backlog(&self) -> usize {
-        self.shared.backlog.load(Ordering::Relaxed)
-    }
-
     /// The store behind this dispatcher.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
