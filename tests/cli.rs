@@ -32,23 +32,45 @@ fn serve_refuses_to_start_without_a_secret() {
 }
 
 #[test]
-fn bad_options_are_refused_before_binding() {
-    let output = bin()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--plugins",
-            "/no/such/dir",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("plugin directory /no/such/dir does not exist"),
-        "{stderr}"
-    );
+fn bad_options_are_refused_before_binding_naming_the_flag() {
+    let plugins = PluginDir::new();
+    let dir = plugins.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--plugins", "/no/such/dir"],
+            "--plugins: /no/such/dir is not a directory",
+        ),
+        (
+            &["--plugins", dir, "--workers", "0"],
+            "--workers: must be between 1 and",
+        ),
+        (
+            &["--plugins", dir, "--path", "hooks"],
+            "--path: \"hooks\" is not a route",
+        ),
+        (
+            &["--plugins", dir, "--timeout-ms", "0"],
+            "--timeout-ms: defaults.timeout must be greater than zero",
+        ),
+        (
+            &["--plugins", dir, "--memory-mib", "4096"],
+            "--memory-mib: defaults.memory_bytes is",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let output = bin()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+        assert!(
+            !stderr.contains("ready"),
+            "refused before starting: {stderr}"
+        );
+    }
 }
 
 /// The webhook document's own recipe: openssl signs, curl sends.
@@ -112,7 +134,7 @@ fn the_documented_curl_recipe_works_and_the_plugin_logs() {
             .iter()
             .find(|r| r["name"] == "orders")
             .cloned();
-        if orders.is_some_and(|o| o["counters"].as_str().unwrap().contains("\"succeeded\":1")) {
+        if orders.is_some_and(|o| o["counters"]["succeeded"] == 1) {
             break rows;
         }
         assert!(
@@ -143,6 +165,8 @@ fn the_documented_curl_recipe_works_and_the_plugin_logs() {
             .contains("not a WebAssembly component")
     );
     assert_eq!(rows[2]["subscriptions"], "order.*");
+    assert_eq!(rows[2]["limits"]["timeout_ms"], 1000);
+    assert_eq!(rows[0]["limits"], serde_json::Value::Null, "never loaded");
 
     let status = served.stop();
     let log = served.log().to_vec();

@@ -10,12 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use stateset_hooks::runtime::FailureKind;
 use stateset_hooks::store::{Filter, SqliteStore, Status, Store};
 use support::*;
-
-fn now_ms() -> u64 {
-    stateset_hooks::store::now_ms() as u64
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicates_are_acknowledged_and_dispatched_once() {
@@ -103,7 +100,7 @@ async fn failures_retry_with_backoff_then_succeed_or_die_and_replay() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].event_key, "evt_broken");
     assert_eq!(dead[0].attempts, 3);
-    assert_eq!(dead[0].last_failure_kind.as_deref(), Some("plugin-error"));
+    assert_eq!(dead[0].last_failure_kind, Some(FailureKind::PluginError));
     assert!(
         dead[0]
             .last_failure_message

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stateset_hooks::runtime::{CallOutcome, Compiled, FailureKind, Guest, Limits, Runtime};
+use stateset_hooks::runtime::{CallOutcome, Compiled, FailureKind, Limits, Prepared, Runtime};
 use support::*;
 
 struct Fixture {
@@ -20,7 +20,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let runtime = Runtime::new(None).unwrap();
+        let runtime = Runtime::new(None, 1).unwrap();
         let compiled = runtime
             .compile(&std::fs::read(wasm("misbehave")).unwrap())
             .unwrap();
@@ -29,14 +29,20 @@ impl Fixture {
 
     fn call(&self, limits: &Limits, data: serde_json::Value) -> CallOutcome {
         let payload = String::from_utf8(event("evt_limit", "order.created", data)).unwrap();
-        let guest = Guest {
+        let prepared = Prepared {
             name: "misbehave".into(),
             compiled: self.compiled.clone(),
             limits: limits.clone(),
             config: Default::default(),
         };
         self.runtime
-            .call(&guest, &Arc::from("evt_limit"), "order.created", &payload)
+            .call(
+                &prepared,
+                &Arc::from("evt_limit"),
+                "order.created",
+                &payload,
+            )
+            .expect("not cancelled")
     }
 }
 

@@ -22,7 +22,7 @@ fn deploy(dir: &Path, name: &str, bytes: &[u8]) {
 }
 
 fn version(bytes: &[u8]) -> String {
-    stateset_hooks::registry::version_of(bytes)
+    stateset_hooks::loader::version_of(bytes)
 }
 
 /// Wait until plugin `name` serves `version` (or is gone, for `None`).
@@ -314,4 +314,40 @@ fn a_warm_cache_restart_does_not_compile_and_a_corrupt_entry_is_recompiled() {
         "the corrupt entry, and only it"
     );
     assert_eq!(repaired.plugins().len(), 3);
+}
+
+/// The start-up load of a large, slow-to-compile old build races the
+/// watcher's load of a small new build deployed meanwhile: the newest bytes
+/// on disk win, and stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_newest_build_wins_over_a_slower_older_one() {
+    let old = padded_component(5000);
+    assert!(
+        old.len() as u64 > stateset_hooks::loader::LARGE_COMPONENT_BYTES,
+        "large enough to compile after start-up: {} bytes",
+        old.len()
+    );
+    let new = wat::parse_str(NO_IMPORTS_COMPONENT).unwrap();
+    let plugins = PluginDir::new();
+    plugins.write("racer.wasm", &old);
+    let server = TestServer::start(config(&plugins)).await;
+    // The old build is compiling on the loader now; deploy the new one.
+    deploy(plugins.path(), "racer", &new);
+    wait_for_version(&server, "racer", Some(&version(&new))).await;
+
+    // Give the old build's compile all the time it needs to finish (measured
+    // here, on this machine), then check it did not win after all.
+    let compile = {
+        let runtime = stateset_hooks::runtime::Runtime::new(None, 1).unwrap();
+        let started = Instant::now();
+        runtime.compile(&old).unwrap();
+        started.elapsed()
+    };
+    tokio::time::sleep(compile + RELOAD_DEBOUNCE * 2).await;
+    wait_for_version(&server, "racer", Some(&version(&new))).await;
+    let status = server.hooks.status();
+    let racer = status.iter().find(|s| s.name == "racer").unwrap();
+    assert_eq!(racer.version.as_deref(), Some(version(&new).as_str()));
+    assert_eq!(racer.state, stateset_hooks::status::PluginState::Active);
+    server.stop().await;
 }

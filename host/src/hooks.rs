@@ -1,198 +1,151 @@
-//! [`Hooks`]: the one type an application holds, whether it is this crate's
-//! binary or an existing axum app that embeds the webhook route.
+//! [`Hooks`]: the one type an application holds, whether it is the
+//! `stateset-hooks` binary or an existing axum app that embeds the webhook
+//! route. The composition root: the only module that knows every other one.
 //!
-//! Owns the host's configuration and wiring: it loads the plugins, starts the
-//! dispatcher and hands out the `Router`. The binary's `serve` is a thin
-//! wrapper over the same calls (see `server.rs`).
+//! [`Hooks::new`] checks the [`Config`], opens the store, builds the runtime,
+//! loads the plugins, and starts the dispatcher, the watcher and the
+//! housekeeping loops; [`Hooks::router`] hands out the route;
+//! [`Hooks::shutdown`] stops it all in order.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::dispatch::{Dispatcher, Report};
-use crate::health::DEFAULT_QUARANTINE_AFTER;
-use crate::registry::{self, LimitPolicy, LoadFailure, Plugin, Registry};
-use crate::retry::RetryPolicy;
+use crate::config::Config;
+use crate::dispatch::{DispatchSettings, Dispatcher, Report};
+use crate::housekeeping::Housekeeping;
+use crate::http::{self, Endpoint};
+use crate::loader::Loader;
+use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::Runtime;
 use crate::signature::Secret;
-use crate::store::{DEFAULT_DB_PATH, SqliteStore, Store};
-use crate::watch::{Reloader, Watcher};
+use crate::status::PluginStatus;
+use crate::store::{SqliteStore, Store, now_ms};
+use crate::watch::Watcher;
 
-/// Default webhook route, as in the StateSet webhook document.
-pub const DEFAULT_PATH: &str = "/webhooks/stateset";
-
-/// Default body limit: StateSet events are a few KiB; 1 MiB leaves room for
-/// large orders and refuses abuse early.
-pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
-
-/// Deliveries held in memory for the workers; the rest wait in the store.
-pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
-
-/// Deliveries waiting for a first attempt before new events get 503 with
-/// `Retry-After`: about a minute of work at the plugin rates measured on a
-/// 2-core machine, so a sender is slowed before the backlog grows unbounded.
-pub const DEFAULT_BACKLOG_HIGH_WATER: usize = 100_000;
-
-/// How long a write waits for a lock held by another connection (a
-/// command-line replay, a `sqlite3` shell) before the request gets 503.
-pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The compile cache, in the working directory like the database.
-pub const DEFAULT_CACHE_DIR: &str = "stateset-hooks-cache";
-
-/// How long events whose deliveries all succeeded are kept.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// How the host is set up. Build with [`Config::new`] and change fields.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub secret: Secret,
-    /// The route the webhook is served on.
-    pub path: String,
-    /// Largest body accepted, in bytes.
-    pub body_limit: usize,
-    /// Directory of `*.wasm` plugins (with optional `NAME.toml` manifests).
-    pub plugins_dir: Option<PathBuf>,
-    /// Limits for every plugin call, and the most a manifest may raise them to.
-    pub limits: LimitPolicy,
-    /// Consecutive failures after which a plugin is quarantined; 0 never.
-    pub quarantine_after: u32,
-    /// Plugin worker threads: also the most instances alive at once.
-    pub workers: usize,
-    /// Deliveries held in memory for the workers.
-    pub queue_capacity: usize,
-    /// The SQLite database file.
-    pub db_path: PathBuf,
-    /// How long a store write waits for a lock before failing as busy (503).
-    pub busy_timeout: Duration,
-    /// Retry schedule for failed deliveries.
-    pub retry: RetryPolicy,
-    /// Backlog (deliveries waiting for a first attempt) at which new events get 503.
-    pub backlog_high_water: usize,
-    /// How long events whose deliveries all succeeded are kept.
-    pub retention: Duration,
-    /// Reload plugins when files in `plugins_dir` change.
-    pub watch: bool,
-    /// Where compiled components are cached across restarts; `None` compiles
-    /// every start.
-    pub cache_dir: Option<PathBuf>,
-}
-
-impl Config {
-    pub fn new(secret: Secret) -> Self {
-        Self {
-            secret,
-            path: DEFAULT_PATH.to_owned(),
-            body_limit: DEFAULT_BODY_LIMIT,
-            plugins_dir: None,
-            limits: LimitPolicy {
-                defaults: Default::default(),
-                max: crate::runtime::Limits::host_max(),
-            },
-            quarantine_after: DEFAULT_QUARANTINE_AFTER,
-            workers: default_workers(),
-            queue_capacity: DEFAULT_QUEUE_CAPACITY,
-            db_path: DEFAULT_DB_PATH.into(),
-            busy_timeout: DEFAULT_BUSY_TIMEOUT,
-            retry: RetryPolicy::default(),
-            backlog_high_water: DEFAULT_BACKLOG_HIGH_WATER,
-            retention: DEFAULT_RETENTION,
-            watch: true,
-            cache_dir: Some(DEFAULT_CACHE_DIR.into()),
-        }
-    }
-}
-
-/// One worker per core: plugin calls are CPU-bound.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, usize::from)
-}
-
-/// What the HTTP handlers share.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: Config,
-    pub dispatcher: Dispatcher,
-}
-
-/// A running webhook host: plugins loaded, workers started.
+/// A running webhook host: plugins loaded, workers started. Clones share it.
 #[derive(Debug, Clone)]
 pub struct Hooks {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: String,
+    secret: Secret,
+    body_limit: usize,
+    dispatcher: Arc<Dispatcher>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
-    _watcher: Option<Arc<Watcher>>,
+    /// Taken at shutdown, in this order: nothing reloads, nothing is
+    /// snapshotted, once the dispatcher has stopped.
+    watcher: Mutex<Option<Watcher>>,
+    loader: Mutex<Option<Arc<Loader>>>,
+    housekeeping: Mutex<Option<Housekeeping>>,
 }
 
 impl Hooks {
-    /// Open the store, load the plugins and start the workers; deliveries
-    /// left pending by an earlier run resume. Plugins that fail to load are
-    /// logged and listed in [`Hooks::load_failures`]; the host runs on.
+    /// Check the configuration, open the store, load the plugins and start
+    /// the workers; deliveries left pending by an earlier run resume. Plugins
+    /// that fail to load are logged and listed in [`Hooks::load_failures`];
+    /// the host runs on. A bad setting is an error naming its field.
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&config.db_path, config.busy_timeout)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
-        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref())?);
-        let loaded = match &config.plugins_dir {
-            Some(dir) => registry::load_dir(&runtime, dir, &config.limits, true)?,
-            None => Default::default(),
-        };
-        let deferred: Vec<Arc<str>> = loaded.deferred.iter().map(|(n, _)| n.clone()).collect();
-        let registry = Arc::new(Registry::new(loaded));
-        let mut watcher = None;
+        // One pool slot per worker: the workers can never exhaust it.
+        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref(), config.workers)?);
+        let registry = Arc::new(Registry::default());
+        let (mut loader, mut watcher) = (None, None);
         if let Some(dir) = &config.plugins_dir {
-            let reloader = Reloader {
-                dir: dir.clone(),
-                runtime: runtime.clone(),
-                registry: registry.clone(),
-                limits: config.limits.clone(),
-                store: store.clone(),
-            };
-            if !deferred.is_empty() {
-                let reloader = reloader.clone();
-                std::thread::Builder::new()
-                    .name("plugin-loader".into())
-                    .spawn(move || deferred.iter().for_each(|name| reloader.reload(name)))?;
-            }
+            let started = Arc::new(Loader::start(
+                dir.clone(),
+                runtime.clone(),
+                registry.clone(),
+                config.limits.clone(),
+                store.clone(),
+            )?);
+            started.load_all()?;
             if config.watch {
-                watcher = Some(Arc::new(Watcher::start(reloader)?));
+                watcher = Some(Watcher::start(dir, started.clone())?);
             }
+            loader = Some(started);
         }
-        let dispatcher = Dispatcher::start(runtime.clone(), registry.clone(), store, &config);
+        let settings = DispatchSettings {
+            workers: config.workers,
+            queue_capacity: config.queue_capacity,
+            backlog_high_water: config.backlog_high_water,
+            retry: config.retry.clone(),
+            quarantine_after: config.quarantine_after,
+            shutdown_grace: config.shutdown_grace,
+        };
+        let dispatcher = Arc::new(Dispatcher::start(
+            runtime.clone(),
+            registry.clone(),
+            store.clone(),
+            &settings,
+        ));
+        let housekeeping = Housekeeping::start(store, registry.clone(), config.retention)?;
         Ok(Self {
-            shared: Arc::new(Shared { config, dispatcher }),
-            registry,
-            runtime,
-            _watcher: watcher,
+            inner: Arc::new(Inner {
+                path: config.path,
+                secret: config.secret,
+                body_limit: config.body_limit,
+                dispatcher,
+                registry,
+                runtime,
+                watcher: Mutex::new(watcher),
+                loader: Mutex::new(loader),
+                housekeeping: Mutex::new(Some(housekeeping)),
+            }),
         })
     }
 
-    /// The webhook route, ready to `merge` into an app's `Router`.
+    /// The webhook route, ready to `merge` into an app's `Router`. The route
+    /// keeps the host running even if every `Hooks` handle is dropped.
     pub fn router(&self) -> axum::Router {
-        crate::http::router(self.shared.clone())
+        let endpoint = Endpoint {
+            secret: self.inner.secret.clone(),
+            body_limit: self.inner.body_limit,
+            dispatcher: self.inner.dispatcher.clone(),
+            _keep_alive: self.inner.clone(),
+        };
+        http::router(&self.inner.path, Arc::new(endpoint))
     }
 
     /// Every plugin report from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Report> {
-        self.shared.dispatcher.subscribe()
+        self.inner.dispatcher.subscribe()
     }
 
-    /// The loaded plugins.
-    pub fn plugins(&self) -> Arc<[Arc<Plugin>]> {
-        self.registry.snapshot()
+    /// The serving plugins.
+    pub fn plugins(&self) -> Arc<[Arc<LoadedPlugin>]> {
+        self.inner.registry.snapshot()
+    }
+
+    /// Every plugin name the host knows and where it stands, as `plugins list` shows it.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        self.inner.registry.status(now_ms())
     }
 
     /// The event store.
     pub fn store(&self) -> &Arc<dyn Store> {
-        self.shared.dispatcher.store()
+        self.inner.dispatcher.store()
+    }
+
+    /// Load plugin `name` from the plugin directory again, as the watcher
+    /// would on a change (or unload it if its file is gone).
+    pub fn reload(&self, name: &str) {
+        if let Some(loader) = &*self.inner.loader.lock().expect("loader lock") {
+            loader.request(name);
+        }
     }
 
     /// Lift a plugin's quarantine. Returns false if no plugin has that name.
     pub fn release(&self, name: &str) -> bool {
-        let Some(plugin) = self.registry.get(name) else {
+        let Some(plugin) = self.inner.registry.get(name) else {
             return false;
         };
         plugin.health.release();
@@ -202,11 +155,41 @@ impl Hooks {
 
     /// Plugin files that did not load, with the reasons.
     pub fn load_failures(&self) -> Vec<LoadFailure> {
-        self.registry.failures()
+        self.inner.registry.failures()
     }
 
     /// The runtime, to run a plugin directly.
     pub fn runtime(&self) -> &Runtime {
-        &self.runtime
+        &self.inner.runtime
+    }
+
+    /// Stop gracefully: new webhooks get 503 with `Retry-After`; queued
+    /// deliveries stay pending in the store; plugin calls running now get up
+    /// to [`Config::shutdown_grace`] to finish and are cut after it (a cut
+    /// call is not an attempt: it runs at the next start); every outcome is
+    /// recorded; the watcher, loader and housekeeping stop. Each write was
+    /// committed and synced when it was made, so nothing is left to flush.
+    /// Later calls return at once.
+    pub async fn shutdown(&self) {
+        let inner = self.inner.clone();
+        let stopped = tokio::task::spawn_blocking(move || inner.shutdown());
+        if let Err(error) = stopped.await {
+            tracing::error!(%error, "shutdown did not finish cleanly");
+        }
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        self.watcher.lock().expect("watcher lock").take();
+        self.loader.lock().expect("loader lock").take();
+        self.dispatcher.shutdown();
+        self.housekeeping.lock().expect("housekeeping lock").take();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }

@@ -3,7 +3,8 @@
 //! Owns the order of checks on a request (signature header, size, signature,
 //! envelope, hand-off) and the one error type that turns each refusal into a
 //! status, a short JSON body and a log line naming the cause. It knows axum,
-//! not wasmtime: accepted events go to the [`Dispatcher`](crate::dispatch::Dispatcher).
+//! not wasmtime: accepted events go to the [`Dispatcher`]. Its state is its
+//! own [`Endpoint`], built by the composition root (`hooks.rs`).
 
 use std::sync::Arc;
 
@@ -15,38 +16,48 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::json;
 
-use crate::dispatch::Accepted;
+use crate::dispatch::{Accepted, Dispatcher};
 use crate::event::{Event, EventError};
-use crate::hooks::Shared;
-use crate::signature::{SIGNATURE_HEADER, SignatureError, decode_header};
+use crate::signature::{SIGNATURE_HEADER, Secret, SignatureError, decode_header};
 
 /// Seconds a sender is asked to wait when the host cannot take an event now.
 const RETRY_AFTER_SECS: u64 = 5;
 
-/// The webhook route alone, for mounting in any axum app.
-pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
-    let path = shared.config.path.clone();
+/// What the webhook route needs: how to check a request, and where accepted
+/// events go.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub secret: Secret,
+    pub body_limit: usize,
+    pub dispatcher: Arc<Dispatcher>,
+    /// Whatever must live as long as the route does (the host behind it):
+    /// an app may drop its handle and keep only the router.
+    pub _keep_alive: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+/// The webhook route alone on `path`, for mounting in any axum app.
+pub(crate) fn router(path: &str, endpoint: Arc<Endpoint>) -> axum::Router {
     axum::Router::new()
-        .route(&path, post(receive).fallback(method_not_allowed))
-        .with_state(shared)
+        .route(path, post(receive).fallback(method_not_allowed))
+        .with_state(endpoint)
 }
 
 async fn receive(
-    State(shared): State<Arc<Shared>>,
+    State(endpoint): State<Arc<Endpoint>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     // Refuse what cannot verify before reading a byte of the body.
     decode_header(signature)?;
-    let limit = shared.config.body_limit;
+    let limit = endpoint.body_limit;
     if content_length(&headers).is_some_and(|len| len > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
     let body = axum::body::to_bytes(body, limit)
         .await
         .map_err(|error| ApiError::from_body_error(error, limit))?;
-    shared.config.secret.verify(&body, signature)?;
+    endpoint.secret.verify(&body, signature)?;
     let event = Event::parse(body)?;
     if !event.is_known_type() {
         tracing::info!(
@@ -56,7 +67,7 @@ async fn receive(
         );
     }
     let (key, event_type) = (event.key().to_owned(), event.event_type().to_owned());
-    match shared.dispatcher.accept(event).await {
+    match endpoint.dispatcher.accept(event).await {
         Ok(Accepted::New(deliveries)) => {
             tracing::info!(event = key, event_type, deliveries, "event received");
             Ok(Json(json!({ "received": true })))

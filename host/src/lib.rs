@@ -1,9 +1,10 @@
 //! stateset-hooks: receive StateSet webhooks once, correctly, and run each
 //! event through sandboxed WebAssembly plugins.
 //!
-//! A request is verified ([`signature`]), parsed ([`event`]), acknowledged, and
-//! handed to the [`dispatch`]er, which calls every subscribed plugin from the
-//! [`registry`] in a fresh, limited instance ([`runtime`]).
+//! A request is verified ([`signature`]), parsed ([`event`]), stored and
+//! acknowledged, and handed to the [`dispatch`]er, which calls every
+//! subscribed plugin from the [`registry`] in a fresh, limited instance
+//! ([`runtime`]).
 //!
 //! Embed it in an axum app:
 //!
@@ -20,38 +21,47 @@
 //!
 //! # Layout
 //!
+//! From the leaves up; every import points down this list.
+//!
 //! - [`signature`]: HMAC-SHA256 of the raw body, constant-time; pure.
 //! - [`event`]: the envelope (`id`, `type`, `data`), known types, idempotency key.
-//! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions, limits).
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
-//! - [`registry`]: the plugin directory, names, versions, subscription filter.
-//! - [`watch`]: hot reload of the plugin directory.
-//! - [`health`]: per-plugin counters and quarantine.
+//! - [`status`]: plugin states, counters and the `plugins list` table, as types.
 //! - [`store`]: durable events and deliveries (SQLite), behind the `Store` trait.
+//! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions, limits, config).
+//! - [`health`]: per-plugin counters and quarantine.
+//! - [`registry`]: the plugins by name: serving, loading, failed; the subscription filter.
+//! - [`loader`]: the one loader thread and its queue; reading and compiling plugin files.
+//! - [`watch`]: the plugin directory watcher, which feeds the loader.
 //! - [`retry`]: which failures retry, and when.
-//! - [`dispatch`]: queue and workers that call plugins after the 200.
+//! - [`dispatch`]: acceptance, the worker queue and workers, outcomes back to the store.
+//! - [`housekeeping`]: the status snapshot and retention purge loops.
 //! - `http`: the webhook route and its status codes.
-//! - [`hooks`]: [`Hooks`], the type an app holds; [`Config`].
+//! - [`config`]: [`Config`], its defaults and its validation.
+//! - [`hooks`]: [`Hooks`], the composition root an app holds.
 //! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`.
-//! - [`scaffold`]: `stateset-hooks new`, a plugin project per language.
 
+pub mod config;
 pub mod dispatch;
 pub mod event;
 pub mod health;
 pub mod hooks;
+pub mod housekeeping;
 mod http;
+pub mod loader;
 pub mod manifest;
 pub mod registry;
 pub mod retry;
 pub mod runtime;
-pub mod scaffold;
 pub mod server;
 pub mod signature;
+pub mod status;
 pub mod store;
 pub mod watch;
 
+pub use config::{Config, ConfigError};
 pub use dispatch::Report;
 pub use event::Event;
-pub use hooks::{Config, Hooks};
+pub use hooks::Hooks;
 pub use http::ApiError;
 pub use signature::Secret;

@@ -2,7 +2,7 @@
 //!
 //! Owns the manifest's format and the event-type patterns it subscribes with.
 //! A plugin without a manifest, or whose manifest has no `subscriptions`,
-//! receives every event. It does not read files; `registry.rs` does.
+//! receives every event. It does not read files; `loader.rs` does.
 //!
 //! ```toml
 //! # orders.toml

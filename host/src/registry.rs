@@ -1,36 +1,24 @@
-//! The loaded plugins: which exist, their versions and manifests, and which
-//! ones an event goes to.
+//! The plugins the host knows by name: those serving, those still loading,
+//! and those whose file failed to load.
 //!
-//! Owns reading a plugin directory (`NAME.wasm` plus optional `NAME.toml`),
-//! naming and versioning each plugin, and the subscription filter applied
-//! before anything is instantiated. A file that fails to load is reported
-//! with its path and reason and the rest load on. Compiling belongs to the
-//! runtime; running belongs to the dispatcher.
+//! Owns the set readers take snapshots of, the subscription filter applied
+//! before anything is instantiated, and each name's [`PluginStatus`]. Changes
+//! come from one place, the [loader](crate::loader): it swaps an entry in one
+//! step, so calls in flight finish on the version they started with. This
+//! module reads no files and compiles nothing.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-
-use anyhow::Context as _;
-use sha2::{Digest, Sha256};
 
 use crate::health::Health;
 use crate::manifest::Manifest;
-use crate::runtime::{Guest, Limits, Runtime};
-use crate::store::PluginRow;
+use crate::runtime::Prepared;
+use crate::status::{Counters, LimitSummary, PluginState, PluginStatus};
 
-/// Components larger than this, and not in the compile cache, are compiled
-/// after the host starts serving (CPython and JavaScript engines are 10-20 MB
-/// and take seconds to compile). Their events are stored meanwhile and
-/// delivered once they load.
-pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
-
-/// Hex digits of the SHA-256 of a component's bytes that make its version:
-/// enough to tell builds apart in a log line.
-const VERSION_HEX_DIGITS: usize = 12;
-
-/// One loaded plugin.
+/// One loaded plugin: a version of a `NAME.wasm` with its manifest.
 #[derive(Debug)]
-pub struct Plugin {
+pub struct LoadedPlugin {
     pub name: Arc<str>,
     /// Short SHA-256 of the component's bytes.
     pub version: Arc<str>,
@@ -39,7 +27,7 @@ pub struct Plugin {
     pub health: Health,
     /// What the runtime runs: the component, the host's default limits with
     /// the manifest's `[limits]` applied, and the resolved `[config]`.
-    pub guest: Guest,
+    pub prepared: Prepared,
 }
 
 /// A plugin file that did not load, and why.
@@ -49,34 +37,36 @@ pub struct LoadFailure {
     pub reason: String,
 }
 
-/// The plugins currently serving, and the files that failed to load.
-/// Readers take a snapshot; a reload swaps one entry, so calls in flight
-/// finish on the version they started with.
+/// The plugins currently serving, the ones loading and the failed files.
+/// Readers take a snapshot; a reload swaps one entry.
 #[derive(Debug, Default)]
 pub struct Registry {
-    plugins: RwLock<Arc<[Arc<Plugin>]>>,
-    failures: RwLock<Vec<LoadFailure>>,
-    /// Plugins still compiling after start-up, with their manifests: events
-    /// get deliveries for them, which wait until they load.
-    loading: RwLock<Vec<(Arc<str>, Manifest)>>,
+    serving: RwLock<Arc<[Arc<LoadedPlugin>]>>,
+    /// Plugins queued or compiling after start-up, with their manifests:
+    /// events get deliveries for them, which wait until they load.
+    loading: RwLock<BTreeMap<Arc<str>, Manifest>>,
+    /// The latest failed load of each name.
+    failures: RwLock<BTreeMap<Arc<str>, LoadFailure>>,
 }
 
 impl Registry {
-    pub fn new(loaded: Loaded) -> Self {
-        let plugins: Arc<[Arc<Plugin>]> = loaded.plugins.into_iter().map(Arc::new).collect();
-        Self {
-            plugins: RwLock::new(plugins),
-            failures: RwLock::new(loaded.failures),
-            loading: RwLock::new(loaded.deferred),
-        }
+    /// Every serving plugin, sorted by name.
+    pub fn snapshot(&self) -> Arc<[Arc<LoadedPlugin>]> {
+        self.serving.read().expect("registry lock").clone()
     }
 
-    /// Names of the plugins an event of this type goes to: loaded and not
+    /// The serving plugin called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        self.snapshot().iter().find(|p| &*p.name == name).cloned()
+    }
+
+    /// Names of the plugins an event of this type goes to: serving and not
     /// quarantined, or still loading.
     pub fn subscribed_names(&self, event_type: &str) -> Vec<Arc<str>> {
         let mut names: Vec<Arc<str>> = self
-            .subscribed(event_type)
-            .into_iter()
+            .snapshot()
+            .iter()
+            .filter(|p| p.manifest.subscribes_to(event_type) && !p.health.is_quarantined())
             .map(|p| p.name.clone())
             .collect();
         let loading = self.loading.read().expect("registry lock");
@@ -89,34 +79,49 @@ impl Registry {
         names
     }
 
-    fn done_loading(&self, name: &str) {
+    /// Names that can take deliveries now: serving and not quarantined.
+    pub fn active_names(&self) -> Vec<Arc<str>> {
+        self.snapshot()
+            .iter()
+            .filter(|p| !p.health.is_quarantined())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Files that failed to load, with the reasons.
+    pub fn failures(&self) -> Vec<LoadFailure> {
+        let failures = self.failures.read().expect("registry lock");
+        failures.values().cloned().collect()
+    }
+
+    /// Note that `name` will load later; events for it wait in the store.
+    pub(crate) fn mark_loading(&self, name: Arc<str>, manifest: Manifest) {
         self.loading
             .write()
             .expect("registry lock")
-            .retain(|(n, _)| &**n != name);
+            .insert(name, manifest);
     }
 
-    /// Add a plugin, or replace the one of the same name; returns the old one.
-    pub fn upsert(&self, plugin: Plugin) -> Option<Arc<Plugin>> {
+    /// Serve `plugin`, replacing the version of the same name; returns the old one.
+    pub(crate) fn upsert(&self, plugin: LoadedPlugin) -> Option<Arc<LoadedPlugin>> {
         let name = plugin.name.clone();
-        self.clear_failure(&plugin.path);
-        self.done_loading(&name);
-        let mut plugins = self.plugins.write().expect("registry lock");
-        let mut next: Vec<Arc<Plugin>> =
-            plugins.iter().filter(|p| p.name != name).cloned().collect();
-        let old = plugins.iter().find(|p| p.name == name).cloned();
+        self.settle(&name, None);
+        let mut serving = self.serving.write().expect("registry lock");
+        let old = serving.iter().find(|p| p.name == name).cloned();
+        let mut next: Vec<Arc<LoadedPlugin>> =
+            serving.iter().filter(|p| p.name != name).cloned().collect();
         next.push(Arc::new(plugin));
         next.sort_by(|a, b| a.name.cmp(&b.name));
-        *plugins = next.into();
+        *serving = next.into();
         old
     }
 
-    /// Stop serving a plugin; returns it if it was loaded.
-    pub fn remove(&self, name: &str) -> Option<Arc<Plugin>> {
-        self.done_loading(name);
-        let mut plugins = self.plugins.write().expect("registry lock");
-        let old = plugins.iter().find(|p| &*p.name == name).cloned();
-        *plugins = plugins
+    /// Stop serving `name` (its file is gone); returns it if it was serving.
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        self.settle(name, None);
+        let mut serving = self.serving.write().expect("registry lock");
+        let old = serving.iter().find(|p| &*p.name == name).cloned();
+        *serving = serving
             .iter()
             .filter(|p| &*p.name != name)
             .cloned()
@@ -124,251 +129,84 @@ impl Registry {
         old
     }
 
-    /// Record that a file failed to load (replacing an earlier failure of it).
-    pub fn set_failure(&self, failure: LoadFailure) {
-        if let Some(name) = failure.path.file_stem().and_then(|s| s.to_str()) {
-            self.done_loading(name);
-        }
+    /// Keep serving `name` as it is: its file loaded unchanged.
+    pub(crate) fn keep(&self, name: &str) {
+        self.settle(name, None);
+    }
+
+    /// Record that `name` failed to load; a serving version keeps serving.
+    pub(crate) fn set_failure(&self, name: &str, failure: LoadFailure) {
+        self.settle(name, Some(failure));
+    }
+
+    /// `name` is no longer loading; its failure is now `failure`.
+    fn settle(&self, name: &str, failure: Option<LoadFailure>) {
+        self.loading.write().expect("registry lock").remove(name);
         let mut failures = self.failures.write().expect("registry lock");
-        failures.retain(|f| f.path != failure.path);
-        failures.push(failure);
+        match failure {
+            Some(failure) => failures.insert(name.into(), failure),
+            None => failures.remove(name),
+        };
     }
 
-    pub fn clear_failure(&self, path: &Path) {
-        self.failures
-            .write()
-            .expect("registry lock")
-            .retain(|f| f.path != path);
-    }
-
-    /// Files that failed to load, with the reasons.
-    pub fn failures(&self) -> Vec<LoadFailure> {
-        self.failures.read().expect("registry lock").clone()
-    }
-
-    /// Every plugin and failed file as a row for `plugins list`.
-    pub fn rows(&self, now: i64) -> Vec<PluginRow> {
-        let mut rows: Vec<PluginRow> = self
+    /// Every name the host knows, with its state, as of `now` (unix ms).
+    pub fn status(&self, now: i64) -> Vec<PluginStatus> {
+        let failures = self.failures.read().expect("registry lock").clone();
+        let mut rows: Vec<PluginStatus> = self
             .snapshot()
             .iter()
             .map(|p| {
                 let health = p.health.snapshot();
-                let failed: serde_json::Map<String, serde_json::Value> = health
-                    .failed
-                    .iter()
-                    .map(|(kind, n)| (kind.to_string(), (*n).into()))
-                    .collect();
-                let l = &p.guest.limits;
-                PluginRow {
+                PluginStatus {
                     name: p.name.to_string(),
                     version: Some(p.version.to_string()),
                     state: if health.quarantined {
-                        "quarantined"
+                        PluginState::Quarantined
                     } else {
-                        "active"
-                    }
-                    .into(),
-                    reason: None,
+                        PluginState::Active
+                    },
+                    // Its version serves on; say why the new file did not load.
+                    reason: failures
+                        .get(&p.name)
+                        .map(|f| format!("replacement failed to load: {}", f.reason)),
                     subscriptions: p.manifest.describe(),
-                    limits: format!(
-                        "fuel {}, memory {} MiB, timeout {} ms, output {} KiB",
-                        l.fuel.map_or("unmetered".into(), |f| f.to_string()),
-                        l.memory_bytes >> 20,
-                        l.timeout.as_millis(),
-                        l.output_bytes >> 10
-                    ),
-                    counters:
-                        serde_json::json!({ "succeeded": health.succeeded, "failed": failed })
-                            .to_string(),
+                    limits: Some(LimitSummary::from(&p.prepared.limits)),
+                    counters: Counters {
+                        succeeded: health.succeeded,
+                        failed: health.failed.into_iter().collect(),
+                    },
                     updated_at: now,
                 }
             })
             .collect();
         for (name, manifest) in self.loading.read().expect("registry lock").iter() {
-            rows.push(PluginRow {
+            rows.push(PluginStatus {
                 name: name.to_string(),
                 version: None,
-                state: "loading".into(),
+                state: PluginState::Loading,
                 reason: None,
                 subscriptions: manifest.describe(),
-                limits: String::new(),
-                counters: "{}".into(),
+                limits: None,
+                counters: Counters::default(),
                 updated_at: now,
             });
         }
-        for failure in self.failures() {
-            let name = failure
-                .path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned());
-            let name = name.unwrap_or_default();
-            if rows.iter().any(|r| r.name == name) {
-                // Its previous version still serves; say why the new one did not load.
-                if let Some(row) = rows.iter_mut().find(|r| r.name == name) {
-                    row.reason = Some(format!("replacement failed to load: {}", failure.reason));
-                }
+        for (name, failure) in failures {
+            if rows.iter().any(|r| *r.name == *name) {
                 continue;
             }
-            rows.push(PluginRow {
-                name,
+            rows.push(PluginStatus {
+                name: name.to_string(),
                 version: None,
-                state: "failed".into(),
+                state: PluginState::Failed,
                 reason: Some(failure.reason),
                 subscriptions: String::new(),
-                limits: String::new(),
-                counters: "{}".into(),
+                limits: None,
+                counters: Counters::default(),
                 updated_at: now,
             });
         }
         rows.sort_by(|a, b| a.name.cmp(&b.name));
         rows
     }
-
-    /// Every loaded plugin, sorted by name.
-    pub fn snapshot(&self) -> Arc<[Arc<Plugin>]> {
-        self.plugins.read().expect("registry lock").clone()
-    }
-
-    /// The plugins subscribed to `event_type` and not quarantined, by name.
-    pub fn subscribed(&self, event_type: &str) -> Vec<Arc<Plugin>> {
-        self.snapshot()
-            .iter()
-            .filter(|p| p.manifest.subscribes_to(event_type) && !p.health.is_quarantined())
-            .cloned()
-            .collect()
-    }
-
-    /// The plugin called `name`, if loaded.
-    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
-        self.snapshot().iter().find(|p| &*p.name == name).cloned()
-    }
-}
-
-/// The limits a plugin gets: the host's defaults, and the most a manifest may ask.
-#[derive(Debug, Clone, Default)]
-pub struct LimitPolicy {
-    pub defaults: Limits,
-    pub max: Limits,
-}
-
-/// What loading a directory found.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    pub plugins: Vec<Plugin>,
-    pub failures: Vec<LoadFailure>,
-    /// Large, uncached components left to compile after start-up.
-    pub deferred: Vec<(Arc<str>, Manifest)>,
-}
-
-/// Load every `*.wasm` in `dir`. Files that fail are logged and returned
-/// beside the plugins that loaded; only an unreadable directory is an error.
-/// With `defer_large`, large components not in the compile cache are only
-/// named (with their manifests) for loading later.
-pub fn load_dir(
-    runtime: &Runtime,
-    dir: &Path,
-    limits: &LimitPolicy,
-    defer_large: bool,
-) -> anyhow::Result<Loaded> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
-        .collect();
-    paths.sort();
-
-    let mut loaded = Loaded::default();
-    for path in paths {
-        if defer_large && is_large_and_uncached(runtime, &path) {
-            let name = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default();
-            match read_manifest(&path.with_extension("toml")) {
-                Ok(manifest) => {
-                    tracing::info!(plugin = name, "large plugin: compiling after start-up");
-                    loaded.deferred.push((name.into(), manifest));
-                    continue;
-                }
-                Err(error) => {
-                    let reason = format!("{error:#}");
-                    tracing::error!(path = %path.display(), %reason, "plugin failed to load");
-                    loaded.failures.push(LoadFailure { path, reason });
-                    continue;
-                }
-            }
-        }
-        match load_file(runtime, &path, limits) {
-            Ok(plugin) => {
-                tracing::info!(
-                    plugin = %plugin.name,
-                    version = %plugin.version,
-                    subscriptions = %plugin.manifest.describe(),
-                    "plugin loaded"
-                );
-                loaded.plugins.push(plugin);
-            }
-            Err(error) => {
-                let reason = format!("{error:#}");
-                tracing::error!(path = %path.display(), %reason, "plugin failed to load");
-                loaded.failures.push(LoadFailure { path, reason });
-            }
-        }
-    }
-    Ok(loaded)
-}
-
-fn is_large_and_uncached(runtime: &Runtime, path: &Path) -> bool {
-    let large = std::fs::metadata(path).is_ok_and(|m| m.len() > LARGE_COMPONENT_BYTES);
-    large && std::fs::read(path).is_ok_and(|bytes| !runtime.is_cached(&bytes))
-}
-
-/// Load one `NAME.wasm` and its optional `NAME.toml`.
-pub fn load_file(runtime: &Runtime, path: &Path, limits: &LimitPolicy) -> anyhow::Result<Plugin> {
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .with_context(|| format!("{}: the file name is not valid UTF-8", path.display()))?;
-    let manifest_path = path.with_extension("toml");
-    let manifest = read_manifest(&manifest_path)?;
-    let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
-    let limits = limits
-        .defaults
-        .with_overrides(&manifest.limits, &limits.max)
-        .map_err(invalid)?;
-    let config = manifest.resolve_config().map_err(invalid)?;
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let compiled = runtime.compile(&bytes)?;
-    let name: Arc<str> = name.into();
-    Ok(Plugin {
-        name: name.clone(),
-        version: version_of(&bytes).into(),
-        path: path.to_owned(),
-        manifest,
-        health: Health::default(),
-        guest: Guest {
-            name,
-            compiled,
-            limits,
-            config: Arc::new(config),
-        },
-    })
-}
-
-fn read_manifest(path: &Path) -> anyhow::Result<Manifest> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            Manifest::parse(&text).with_context(|| format!("invalid manifest {}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read manifest {}", path.display())),
-    }
-}
-
-/// A component's version: the start of the SHA-256 of its bytes.
-pub fn version_of(bytes: &[u8]) -> String {
-    let mut hex = hex::encode(Sha256::digest(bytes));
-    hex.truncate(VERSION_HEX_DIGITS);
-    hex
 }

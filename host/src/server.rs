@@ -8,26 +8,28 @@ use std::future::Future;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::config::HEALTH_PATH;
 use crate::hooks::Hooks;
 
 /// The whole app the binary serves.
 pub fn app(hooks: &Hooks) -> axum::Router {
-    hooks.router().route("/healthz", get(|| async { "ok" }))
+    hooks.router().route(HEALTH_PATH, get(|| async { "ok" }))
 }
 
-/// Serve until `shutdown` resolves, then finish in-flight requests and the
-/// queued plugin calls.
+/// Serve until `shutdown` resolves, then shut down in order: [`Hooks::shutdown`]
+/// first (webhooks arriving meanwhile get 503 with `Retry-After`, running
+/// plugin calls get the grace period), then the listener closes and the
+/// requests still in flight finish.
 pub async fn run(
     listener: TcpListener,
     hooks: Hooks,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(&hooks))
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    // `hooks` is now the last handle to the dispatcher: dropping it drains the
-    // queue and joins the workers, which blocks, so not on an async thread.
-    tokio::task::spawn_blocking(move || drop(hooks))
+    let app = app(&hooks);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            hooks.shutdown().await;
+        })
         .await
-        .map_err(std::io::Error::other)
 }

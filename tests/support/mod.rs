@@ -198,7 +198,7 @@ impl TestServer {
     }
 
     /// The loaded plugin called `name`.
-    pub fn plugin(&self, name: &str) -> std::sync::Arc<stateset_hooks::registry::Plugin> {
+    pub fn plugin(&self, name: &str) -> std::sync::Arc<stateset_hooks::registry::LoadedPlugin> {
         let plugins = self.hooks.plugins();
         let found = plugins.iter().find(|p| &*p.name == name);
         found.unwrap_or_else(|| panic!("no plugin {name}")).clone()
@@ -225,6 +225,11 @@ impl ServeProcess {
     /// Start and wait until ready. `rust_log` sets the log filter (the
     /// host's default when `None`).
     pub fn start(plugins: &PluginDir, rust_log: Option<&str>) -> Self {
+        Self::start_with(plugins, rust_log, &[])
+    }
+
+    /// [`ServeProcess::start`] with more `serve` flags.
+    pub fn start_with(plugins: &PluginDir, rust_log: Option<&str>, flags: &[&str]) -> Self {
         let mut command = Command::new(BIN);
         command
             .env_remove("RUST_LOG")
@@ -239,6 +244,7 @@ impl ServeProcess {
             .arg(plugins.path())
             .arg("--cache-dir")
             .arg(plugins.path().join("cache"))
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -302,6 +308,15 @@ impl ServeProcess {
         self.wait_for("stopped");
         self.child.wait().unwrap()
     }
+
+    /// The database this server uses, opened beside it.
+    pub fn store(plugins: &PluginDir) -> stateset_hooks::store::SqliteStore {
+        stateset_hooks::store::SqliteStore::open(
+            &plugins.path().join("stateset-hooks.db"),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
 }
 
 impl Drop for ServeProcess {
@@ -324,6 +339,24 @@ pub fn example_event(name: &str) -> Vec<u8> {
 pub fn event(id: &str, event_type: &str, data: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "id": id, "type": event_type, "data": data })).unwrap()
 }
+
+/// Milliseconds since the Unix epoch, as the fixture plugin reads the clock.
+pub fn now_ms() -> u64 {
+    stateset_hooks::store::now_ms() as u64
+}
+
+/// An event the `misbehave` fixture takes until `until_ms` (wall clock) to
+/// handle, sleeping in 1 ms slices: a long call that burns little fuel.
+pub fn busy_until(id: &str, until_ms: u64) -> Vec<u8> {
+    event(
+        id,
+        "order.created",
+        serde_json::json!({ "misbehave": "busy-until", "until_ms": until_ms }),
+    )
+}
+
+/// A manifest that gives the `misbehave` fixture room for long calls.
+pub const SLOW_MANIFEST: &str = "[limits]\ntimeout_ms = 30000\n";
 
 /// Messages a report's plugin logged.
 pub fn messages(report: &Report) -> Vec<&str> {
@@ -359,6 +392,29 @@ pub const NO_IMPORTS_COMPONENT: &str = r#"
     (param "event-type" string) (param "payload" string) (result (result (error string)))
     (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
 "#;
+
+/// [`NO_IMPORTS_COMPONENT`] with `functions` more functions of straight-line
+/// arithmetic: the same behaviour, a larger component that takes the
+/// compiler a while (about 600 bytes of code each).
+pub fn padded_component(functions: usize) -> Vec<u8> {
+    let mut padding = String::new();
+    for f in 0..functions {
+        padding.push_str("(func (param i64) (result i64) local.get 0");
+        for i in 0..100 {
+            padding.push_str(&format!(
+                " i64.const {} i64.mul i64.const {i} i64.add",
+                f * 131 + i
+            ));
+        }
+        padding.push_str(")\n");
+    }
+    let text = NO_IMPORTS_COMPONENT.replacen(
+        "(memory (export \"memory\") 1)",
+        &format!("(memory (export \"memory\") 1)\n{padding}"),
+        1,
+    );
+    wat::parse_str(text).unwrap()
+}
 
 /// A component whose start-up code traps: every call fails at instantiation.
 pub const START_TRAP_COMPONENT: &str = r#"

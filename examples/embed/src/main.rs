@@ -8,6 +8,7 @@
 //!
 //! Then `GET /` is the app's own route and `POST /webhooks/stateset` is the
 //! webhook host, with the same verification, limits and plugins as `serve`.
+//! Ctrl-C shuts the host down gracefully before the app exits.
 
 use axum::Router;
 use axum::routing::get;
@@ -29,6 +30,13 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            // Webhooks now get 503 + Retry-After; running plugin calls finish
+            // (or are cut after the grace period); every outcome is recorded.
+            hooks.shutdown().await;
+        })
+        .await?;
     Ok(())
 }

@@ -11,7 +11,10 @@ use super::limits::MemoryLimitExceeded;
 
 /// The kind of a failed call. The `Display` form (`out-of-fuel`, ...) is what
 /// logs, counters and the CLI show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
     /// The call used all its fuel.
     OutOfFuel,
@@ -44,6 +47,11 @@ impl FailureKind {
     /// This kind's position in [`FailureKind::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The kind named `name` (as [`FailureKind::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
     }
 
     /// The stable, kebab-case name used in logs and output.

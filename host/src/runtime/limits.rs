@@ -5,13 +5,14 @@
 //! wasm interrupts, and [`configure_store`], which puts them all on a fresh
 //! `Store`. It does not decide what a failure means; `failure.rs` does.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    UpdateDeadline,
 };
 
 /// Fuel per call: about a thousand times what a realistic order event costs a
@@ -59,21 +60,17 @@ pub const HOST_MAX_TIMEOUT: Duration = Duration::from_secs(30);
 pub const HOST_MAX_OUTPUT_BYTES: usize = 1 << 20;
 pub const HOST_MAX_ERROR_BYTES: usize = 64 << 10;
 
-/// Component instances alive at once per engine: the workers (one per core
-/// on the machines this runs on) plus `run` and headroom. A call past it
-/// waits for no slot; it fails, so keep it above `--workers`.
-const POOL_INSTANCES: u32 = 64;
-
 /// The pooling allocator: instances come from pre-reserved slots with
 /// copy-on-write memory images, so a fresh instance per event costs
-/// microseconds, not a round of `mmap`s. Sized so every call can reach the
-/// host maximum of every per-call limit below.
-pub(crate) fn pooling() -> InstanceAllocationStrategy {
+/// microseconds, not a round of `mmap`s. Sized for `concurrent_calls` calls
+/// at once, each able to reach every per-call maximum below, so a call that
+/// holds a [`Slots`] permit never finds the pool exhausted.
+pub(crate) fn pooling(concurrent_calls: u32) -> InstanceAllocationStrategy {
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(POOL_INSTANCES)
-        .total_core_instances(POOL_INSTANCES * 16)
-        .total_memories(POOL_INSTANCES * 2)
-        .total_tables(POOL_INSTANCES * 2)
+    pool.total_component_instances(concurrent_calls)
+        .total_core_instances(concurrent_calls * MAX_INSTANCES as u32)
+        .total_memories(concurrent_calls * MAX_MEMORIES as u32)
+        .total_tables(concurrent_calls * MAX_TABLES as u32)
         .max_core_instances_per_component(MAX_INSTANCES as u32)
         .max_memories_per_component(MAX_MEMORIES as u32)
         .max_tables_per_component(MAX_TABLES as u32)
@@ -90,6 +87,44 @@ pub(crate) fn pooling() -> InstanceAllocationStrategy {
         .linear_memory_keep_resident(64 << 10)
         .table_keep_resident(64 << 10);
     InstanceAllocationStrategy::Pooling(pool)
+}
+
+/// The most calls the pool can hold at once: a counting semaphore. A call
+/// waits here for a slot rather than failing inside the allocator, so a busy
+/// pool is never mistaken for a broken plugin.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A held slot; dropping it frees the slot.
+pub(crate) struct SlotPermit<'a>(&'a Slots);
+
+impl Slots {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            free: Mutex::new(capacity),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Wait for a free slot.
+    pub(crate) fn acquire(&self) -> SlotPermit<'_> {
+        let mut free = self.free.lock().expect("slots lock");
+        while *free == 0 {
+            free = self.freed.wait(free).expect("slots lock");
+        }
+        *free -= 1;
+        SlotPermit(self)
+    }
+}
+
+impl Drop for SlotPermit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("slots lock") += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// Limits for one plugin call.
@@ -200,6 +235,88 @@ impl Limits {
     }
 }
 
+/// The limits plugins get: the host's defaults, and the most a manifest may
+/// raise them to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitPolicy {
+    pub defaults: Limits,
+    pub max: Limits,
+}
+
+impl Default for LimitPolicy {
+    fn default() -> Self {
+        Self {
+            defaults: Limits::default(),
+            max: Limits::host_max(),
+        }
+    }
+}
+
+impl LimitPolicy {
+    /// A plugin's limits: the defaults with its manifest's `[limits]` applied.
+    pub fn for_plugin(&self, overrides: &LimitOverrides) -> Result<Limits, String> {
+        self.defaults.with_overrides(overrides, &self.max)
+    }
+
+    /// Refuse a policy the host cannot honour: a zero budget, a default above
+    /// the maximum, or a maximum above what the engine is built for. The
+    /// message names the field (`defaults.timeout`, `max.memory_bytes`, ...).
+    pub fn validate(&self) -> Result<(), String> {
+        let host = Limits::host_max();
+        let (d, m) = (&self.defaults, &self.max);
+        let unmetered = u64::MAX;
+        let checks: [(&str, u128, u128, u128); 5] = [
+            (
+                "fuel",
+                d.fuel.unwrap_or(unmetered).into(),
+                m.fuel.unwrap_or(unmetered).into(),
+                host.fuel.unwrap_or(unmetered).into(),
+            ),
+            (
+                "memory_bytes",
+                d.memory_bytes as u128,
+                m.memory_bytes as u128,
+                host.memory_bytes as u128,
+            ),
+            (
+                "timeout",
+                d.timeout.as_millis(),
+                m.timeout.as_millis(),
+                host.timeout.as_millis(),
+            ),
+            (
+                "output_bytes",
+                d.output_bytes as u128,
+                m.output_bytes as u128,
+                host.output_bytes as u128,
+            ),
+            (
+                "error_bytes",
+                d.error_bytes as u128,
+                m.error_bytes as u128,
+                host.error_bytes as u128,
+            ),
+        ];
+        for (field, default, max, host_max) in checks {
+            let budget = matches!(field, "fuel" | "memory_bytes" | "timeout");
+            if budget && default == 0 {
+                return Err(format!("defaults.{field} must be greater than zero"));
+            }
+            if max > host_max {
+                return Err(format!(
+                    "max.{field} is {max}, above the host maximum of {host_max}"
+                ));
+            }
+            if default > max {
+                return Err(format!(
+                    "defaults.{field} is {default}, above max.{field} ({max})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A manifest's `[limits]` table: each key optional, each within the host's maximum.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,8 +328,14 @@ pub struct LimitOverrides {
     pub error_kib: Option<usize>,
 }
 
-/// Put every limit on a fresh store: fuel, deadline, memory and table limiter.
-pub(crate) fn configure_store<T: HasLimiter>(store: &mut Store<T>, limits: &Limits) {
+/// Put every limit on a fresh store: fuel, memory and table limiter, and
+/// the deadline, checked on every epoch tick along with `cancel` (set when
+/// the host shuts down and cuts the calls still running).
+pub(crate) fn configure_store<T: HasLimiter>(
+    store: &mut Store<T>,
+    limits: &Limits,
+    cancel: &Arc<AtomicBool>,
+) {
     match limits.fuel {
         Some(fuel) => store.set_fuel(fuel).expect("engine has fuel metering on"),
         // Metering is an engine setting; "off" for one call means "unbounded".
@@ -220,16 +343,28 @@ pub(crate) fn configure_store<T: HasLimiter>(store: &mut Store<T>, limits: &Limi
             .set_fuel(u64::MAX)
             .expect("engine has fuel metering on"),
     }
-    store.set_epoch_deadline(deadline_ticks(limits.timeout));
-    store.epoch_deadline_trap();
+    let deadline = Instant::now() + limits.timeout;
+    let cancel = cancel.clone();
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if cancel.load(Ordering::Relaxed) {
+            Err(Cancelled.into())
+        } else if Instant::now() >= deadline {
+            // Traps with `Trap::Interrupt`, classified as a timeout.
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Continue(1))
+        }
+    });
     store.limiter(|state| state.limiter());
 }
 
-fn deadline_ticks(timeout: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_nanos();
-    // Round up, and add one tick: the current epoch may be about to end.
-    (timeout.as_nanos().div_ceil(tick) as u64).max(1) + 1
-}
+/// A call cut short because the host is shutting down: not the plugin's
+/// doing, so not an outcome. The delivery stays as it was and runs again at
+/// the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the host is shutting down: the call was cut short")]
+pub struct Cancelled;
 
 /// Store data that carries a [`MemoryLimiter`].
 pub(crate) trait HasLimiter {
@@ -359,10 +494,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deadline_rounds_up_and_adds_a_tick() {
-        assert_eq!(deadline_ticks(Duration::from_secs(1)), 101);
-        assert_eq!(deadline_ticks(Duration::from_millis(15)), 3);
-        assert_eq!(deadline_ticks(Duration::ZERO), 2);
+    fn slots_are_handed_back_when_a_permit_drops() {
+        let slots = Arc::new(Slots::new(1));
+        let held = slots.acquire();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn({
+            let slots = slots.clone();
+            move || {
+                let _permit = slots.acquire();
+                tx.send(()).unwrap();
+            }
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "the only slot is taken: the second caller waits"
+        );
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("freed slot taken");
+        waiter.join().unwrap();
     }
 
     #[test]
@@ -387,6 +537,33 @@ mod tests {
         assert_eq!(
             defaults.with_overrides(&greedy, &max).unwrap_err(),
             "limits.memory_mib = 4096 MiB is above the host maximum of 1024 MiB"
+        );
+    }
+
+    #[test]
+    fn a_policy_names_the_field_it_cannot_honour() {
+        assert_eq!(LimitPolicy::default().validate(), Ok(()));
+        let mut zero = LimitPolicy::default();
+        zero.defaults.timeout = Duration::ZERO;
+        assert_eq!(
+            zero.validate().unwrap_err(),
+            "defaults.timeout must be greater than zero"
+        );
+        let mut huge = LimitPolicy::default();
+        huge.max.memory_bytes = 2 << 30;
+        assert!(
+            huge.validate()
+                .unwrap_err()
+                .starts_with("max.memory_bytes is"),
+            "{huge:?}"
+        );
+        let mut above = LimitPolicy::default();
+        above.defaults.fuel = None;
+        assert!(
+            above
+                .validate()
+                .unwrap_err()
+                .starts_with("defaults.fuel is")
         );
     }
 

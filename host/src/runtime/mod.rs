@@ -19,7 +19,7 @@ mod limits;
 mod output;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,13 +30,14 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::bindings::{v0_1_0, v0_2_0};
 use self::cache::CompileCache;
-use self::limits::{EpochTicker, HasLimiter, MemoryLimiter, configure_store};
+use self::limits::{EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
 
 pub use self::failure::{Failure, FailureKind};
 pub use self::limits::{
-    DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT,
-    EPOCH_TICK, LimitOverrides, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
+    Cancelled, DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES,
+    DEFAULT_TIMEOUT, EPOCH_TICK, LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES,
+    MemoryLimitExceeded,
 };
 pub use self::output::{LogLevel, LogLine, LogSource};
 
@@ -47,6 +48,10 @@ pub struct Runtime {
     cache: Option<CompileCache>,
     /// Components compiled (not found in the cache) since start.
     compiled: AtomicU64,
+    /// One per call the instance pool can hold at once.
+    slots: Slots,
+    /// Set once at shutdown: every running call is cut, no new one starts.
+    cancel: Arc<AtomicBool>,
     _ticker: EpochTicker,
 }
 
@@ -64,7 +69,7 @@ pub struct Compiled {
 
 /// A plugin as the runtime runs it: its component, limits and configuration.
 #[derive(Debug, Clone)]
-pub struct Guest {
+pub struct Prepared {
     pub name: Arc<str>,
     pub compiled: Compiled,
     pub limits: Limits,
@@ -128,15 +133,20 @@ pub struct CallOutcome {
 
 impl Runtime {
     /// Build the engine (fuel metering, epoch interruption, bounded wasm
-    /// stack, pooling allocator) and the linker (WASI plus every WIT version's
-    /// `host` interface). With a `cache_dir`, compiled code survives restarts.
-    pub fn new(cache_dir: Option<&Path>) -> anyhow::Result<Self> {
+    /// stack, an instance pool for `concurrent_calls` calls at once) and the
+    /// linker (WASI plus every WIT version's `host` interface). With a
+    /// `cache_dir`, compiled code survives restarts. Calls past
+    /// `concurrent_calls` wait for a free slot.
+    pub fn new(cache_dir: Option<&Path>, concurrent_calls: usize) -> anyhow::Result<Self> {
+        let concurrent_calls = concurrent_calls.max(1);
+        let pool_size = u32::try_from(concurrent_calls)
+            .map_err(|_| anyhow::anyhow!("{concurrent_calls} concurrent calls is too many"))?;
         let mut config = Config::new();
         config
             .consume_fuel(true)
             .epoch_interruption(true)
             .max_wasm_stack(MAX_WASM_STACK_BYTES)
-            .allocation_strategy(limits::pooling());
+            .allocation_strategy(limits::pooling(pool_size));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
@@ -154,6 +164,8 @@ impl Runtime {
             linker,
             cache,
             compiled: AtomicU64::new(0),
+            slots: Slots::new(concurrent_calls),
+            cancel: Arc::new(AtomicBool::new(false)),
             _ticker: ticker,
         })
     }
@@ -195,24 +207,35 @@ impl Runtime {
         self.compiled.load(Ordering::Relaxed)
     }
 
+    /// Cut every running call short and refuse new ones: the host is
+    /// shutting down. The cut calls return [`Cancelled`] within an epoch tick.
+    pub fn cancel_calls(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
     /// Run `on-event` once in a fresh, limited instance. Blocking: call it from
-    /// a thread that may block (a worker, `spawn_blocking`).
+    /// a thread that may block (a worker, `spawn_blocking`). Waits for a pool
+    /// slot when `concurrent_calls` calls are already running.
     pub fn call(
         &self,
-        guest: &Guest,
+        prepared: &Prepared,
         event: &Arc<str>,
         event_type: &str,
         payload: &str,
-    ) -> CallOutcome {
-        let (compiled, plugin, limits) = (&guest.compiled, &guest.name, &guest.limits);
+    ) -> Result<CallOutcome, Cancelled> {
+        let _slot = self.slots.acquire();
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Cancelled);
+        }
+        let (compiled, plugin, limits) = (&prepared.compiled, &prepared.name, &prepared.limits);
         let tag = CallTag {
             plugin: plugin.clone(),
             event: event.clone(),
         };
         let output = Arc::new(Mutex::new(Output::new(tag, limits.output_bytes)));
-        let state = CallState::new(&output, limits, guest.config.clone());
+        let state = CallState::new(&output, limits, prepared.config.clone());
         let mut store = Store::new(&self.engine, state);
-        configure_store(&mut store, limits);
+        configure_store(&mut store, limits, &self.cancel);
         let fuel_before = store.get_fuel().unwrap_or(0);
 
         let start = Instant::now();
@@ -228,6 +251,7 @@ impl Runtime {
                 FailureKind::PluginError,
                 truncate_message(message, limits.error_bytes),
             )),
+            Err(error) if error.is::<Cancelled>() => return Err(Cancelled),
             Err(error) => {
                 tracing::debug!(%plugin, %event, "plugin call failed: {error:?}");
                 Err(Failure::from_wasmtime(&error))
@@ -238,14 +262,14 @@ impl Runtime {
         drop(store);
         let mut output = lock(&output);
         let logs = output.finish();
-        CallOutcome {
+        Ok(CallOutcome {
             result,
             fuel_used,
             elapsed,
             peak_memory_bytes,
             logs,
             dropped_output_bytes: output.dropped_bytes(),
-        }
+        })
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::event::Event;
 use crate::runtime::FailureKind;
+use crate::status::PluginStatus;
 
 pub use self::sqlite::{DEFAULT_DB_PATH, SqliteStore};
 
@@ -86,7 +87,7 @@ pub struct DeliveryRecord {
     pub plugin: String,
     pub status: Status,
     pub attempts: u32,
-    pub last_failure_kind: Option<String>,
+    pub last_failure_kind: Option<FailureKind>,
     pub last_failure_message: Option<String>,
     pub plugin_version: Option<String>,
     pub next_attempt_at: i64,
@@ -103,21 +104,6 @@ pub struct EventRecord {
     /// The body exactly as signed.
     pub body: String,
     pub deliveries: Vec<DeliveryRecord>,
-}
-
-/// A loaded (or failed) plugin as the server last saw it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct PluginRow {
-    pub name: String,
-    pub version: Option<String>,
-    /// `active`, `quarantined` or `failed`.
-    pub state: String,
-    pub reason: Option<String>,
-    pub subscriptions: String,
-    pub limits: String,
-    /// JSON: `{"succeeded": n, "failed": {"kind": n, ...}}`.
-    pub counters: String,
-    pub updated_at: i64,
 }
 
 /// Which deliveries to list.
@@ -181,11 +167,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// before `before` (unix ms); returns how many.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError>;
 
-    /// Replace the saved plugin table with `rows`.
-    fn save_plugins(&self, rows: Vec<PluginRow>) -> Result<(), StoreError>;
+    /// Replace the saved plugin status table with `rows`.
+    fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError>;
 
-    /// The plugin table as last saved, by name.
-    fn plugins(&self) -> Result<Vec<PluginRow>, StoreError>;
+    /// The plugin status table as last saved, by name.
+    fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError>;
 
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;

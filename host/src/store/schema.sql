@@ -32,15 +32,16 @@ CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 
 
 -- What the running server has loaded, rewritten every second by the server
--- for `stateset-hooks plugins list`. `counters` is JSON: succeeded, and
--- failures by kind.
+-- for `stateset-hooks plugins list` (the types are in host/src/status.rs).
+-- `limits` is JSON (fuel, memory_mib, timeout_ms, output_kib) or null;
+-- `counters` is JSON: succeeded, and failures by kind.
 CREATE TABLE IF NOT EXISTS plugins (
     name          TEXT PRIMARY KEY,
     version       TEXT,                 -- NULL when the file failed to load
     state         TEXT NOT NULL CHECK (state IN ('active', 'quarantined', 'loading', 'failed')),
     reason        TEXT,                 -- why it failed to load
     subscriptions TEXT NOT NULL,
-    limits        TEXT NOT NULL,
+    limits        TEXT NOT NULL,        -- JSON; 'null' until loaded
     counters      TEXT NOT NULL,
     updated_at    INTEGER NOT NULL
 );

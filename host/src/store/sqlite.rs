@@ -17,10 +17,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params, pa
 use tokio::sync::oneshot;
 
 use super::{
-    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
-    PluginRow, Status, Store, StoreError, now_ms,
+    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter, Status,
+    Store, StoreError, now_ms,
 };
 use crate::event::Event;
+use crate::runtime::FailureKind;
+use crate::status::{PluginState, PluginStatus};
 
 /// Where the database goes unless configured: the working directory.
 pub const DEFAULT_DB_PATH: &str = "stateset-hooks.db";
@@ -245,16 +247,43 @@ const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.sta
      d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
      d.created_at, d.updated_at";
 
+/// A column holding a name one of our enums parses; anything else is an error
+/// naming the column, not a silent default.
+fn named<T>(
+    row: &rusqlite::Row<'_>,
+    idx: usize,
+    parse: fn(&str) -> Option<T>,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    parse(&text).ok_or_else(|| unreadable(idx, format!("unknown value {text:?}")))
+}
+
+/// A column holding JSON written by `serde_json`.
+fn json<T: serde::de::DeserializeOwned>(
+    row: &rusqlite::Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text).map_err(|e| unreadable(idx, e.to_string()))
+}
+
+fn unreadable(idx: usize, reason: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, reason.into())
+}
+
 fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
-    let status: String = row.get(4)?;
+    let failure_kind: Option<String> = row.get(6)?;
     Ok(DeliveryRecord {
         id: row.get(0)?,
         event_key: row.get(1)?,
         event_type: row.get(2)?,
         plugin: row.get(3)?,
-        status: Status::parse(&status).unwrap_or(Status::Pending),
+        status: named(row, 4, Status::parse)?,
         attempts: row.get(5)?,
-        last_failure_kind: row.get(6)?,
+        last_failure_kind: match failure_kind {
+            Some(_) => Some(named(row, 6, FailureKind::parse)?),
+            None => None,
+        },
         last_failure_message: row.get(7)?,
         plugin_version: row.get(8)?,
         next_attempt_at: row.get(9)?,
@@ -478,7 +507,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn save_plugins(&self, rows: Vec<PluginRow>) -> Result<(), StoreError> {
+    fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
         self.op(move |tx| {
             tx.execute("DELETE FROM plugins", [])?;
             let mut insert = tx.prepare_cached(
@@ -486,8 +515,10 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for r in &rows {
+                let limits = serde_json::to_string(&r.limits).expect("limits serialize");
+                let counters = serde_json::to_string(&r.counters).expect("counters serialize");
                 insert.execute(params![
-                    r.name, r.version, r.state, r.reason, r.subscriptions, r.limits, r.counters, r.updated_at
+                    r.name, r.version, r.state.as_str(), r.reason, r.subscriptions, limits, counters, r.updated_at
                 ])?;
             }
             Ok(rows.len())
@@ -495,21 +526,21 @@ impl Store for SqliteStore {
         .map(drop)
     }
 
-    fn plugins(&self) -> Result<Vec<PluginRow>, StoreError> {
+    fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
         self.read(|conn| {
             conn.prepare(
                 "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
                  FROM plugins ORDER BY name",
             )?
             .query_map([], |row| {
-                Ok(PluginRow {
+                Ok(PluginStatus {
                     name: row.get(0)?,
                     version: row.get(1)?,
-                    state: row.get(2)?,
+                    state: named(row, 2, PluginState::parse)?,
                     reason: row.get(3)?,
                     subscriptions: row.get(4)?,
-                    limits: row.get(5)?,
-                    counters: row.get(6)?,
+                    limits: json(row, 5)?,
+                    counters: json(row, 6)?,
                     updated_at: row.get(7)?,
                 })
             })?

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use stateset_hooks::hooks::DEFAULT_BUSY_TIMEOUT;
+use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
+use stateset_hooks::status::Table;
 use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
 
 #[derive(Debug, Subcommand)]
@@ -170,24 +171,7 @@ pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
         .map(|r| r.updated_at)
         .max()
         .map(|at| (now_ms() - at) / 1000);
-    println!(
-        "{:<16} {:<13} {:<12} {:<24} {:<60} counters",
-        "name", "version", "state", "subscriptions", "limits"
-    );
-    for r in &rows {
-        println!(
-            "{:<16} {:<13} {:<12} {:<24} {:<60} {}",
-            r.name,
-            r.version.as_deref().unwrap_or("-"),
-            r.state,
-            r.subscriptions,
-            r.limits,
-            r.counters
-        );
-        if let Some(reason) = &r.reason {
-            println!("{:<16} reason: {reason}", "");
-        }
-    }
+    print!("{}", Table(&rows));
     if let Some(age) = age.filter(|&a| a > 5) {
         println!("(saved {age} s ago: the server may not be running)");
     }
@@ -204,7 +188,7 @@ fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
         "id", "status", "attempts", "plugin", "type", "event"
     );
     for d in rows {
-        let failure = match (&d.last_failure_kind, &d.last_failure_message) {
+        let failure = match (d.last_failure_kind, &d.last_failure_message) {
             (Some(kind), Some(message)) => format!("{kind}: {message}"),
             _ => String::new(),
         };

@@ -3,7 +3,7 @@
 //! realistic order, fuel metering on and off; plus the host's checks on the
 //! request path (signature, envelope).
 //!
-//! `cargo bench -p stateset-hooks --bench plugin_call`
+//! `cargo bench -p stateset-hooks-cli --bench plugin_call`
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -12,11 +12,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use stateset_hooks::runtime::{Guest, Limits, Runtime};
+use stateset_hooks::runtime::{Limits, Prepared, Runtime};
 use stateset_hooks::{Event, Secret};
 
 fn plugin_calls(c: &mut Criterion) {
-    let runtime = Runtime::new(None).unwrap();
+    let runtime = Runtime::new(None, 1).unwrap();
     let orders = runtime
         .compile(&std::fs::read(support::wasm("orders")).unwrap())
         .unwrap();
@@ -35,7 +35,7 @@ fn plugin_calls(c: &mut Criterion) {
     let mut group = c.benchmark_group("plugin_call");
     for (name, compiled) in [("do-nothing", &nothing), ("orders", &orders)] {
         for (metering, limits) in [("fuel-on", &fuel_on), ("fuel-off", &fuel_off)] {
-            let guest = Guest {
+            let prepared = Prepared {
                 name: plugin.clone(),
                 compiled: compiled.clone(),
                 limits: limits.clone(),
@@ -43,7 +43,9 @@ fn plugin_calls(c: &mut Criterion) {
             };
             group.bench_function(format!("{name}/{metering}"), |b| {
                 b.iter(|| {
-                    let outcome = runtime.call(&guest, &key, event.event_type(), event.payload());
+                    let outcome = runtime
+                        .call(&prepared, &key, event.event_type(), event.payload())
+                        .unwrap();
                     assert!(outcome.result.is_ok());
                     black_box(outcome)
                 })

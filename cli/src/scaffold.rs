@@ -3,7 +3,7 @@
 //! One project per language, each handling one event type, with the WIT it
 //! builds against copied in (so it builds outside this repository), a
 //! manifest, a build script and a short README. The templates live in
-//! `host/templates/`; `{{name}}`, `{{event}}`, `{{lang}}` and `{{source}}` are
+//! `cli/templates/`; `{{name}}`, `{{event}}`, `{{lang}}` and `{{source}}` are
 //! filled in.
 
 use std::path::{Path, PathBuf};

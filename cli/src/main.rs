@@ -1,0 +1,175 @@
+//! The `stateset-hooks` command line: a thin layer over the library.
+//!
+//! One file per command family: `serve.rs`, `run.rs` (one plugin, one event),
+//! `store_commands.rs` (`events`, `dlq`, `plugins`), `scaffold.rs` (`new`);
+//! `sign` and `send` are short enough to live here.
+
+mod run;
+mod scaffold;
+mod serve;
+mod store_commands;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use stateset_hooks::Secret;
+use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
+
+/// Receive StateSet webhooks and run them through sandboxed WebAssembly plugins.
+///
+/// The webhook secret is read from the STATESET_WEBHOOK_SECRET environment variable.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The SQLite database of events and deliveries.
+    #[arg(long, global = true, value_name = "PATH", default_value = stateset_hooks::store::DEFAULT_DB_PATH)]
+    db: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the webhook host.
+    Serve(serve::ServeArgs),
+    /// Print the X-StateSet-Signature of a body for the configured secret.
+    Sign {
+        /// The body to sign, byte for byte.
+        file: PathBuf,
+    },
+    /// Sign a body, POST it to a URL, print the status and response.
+    Send {
+        /// Where to send it, e.g. http://127.0.0.1:3000/webhooks/stateset
+        url: String,
+        /// The event JSON to send, byte for byte.
+        file: PathBuf,
+    },
+    /// Write a ready-to-build plugin project that handles one event type.
+    New {
+        /// The plugin's name (lower-case, digits, '-'); also the directory.
+        name: String,
+        /// The language to write it in.
+        #[arg(long, value_enum)]
+        lang: scaffold::Lang,
+        /// The event type it subscribes to.
+        #[arg(long, default_value = "order.created")]
+        event: String,
+        /// Where to create it [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Inspect and replay stored events (works while the server runs).
+    #[command(subcommand)]
+    Events(store_commands::EventsCommand),
+    /// The dead-letter queue: deliveries whose every attempt failed.
+    #[command(subcommand)]
+    Dlq(store_commands::DlqCommand),
+    /// The plugins the server has loaded (works while the server runs).
+    #[command(subcommand)]
+    Plugins(store_commands::PluginsCommand),
+    /// Run one plugin on one event locally and print its result, fuel used,
+    /// time and peak memory: no server, no secret needed.
+    Run {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// The event JSON (a whole envelope with `type` and `data`).
+        event: PathBuf,
+        #[command(flatten)]
+        limits: serve::LimitArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `run` prints the plugin's lines itself; the log would repeat them.
+    let default_filter = match cli.command {
+        Command::Run { .. } => "warn,plugin=off",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(args, &cli.db, s)),
+        Command::New {
+            name,
+            lang,
+            event,
+            dir,
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            scaffold::new_plugin(&dir, &name, lang, &event).map(|files| {
+                for file in files {
+                    println!("wrote {}", file.display());
+                }
+                println!("next: cd {} && ./build.sh", dir.display());
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Events(command) => store_commands::events(&cli.db, command),
+        Command::Dlq(command) => store_commands::dlq(&cli.db, command),
+        Command::Plugins(command) => store_commands::plugins(&cli.db, command),
+        Command::Sign { file } => sign(&file),
+        Command::Send { url, file } => send(&url, &file),
+        Command::Run {
+            plugin,
+            event,
+            limits,
+        } => run::run(&plugin, &event, &limits),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn secret_from_env() -> anyhow::Result<Secret> {
+    let value = std::env::var(SECRET_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "no webhook secret: set {SECRET_ENV} to the signing secret StateSet uses for this \
+             endpoint, e.g. `export {SECRET_ENV}=...`"
+        )
+    })?;
+    Secret::new(value).with_context(|| format!("{SECRET_ENV} is set but empty"))
+}
+
+fn sign(file: &Path) -> anyhow::Result<ExitCode> {
+    let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    println!("{}", secret_from_env()?.sign(&body));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn send(url: &str, file: &Path) -> anyhow::Result<ExitCode> {
+    let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let signature = secret_from_env()?.sign(&body);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot POST to {url}"))?;
+        let status = response.status();
+        println!("{status}");
+        println!("{}", response.text().await.unwrap_or_default());
+        Ok(if status.is_success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}

@@ -1,0 +1,59 @@
+//! `stateset-hooks run`: one plugin on one event, no server, no secret; prints
+//! the result, fuel used, time, peak memory and the lines it logged.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use stateset_hooks::Event;
+use stateset_hooks::runtime::{LimitPolicy, Runtime};
+
+use crate::serve::LimitArgs;
+
+pub fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
+    let policy = LimitPolicy {
+        defaults: limits.limits(),
+        ..LimitPolicy::default()
+    };
+    if let Err(reason) = policy.validate() {
+        bail!("{reason} (--fuel, --memory-mib, --timeout-ms)");
+    }
+    let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
+    let event = Event::parse(body.into())
+        .with_context(|| format!("{} is not a webhook event", event.display()))?;
+    let runtime = Runtime::new(None, 1)?;
+    let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &policy)
+        .with_context(|| format!("cannot load {}", plugin.display()))?;
+    if !loaded.manifest.subscribes_to(event.event_type()) {
+        eprintln!(
+            "note: {}'s manifest does not subscribe to {}; the host would not deliver it",
+            loaded.name,
+            event.event_type()
+        );
+    }
+    let outcome = runtime.call(
+        &loaded.prepared,
+        &Arc::from(event.key()),
+        event.event_type(),
+        event.payload(),
+    )?;
+    let result = match &outcome.result {
+        Ok(()) => "ok".to_owned(),
+        Err(failure) => format!("failed ({}): {}", failure.kind, failure.message),
+    };
+    println!("plugin:      {} {}", loaded.name, loaded.version);
+    println!("event:       {} {}", event.event_type(), event.key());
+    println!("result:      {result}");
+    println!("fuel used:   {}", outcome.fuel_used);
+    println!("time:        {:.3} ms", outcome.elapsed.as_secs_f64() * 1e3);
+    println!("peak memory: {} KiB", outcome.peak_memory_bytes >> 10);
+    for line in &outcome.logs {
+        println!("log {:?} {:?}: {}", line.level, line.source, line.message);
+    }
+    Ok(if outcome.result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

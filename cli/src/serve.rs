@@ -1,0 +1,155 @@
+//! `stateset-hooks serve`: flags to a [`Config`], the library's check of it,
+//! then the server until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use stateset_hooks::runtime::{DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, Limits};
+use stateset_hooks::{Config, ConfigError, Hooks, config, server};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Directory of plugins: every NAME.wasm, with an optional NAME.toml manifest.
+    #[arg(long, value_name = "DIR")]
+    plugins: PathBuf,
+    /// The webhook route.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    path: String,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = config::DEFAULT_BODY_LIMIT)]
+    body_limit: usize,
+    /// Plugin worker threads, also the most plugin instances alive at once
+    /// [default: the number of cores].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Deliveries held in memory for the workers (the rest wait in the store).
+    #[arg(long, default_value_t = config::DEFAULT_QUEUE_CAPACITY)]
+    queue_capacity: usize,
+    /// Deliveries waiting for a first attempt at which new events get 503
+    /// with Retry-After.
+    #[arg(long, default_value_t = config::DEFAULT_BACKLOG_HIGH_WATER)]
+    backlog_high_water: usize,
+    /// Attempts per delivery, the first included, before it is dead.
+    #[arg(long, default_value_t = stateset_hooks::retry::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// Days to keep events whose deliveries all succeeded.
+    #[arg(long, default_value_t = 7)]
+    retention_days: u64,
+    /// Where compiled plugins are cached, so a restart does not compile again.
+    #[arg(long, value_name = "DIR", default_value = config::DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+    /// On SIGTERM or Ctrl-C, how long running plugin calls may finish before
+    /// they are cut (their deliveries then run at the next start), in ms.
+    #[arg(long, default_value_t = config::DEFAULT_SHUTDOWN_GRACE.as_millis() as u64)]
+    shutdown_grace_ms: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Limits for each plugin call.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Fuel (roughly, wasm instructions) per call.
+    #[arg(long, default_value_t = DEFAULT_FUEL)]
+    fuel: u64,
+    /// Linear memory per call, in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_BYTES >> 20)]
+    memory_mib: usize,
+    /// Wall-clock time per call, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT.as_millis() as u64)]
+    timeout_ms: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            fuel: Some(self.fuel),
+            memory_bytes: self.memory_mib << 20,
+            timeout: Duration::from_millis(self.timeout_ms),
+            ..Limits::default()
+        }
+    }
+}
+
+/// The flag that sets a [`Config`] field, so a refusal names what the user typed.
+fn flag(field: &str, reason: &str) -> &'static str {
+    match field {
+        "path" => "--path",
+        "body_limit" => "--body-limit",
+        "plugins_dir" => "--plugins",
+        "workers" => "--workers",
+        "queue_capacity" => "--queue-capacity",
+        "backlog_high_water" => "--backlog-high-water",
+        "retry.max_attempts" => "--max-attempts",
+        "retention" => "--retention-days",
+        "limits" if reason.contains(".fuel") => "--fuel",
+        "limits" if reason.contains(".memory_bytes") => "--memory-mib",
+        "limits" if reason.contains(".timeout") => "--timeout-ms",
+        _ => "a setting",
+    }
+}
+
+pub fn serve(
+    args: ServeArgs,
+    db: &Path,
+    secret: stateset_hooks::Secret,
+) -> anyhow::Result<ExitCode> {
+    let mut config = Config::new(secret);
+    config.path = args.path;
+    config.body_limit = args.body_limit;
+    config.plugins_dir = Some(args.plugins);
+    config.limits.defaults = args.limits.limits();
+    config.queue_capacity = args.queue_capacity;
+    config.backlog_high_water = args.backlog_high_water;
+    config.retry.max_attempts = args.max_attempts;
+    config.retention = Duration::from_secs(args.retention_days.saturating_mul(24 * 3600));
+    config.db_path = db.to_owned();
+    config.cache_dir = Some(args.cache_dir);
+    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    // Every option is checked, by the library's own check, before a socket
+    // is bound or a plugin compiled.
+    if let Err(ConfigError { field, reason }) = config.validate() {
+        bail!("{}: {reason}", flag(field, &reason));
+    }
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let hooks = tokio::task::block_in_place(|| Hooks::new(config.clone()))?;
+        let names: Vec<_> = hooks.plugins().iter().map(|p| p.name.to_string()).collect();
+        tracing::info!(
+            address = %listener.local_addr()?,
+            path = %config.path,
+            db = %config.db_path.display(),
+            plugins = ?names,
+            failed = hooks.load_failures().len(),
+            "stateset-hooks ready"
+        );
+        server::run(listener, hooks, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: refusing new events, finishing running plugin calls");
+}

@@ -1,0 +1,261 @@
+//! [`Config`]: how a host is set up, its defaults, and the one check of it.
+//!
+//! Owns every setting an embedding app or the command line can change, the
+//! named defaults, and [`Config::validate`], which [`Hooks::new`] runs before
+//! anything starts: a bad value is an error naming the field, never a panic
+//! or odd behaviour later. It starts nothing itself.
+//!
+//! [`Hooks::new`]: crate::Hooks::new
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::health::DEFAULT_QUARANTINE_AFTER;
+use crate::retry::RetryPolicy;
+use crate::runtime::LimitPolicy;
+use crate::signature::Secret;
+use crate::store::DEFAULT_DB_PATH;
+
+/// Default webhook route, as in the StateSet webhook document.
+pub const DEFAULT_PATH: &str = "/webhooks/stateset";
+
+/// The health route `server::app` serves beside the webhook; the webhook
+/// route may not take it.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// Default body limit: StateSet events are a few KiB; 1 MiB leaves room for
+/// large orders and refuses abuse early.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+/// The largest body limit accepted: every accepted body is held in memory
+/// and stored whole, so a limit past this is a mistake, not a need.
+pub const MAX_BODY_LIMIT: usize = 64 << 20;
+
+/// Deliveries held in memory for the workers; the rest wait in the store.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// The largest worker queue: its slots are allocated up front, and past a
+/// million the store is the better place for waiting work.
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+
+/// Deliveries waiting for a first attempt before new events get 503 with
+/// `Retry-After`: about a minute of work at the plugin rates measured on a
+/// 2-core machine, so a sender is slowed before the backlog grows unbounded.
+pub const DEFAULT_BACKLOG_HIGH_WATER: usize = 100_000;
+
+/// The most worker threads: each is also a slot in the instance pool, which
+/// reserves address space for the largest memories a call may grow.
+pub const MAX_WORKERS: usize = 1024;
+
+/// How long a write waits for a lock held by another connection (a
+/// command-line replay, a `sqlite3` shell) before the request gets 503.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The compile cache, in the working directory like the database.
+pub const DEFAULT_CACHE_DIR: &str = "stateset-hooks-cache";
+
+/// How long events whose deliveries all succeeded are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long shutdown lets running plugin calls finish before cutting them:
+/// ten default call deadlines, well inside the 30 s most process managers
+/// wait between SIGTERM and SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How the host is set up. Build with [`Config::new`] and change fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub secret: Secret,
+    /// The route the webhook is served on.
+    pub path: String,
+    /// Largest body accepted, in bytes.
+    pub body_limit: usize,
+    /// Directory of `*.wasm` plugins (with optional `NAME.toml` manifests).
+    pub plugins_dir: Option<PathBuf>,
+    /// Limits for every plugin call, and the most a manifest may raise them to.
+    pub limits: LimitPolicy,
+    /// Consecutive failures after which a plugin is quarantined; 0 never.
+    pub quarantine_after: u32,
+    /// Plugin worker threads: also the most instances alive at once.
+    pub workers: usize,
+    /// Deliveries held in memory for the workers.
+    pub queue_capacity: usize,
+    /// The SQLite database file.
+    pub db_path: PathBuf,
+    /// How long a store write waits for a lock before failing as busy (503).
+    pub busy_timeout: Duration,
+    /// Retry schedule for failed deliveries.
+    pub retry: RetryPolicy,
+    /// Backlog (deliveries waiting for a first attempt) at which new events get 503.
+    pub backlog_high_water: usize,
+    /// How long events whose deliveries all succeeded are kept.
+    pub retention: Duration,
+    /// Reload plugins when files in `plugins_dir` change.
+    pub watch: bool,
+    /// Where compiled components are cached across restarts; `None` compiles
+    /// every start.
+    pub cache_dir: Option<PathBuf>,
+    /// How long [`Hooks::shutdown`](crate::Hooks::shutdown) waits for running
+    /// plugin calls before cutting them short.
+    pub shutdown_grace: Duration,
+}
+
+/// A setting [`Config::validate`] refused, named by its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    /// The field as written in [`Config`], e.g. `workers` or `limits.defaults.timeout`.
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl Config {
+    pub fn new(secret: Secret) -> Self {
+        Self {
+            secret,
+            path: DEFAULT_PATH.to_owned(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            plugins_dir: None,
+            limits: LimitPolicy::default(),
+            quarantine_after: DEFAULT_QUARANTINE_AFTER,
+            workers: default_workers(),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            db_path: DEFAULT_DB_PATH.into(),
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            retry: RetryPolicy::default(),
+            backlog_high_water: DEFAULT_BACKLOG_HIGH_WATER,
+            retention: DEFAULT_RETENTION,
+            watch: true,
+            cache_dir: Some(DEFAULT_CACHE_DIR.into()),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Check every setting; the first bad one is the error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field, reason: String| Err(ConfigError { field, reason });
+        if !is_route(&self.path) {
+            return fail(
+                "path",
+                format!(
+                    "{:?} is not a route: '/' then segments of letters, digits, '-', '_', '.', '~'",
+                    self.path
+                ),
+            );
+        }
+        if self.path == HEALTH_PATH {
+            return fail("path", format!("{HEALTH_PATH} is the health route"));
+        }
+        let ranges = [
+            ("body_limit", self.body_limit, MAX_BODY_LIMIT),
+            ("workers", self.workers, MAX_WORKERS),
+            ("queue_capacity", self.queue_capacity, MAX_QUEUE_CAPACITY),
+            ("backlog_high_water", self.backlog_high_water, usize::MAX),
+            (
+                "retry.max_attempts",
+                self.retry.max_attempts as usize,
+                usize::MAX,
+            ),
+        ];
+        for (field, value, max) in ranges {
+            if value == 0 || value > max {
+                let reason = if max == usize::MAX {
+                    format!("must be greater than zero, got {value}")
+                } else {
+                    format!("must be between 1 and {max}, got {value}")
+                };
+                return fail(field, reason);
+            }
+        }
+        if !(0.0..=1.0).contains(&self.retry.jitter) {
+            return fail(
+                "retry.jitter",
+                format!("must be between 0 and 1, got {}", self.retry.jitter),
+            );
+        }
+        if self.retry.base_delay > self.retry.max_delay {
+            return fail(
+                "retry.base_delay",
+                "must not be longer than retry.max_delay".into(),
+            );
+        }
+        if self.retention.is_zero() {
+            return fail("retention", "must be longer than zero".into());
+        }
+        if let Err(reason) = self.limits.validate() {
+            return fail("limits", reason);
+        }
+        if let Some(dir) = &self.plugins_dir
+            && !dir.is_dir()
+        {
+            return fail(
+                "plugins_dir",
+                format!("{} is not a directory", dir.display()),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One worker per core: plugin calls are CPU-bound.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// A literal route axum takes as is: no parameters, wildcards or empty segments.
+fn is_route(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    rest.split('/').all(|segment| {
+        !segment.is_empty()
+            && segment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new(Secret::new("s").unwrap())
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_bad_setting_is_named() {
+        let cases: [(&str, fn(&mut Config)); 8] = [
+            ("path", |c| c.path = "webhooks".into()),
+            ("path", |c| c.path = "/hooks/{id}".into()),
+            ("path", |c| c.path = "/healthz".into()),
+            ("workers", |c| c.workers = 0),
+            ("workers", |c| c.workers = MAX_WORKERS + 1),
+            ("body_limit", |c| c.body_limit = 0),
+            ("limits", |c| c.limits.max.memory_bytes = 4 << 30),
+            ("plugins_dir", |c| {
+                c.plugins_dir = Some("/no/such/dir".into())
+            }),
+        ];
+        for (field, change) in cases {
+            let mut config = config();
+            change(&mut config);
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+    }
+
+    #[test]
+    fn routes_are_literal_paths() {
+        assert!(is_route("/webhooks/stateset"));
+        assert!(is_route("/v1/hooks.stateset~x_y-z"));
+        for bad in ["", "/", "//x", "/x/", "/:id", "/*rest", "/a b", "x"] {
+            assert!(!is_route(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! From a stored event to plugin calls and back: acceptance, workers, retries.
+//!
+//! [`Dispatcher::accept`] appends an event to the [`Store`] (one pending
+//! delivery per subscribed plugin) and returns once it is on disk; only then
+//! does the HTTP handler answer 200. New deliveries go straight to the worker
+//! queue; a poller finds everything else that is due (retries, deliveries left
+//! from before a restart, replays from the command line). Workers call the
+//! plugin in its sandbox (`worker.rs`); a recorder thread writes outcomes back
+//! in batches. Every attempt ends in a [`Report`], logged and broadcast. A
+//! delivery is in the queue at most once at a time (`in_flight.rs`), and at
+//! least once in all: a crash between a call and its record runs it again.
+//!
+//! It knows nothing of HTTP or of how the host is configured as a whole: it
+//! gets a [`DispatchSettings`].
+
+mod in_flight;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::broadcast;
+
+use self::in_flight::InFlight;
+use self::worker::Worker;
+use crate::event::Event;
+use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+use crate::runtime::{CallOutcome, Runtime};
+use crate::store::{Appended, Attempt, DeliveryId, Due, Status, Store, StoreError, now_ms};
+
+/// Reports buffered per listener; a listener that falls further behind
+/// misses the oldest ones (it is told how many) rather than slowing plugins.
+const REPORT_BUFFER: usize = 4096;
+
+/// How often the poller looks for due deliveries: the granularity of retry
+/// times and how soon a replay from the command line starts.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// New deliveries go to the workers straight from `accept`; the poller
+/// leaves never-attempted ones younger than this alone, so it cannot pick up
+/// a delivery that `accept` is about to queue. Ones the queue had no room for
+/// start this much later.
+pub const FAST_PATH_GRACE: Duration = Duration::from_secs(1);
+
+/// What the dispatcher needs to know of the host's configuration.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Worker threads: the most plugin calls at once.
+    pub workers: usize,
+    /// Deliveries held in memory for the workers.
+    pub queue_capacity: usize,
+    /// Backlog at which `accept` refuses new events.
+    pub backlog_high_water: usize,
+    pub retry: RetryPolicy,
+    /// Consecutive failures that quarantine a plugin; 0 never.
+    pub quarantine_after: u32,
+    /// How long `shutdown` lets running calls finish before cutting them.
+    pub shutdown_grace: Duration,
+}
+
+/// The outcome of one attempt of one plugin on one event.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub event_key: Arc<str>,
+    pub event_type: Arc<str>,
+    pub plugin: Arc<str>,
+    pub version: Arc<str>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Where the delivery stands after this attempt.
+    pub status: Status,
+    pub outcome: CallOutcome,
+}
+
+/// An attempt on its way to the store, and its report, sent once recorded.
+type Recorded = (Attempt, Report);
+
+/// What `accept` did with an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored, with this many deliveries.
+    New(usize),
+    /// Already stored: not dispatched again.
+    Duplicate,
+}
+
+/// Why an event could not be accepted now; the sender should retry.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("dispatch backlog is over its high-water mark ({0} deliveries waiting)")]
+    Backlogged(usize),
+    #[error("the host is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the threads share.
+#[derive(Debug)]
+struct Shared {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    runtime: Arc<Runtime>,
+    /// Taken at shutdown so workers stop.
+    queue: RwLock<Option<Sender<Due>>>,
+    capacity: usize,
+    in_flight: InFlight,
+    /// Deliveries waiting for a first attempt, as last counted plus since.
+    backlog: AtomicUsize,
+    reports: broadcast::Sender<Report>,
+    /// Set at shutdown: no new event is accepted, no queued call starts.
+    stopping: AtomicBool,
+    /// Workers still running, for shutdown to wait on.
+    workers_alive: Mutex<usize>,
+    worker_exited: Condvar,
+}
+
+impl Shared {
+    /// Queue a delivery unless it is already queued; false when the queue is full.
+    fn enqueue(&self, due: Due, polled: bool) -> bool {
+        let claimed = if polled {
+            self.in_flight.claim_polled(due.id)
+        } else {
+            self.in_flight.claim(due.id)
+        };
+        if !claimed {
+            return true;
+        }
+        let id = due.id;
+        let queue = self.queue.read().expect("queue lock");
+        let sent = queue.as_ref().is_some_and(|q| q.try_send(due).is_ok());
+        if !sent {
+            // Still pending in the store: the poller will find it.
+            self.in_flight.release([id]);
+        }
+        sent
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// The threads a running dispatcher owns, taken by the first shutdown.
+#[derive(Debug)]
+struct Threads {
+    workers: Vec<JoinHandle<()>>,
+    poller: JoinHandle<()>,
+    record: Sender<Recorded>,
+    recorder: JoinHandle<()>,
+}
+
+/// The workers, the poller and the recorder, until [`Dispatcher::shutdown`]
+/// (or drop).
+#[derive(Debug)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+    high_water: usize,
+    grace: Duration,
+    threads: Mutex<Option<Threads>>,
+}
+
+impl Dispatcher {
+    /// Start `settings.workers` workers (the most plugin instances alive at
+    /// once), the poller and the recorder.
+    pub fn start(
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        settings: &DispatchSettings,
+    ) -> Self {
+        let capacity = settings.queue_capacity;
+        let workers = settings.workers.max(1);
+        let (queue, jobs) = crossbeam_channel::bounded::<Due>(capacity);
+        let (reports, _) = broadcast::channel(REPORT_BUFFER);
+        let shared = Arc::new(Shared {
+            backlog: AtomicUsize::new(store.outstanding().unwrap_or(0)),
+            store,
+            registry,
+            runtime,
+            queue: RwLock::new(Some(queue)),
+            capacity,
+            in_flight: InFlight::default(),
+            reports,
+            stopping: AtomicBool::new(false),
+            workers_alive: Mutex::new(workers),
+            worker_exited: Condvar::new(),
+        });
+        let (record, records) = crossbeam_channel::unbounded();
+        let recorder = spawn("store-recorder", {
+            let shared = shared.clone();
+            move || record_loop(&shared, records)
+        });
+        let workers = (0..workers)
+            .map(|i| {
+                let worker = Worker {
+                    shared: shared.clone(),
+                    jobs: jobs.clone(),
+                    record: record.clone(),
+                    retry: settings.retry.clone(),
+                    quarantine_after: settings.quarantine_after,
+                };
+                spawn(&format!("plugin-worker-{i}"), move || worker.run())
+            })
+            .collect();
+        let poller = spawn("dispatch-poller", {
+            let shared = shared.clone();
+            move || poll_loop(&shared)
+        });
+        Self {
+            shared,
+            high_water: settings.backlog_high_water,
+            grace: settings.shutdown_grace,
+            threads: Mutex::new(Some(Threads {
+                workers,
+                poller,
+                record,
+                recorder,
+            })),
+        }
+    }
+
+    /// Store the event with a delivery per subscribed plugin; resolves once it
+    /// is on disk. New deliveries start at once.
+    pub async fn accept(&self, event: Event) -> Result<Accepted, AcceptError> {
+        if self.shared.stopping() {
+            return Err(AcceptError::ShuttingDown);
+        }
+        let backlog = self.shared.backlog.load(Ordering::Relaxed);
+        if backlog >= self.high_water {
+            return Err(AcceptError::Backlogged(backlog));
+        }
+        let plugins = self.shared.registry.subscribed_names(event.event_type());
+        let event = Arc::new(event);
+        let ticket = self
+            .shared
+            .store
+            .append_if_new(event.clone(), plugins.clone());
+        match ticket.await.map_err(|_| StoreError::Closed)?? {
+            Appended::Duplicate => Ok(Accepted::Duplicate),
+            Appended::New(ids) => {
+                self.shared.backlog.fetch_add(ids.len(), Ordering::Relaxed);
+                for (id, plugin) in ids.iter().zip(plugins) {
+                    let due = Due {
+                        id: *id,
+                        plugin,
+                        attempts: 0,
+                        event: event.clone(),
+                    };
+                    if !self.shared.enqueue(due, false) {
+                        break;
+                    }
+                }
+                Ok(Accepted::New(ids.len()))
+            }
+        }
+    }
+
+    /// Listen to every report from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Report> {
+        self.shared.reports.subscribe()
+    }
+
+    /// The store behind this dispatcher.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Stop: refuse new events, start no queued call, let running calls
+    /// finish for up to the grace period and cut the rest, record every
+    /// outcome, join every thread. What did not run stays pending in the
+    /// store for the next start. Blocking; later calls return at once.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let Some(threads) = self.threads.lock().expect("threads lock").take() else {
+            return;
+        };
+        self.shared.queue.write().expect("queue lock").take();
+        let deadline = Instant::now() + self.grace;
+        let mut alive = self.shared.workers_alive.lock().expect("workers lock");
+        while *alive > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    calls = *alive,
+                    grace_ms = self.grace.as_millis() as u64,
+                    "shutdown grace period over: cutting the running plugin calls; \
+                     their deliveries stay pending for the next start"
+                );
+                self.shared.runtime.cancel_calls();
+                break;
+            }
+            alive = self
+                .shared
+                .worker_exited
+                .wait_timeout(alive, left)
+                .expect("workers lock")
+                .0;
+        }
+        drop(alive);
+        for worker in threads.workers {
+            let _ = worker.join();
+        }
+        let _ = threads.poller.join();
+        drop(threads.record);
+        let _ = threads.recorder.join();
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"))
+}
+
+/// Find due deliveries for the plugins that can take them and refresh the
+/// backlog count, every [`POLL_INTERVAL`] until shutdown.
+fn poll_loop(shared: &Shared) {
+    while !shared.stopping() {
+        let room = {
+            let queue = shared.queue.read().expect("queue lock");
+            queue.as_ref().map_or(0, |q| shared.capacity - q.len())
+        };
+        if room > 0 {
+            let active = shared.registry.active_names();
+            shared.in_flight.begin_poll();
+            let now = now_ms();
+            let fresh_after = now - FAST_PATH_GRACE.as_millis() as i64;
+            match shared.store.due(now, fresh_after, &active, room) {
+                Ok(due) => {
+                    for due in due {
+                        if !shared.enqueue(due, true) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not read due deliveries"),
+            }
+            shared.in_flight.end_poll();
+        }
+        if let Ok(n) = shared.store.outstanding() {
+            shared.backlog.store(n, Ordering::Relaxed);
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Write attempts back in batches; only then may a delivery be queued again.
+fn record_loop(shared: &Shared, records: Receiver<Recorded>) {
+    while let Ok(first) = records.recv() {
+        let mut batch = vec![first];
+        batch.extend(records.try_iter().take(1023));
+        let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
+        let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        if let Err(error) = shared.store.record(attempts) {
+            // Left pending in the store: they run again (at least once).
+            tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
+        }
+        shared.in_flight.release(ids);
+        for report in reports {
+            let _ = shared.reports.send(report);
+        }
+    }
+}

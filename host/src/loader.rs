@@ -1,0 +1,347 @@
+//! The one plugin loader: every load, reload and unload of a plugin
+//! directory goes through its queue and its thread.
+//!
+//! Start-up, the directory [watcher](crate::watch), large components compiled
+//! after start-up and [`Hooks::reload`](crate::Hooks::reload) all feed one
+//! queue of "NAME changed". One thread takes names off it in order and loads
+//! each from the directory *as it is then*, so loads of the same name never
+//! overlap and the newest bytes on disk always win: a change that lands while
+//! an older build compiles queues the name again, and the second load reads
+//! the new file. A name already waiting in the queue is not queued twice.
+//!
+//! Owns reading `NAME.wasm` and `NAME.toml`, naming and versioning plugins,
+//! and the decision to serve, replace, keep or unload. Compiling belongs to
+//! the runtime; the serving set belongs to the registry.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+
+use crate::health::Health;
+use crate::manifest::Manifest;
+use crate::registry::{LoadFailure, LoadedPlugin, Registry};
+use crate::runtime::{LimitPolicy, Runtime};
+use crate::store::{Filter, Status, Store};
+
+/// Components larger than this, and not in the compile cache, are compiled
+/// after the host starts serving (CPython and JavaScript engines are 10-20 MB
+/// and take seconds to compile). Their events are stored meanwhile and
+/// delivered once they load.
+pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
+
+/// Hex digits of the SHA-256 of a component's bytes that make its version:
+/// enough to tell builds apart in a log line.
+const VERSION_HEX_DIGITS: usize = 12;
+
+/// Owns the loader thread. Dropping it stops the thread after the load in
+/// progress, without waiting for it: a large compile can take seconds.
+#[derive(Debug)]
+pub struct Loader {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    runtime: Arc<Runtime>,
+    registry: Arc<Registry>,
+    limits: LimitPolicy,
+    store: Arc<dyn Store>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// A load is running.
+    busy: bool,
+    stop: bool,
+}
+
+#[derive(Debug)]
+enum Job {
+    Load(Arc<str>),
+    /// Signal once every job queued before this one is done.
+    Done(mpsc::Sender<()>),
+}
+
+impl Loader {
+    /// Start the loader thread for plugin directory `dir`. Nothing is loaded
+    /// until [`Loader::load_all`] or [`Loader::request`].
+    pub(crate) fn start(
+        dir: PathBuf,
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        limits: LimitPolicy,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            dir,
+            runtime,
+            registry,
+            limits,
+            store,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        std::thread::Builder::new()
+            .name("plugin-loader".into())
+            .spawn({
+                let shared = shared.clone();
+                move || shared.run()
+            })
+            .context("cannot start the plugin loader thread")?;
+        Ok(Self { shared })
+    }
+
+    /// Queue every plugin in the directory and wait until all but the large,
+    /// uncached ones have loaded; those are marked loading (their events are
+    /// stored and wait) and compile next. Only an unreadable directory is an
+    /// error: a file that fails to load is logged and recorded.
+    pub(crate) fn load_all(&self) -> anyhow::Result<()> {
+        let dir = &self.shared.dir;
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
+            .filter_map(|path| plugin_name(&path))
+            .collect();
+        names.sort();
+        let mut later = Vec::new();
+        for name in names {
+            let path = dir.join(format!("{name}.wasm"));
+            if !self.shared.is_large_and_uncached(&path) {
+                self.request(&name);
+                continue;
+            }
+            match read_manifest(&path.with_extension("toml")) {
+                Ok(manifest) => {
+                    tracing::info!(plugin = name, "large plugin: compiling after start-up");
+                    self.shared
+                        .registry
+                        .mark_loading(name.as_str().into(), manifest);
+                    later.push(name);
+                }
+                Err(error) => self.shared.failed(&name, path, &error),
+            }
+        }
+        let (done, loaded) = mpsc::channel();
+        self.shared.push(Job::Done(done));
+        for name in later {
+            self.request(&name);
+        }
+        // The thread drops the sender if it stops first; either way we go on.
+        let _ = loaded.recv();
+        Ok(())
+    }
+
+    /// Load `name` from the directory again (or unload it if its file is
+    /// gone), after whatever is queued before it.
+    pub fn request(&self, name: &str) {
+        let mut queue = self.shared.queue.lock().expect("loader lock");
+        let queued = queue
+            .jobs
+            .iter()
+            .any(|job| matches!(job, Job::Load(n) if &**n == name));
+        if !queued {
+            queue.jobs.push_back(Job::Load(name.into()));
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Nothing queued and nothing loading.
+    pub fn is_idle(&self) -> bool {
+        let queue = self.shared.queue.lock().expect("loader lock");
+        queue.jobs.is_empty() && !queue.busy
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.shared.queue.lock().expect("loader lock").stop = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Shared {
+    fn push(&self, job: Job) {
+        self.queue.lock().expect("loader lock").jobs.push_back(job);
+        self.wake.notify_one();
+    }
+
+    fn run(&self) {
+        loop {
+            let job = {
+                let mut queue = self.queue.lock().expect("loader lock");
+                queue.busy = false;
+                loop {
+                    if queue.stop {
+                        return;
+                    }
+                    if let Some(job) = queue.jobs.pop_front() {
+                        queue.busy = true;
+                        break job;
+                    }
+                    queue = self.wake.wait(queue).expect("loader lock");
+                }
+            };
+            match job {
+                Job::Load(name) => self.load(&name),
+                Job::Done(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Make the registry match `NAME.wasm` and `NAME.toml` as they are now.
+    fn load(&self, name: &str) {
+        let path = self.dir.join(format!("{name}.wasm"));
+        if !path.exists() {
+            if let Some(old) = self.registry.remove(name) {
+                tracing::info!(
+                    plugin = name, version = %old.version, kept_deliveries = self.waiting_deliveries(name),
+                    "plugin unloaded: its file is gone; its pending deliveries are kept and resume if it returns"
+                );
+            }
+            return;
+        }
+        let plugin = match load_file(&self.runtime, &path, &self.limits) {
+            Ok(plugin) => plugin,
+            Err(error) => return self.failed(name, path, &error),
+        };
+        let current = self.registry.get(name);
+        if let Some(current) =
+            current.filter(|c| c.version == plugin.version && c.manifest == plugin.manifest)
+        {
+            // The same build and manifest: keep it (and its counters and
+            // quarantine); a failed replacement in between is moot now.
+            drop(current);
+            self.registry.keep(name);
+            return;
+        }
+        let (version, subscriptions) = (plugin.version.clone(), plugin.manifest.describe());
+        match self.registry.upsert(plugin) {
+            Some(old) => tracing::info!(
+                plugin = name, old_version = %old.version, %version, %subscriptions, "plugin replaced"
+            ),
+            None => tracing::info!(plugin = name, %version, %subscriptions, "plugin loaded"),
+        }
+    }
+
+    fn failed(&self, name: &str, path: PathBuf, error: &anyhow::Error) {
+        let reason = format!("{error:#}");
+        let serving = self.registry.get(name).map(|p| p.version.to_string());
+        tracing::error!(
+            path = %path.display(), %reason, still_serving = ?serving,
+            "plugin failed to load; the previous version (if any) keeps serving"
+        );
+        self.registry
+            .set_failure(name, LoadFailure { path, reason });
+    }
+
+    fn is_large_and_uncached(&self, path: &Path) -> bool {
+        let large = std::fs::metadata(path).is_ok_and(|m| m.len() > LARGE_COMPONENT_BYTES);
+        large && std::fs::read(path).is_ok_and(|bytes| !self.runtime.is_cached(&bytes))
+    }
+
+    fn waiting_deliveries(&self, name: &str) -> usize {
+        [Status::Pending, Status::Failed]
+            .into_iter()
+            .map(|status| {
+                let filter = Filter {
+                    status: Some(status),
+                    plugin: Some(name.to_owned()),
+                    ..Filter::default()
+                };
+                self.store.deliveries(&filter).map_or(0, |d| d.len())
+            })
+            .sum()
+    }
+}
+
+/// The plugin a path belongs to: `NAME.wasm` or `NAME.toml`, not hidden
+/// (temporary files of an atomic deploy start with a dot).
+pub(crate) fn plugin_name(path: &Path) -> Option<String> {
+    let ext = path.extension()?.to_str()?;
+    let stem = path.file_stem()?.to_str()?;
+    (matches!(ext, "wasm" | "toml") && !stem.starts_with('.')).then(|| stem.to_owned())
+}
+
+/// Load one `NAME.wasm` and its optional `NAME.toml`: read, check the
+/// manifest against `limits`, compile.
+pub fn load_file(
+    runtime: &Runtime,
+    path: &Path,
+    limits: &LimitPolicy,
+) -> anyhow::Result<LoadedPlugin> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{}: the file name is not valid UTF-8", path.display()))?;
+    let manifest_path = path.with_extension("toml");
+    let manifest = read_manifest(&manifest_path)?;
+    let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
+    let limits = limits.for_plugin(&manifest.limits).map_err(invalid)?;
+    let config = manifest.resolve_config().map_err(invalid)?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let compiled = runtime.compile(&bytes)?;
+    let name: Arc<str> = name.into();
+    Ok(LoadedPlugin {
+        name: name.clone(),
+        version: version_of(&bytes).into(),
+        path: path.to_owned(),
+        manifest,
+        health: Health::default(),
+        prepared: crate::runtime::Prepared {
+            name,
+            compiled,
+            limits,
+            config: Arc::new(config),
+        },
+    })
+}
+
+fn read_manifest(path: &Path) -> anyhow::Result<Manifest> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            Manifest::parse(&text).with_context(|| format!("invalid manifest {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read manifest {}", path.display())),
+    }
+}
+
+/// A component's version: the start of the SHA-256 of its bytes.
+pub fn version_of(bytes: &[u8]) -> String {
+    let mut hex = hex::encode(Sha256::digest(bytes));
+    hex.truncate(VERSION_HEX_DIGITS);
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_files_are_told_from_others() {
+        assert_eq!(
+            plugin_name(Path::new("/p/orders.wasm")).as_deref(),
+            Some("orders")
+        );
+        assert_eq!(
+            plugin_name(Path::new("/p/orders.toml")).as_deref(),
+            Some("orders")
+        );
+        assert_eq!(plugin_name(Path::new("/p/.orders.wasm.tmp")), None);
+        assert_eq!(plugin_name(Path::new("/p/.orders.wasm")), None);
+        assert_eq!(plugin_name(Path::new("/p/stateset-hooks.db-wal")), None);
+        assert_eq!(plugin_name(Path::new("/p/notes.txt")), None);
+    }
+}
