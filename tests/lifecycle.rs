@@ -20,7 +20,8 @@ async fn start(config: Config) -> anyhow::Result<Hooks> {
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_new_refuses_a_bad_config_and_names_the_field() {
     let plugins = PluginDir::new();
-    let cases: [(&str, fn(&mut Config)); 5] = [
+    type Change = fn(&mut Config);
+    let cases: [(&str, Change); 5] = [
         ("path", |c| c.path = "webhooks/stateset".into()),
         ("workers", |c| c.workers = 0),
         ("queue_capacity", |c| c.queue_capacity = 0),
@@ -169,4 +170,35 @@ fn sigterm_cuts_a_call_at_the_grace_period_and_the_next_start_runs_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(delivery(&plugins, "evt_cut"), (Status::Succeeded, 1));
+}
+
+/// A call blocked inside one long host call (a sleep) does not see the cut:
+/// shutdown leaves it behind after the grace period and a short wait, rather
+/// than hang with it.
+#[test]
+fn sigterm_does_not_wait_for_a_call_blocked_in_a_host_call() {
+    let plugins = PluginDir::new();
+    plugins.add("sleepy", "misbehave", Some(SLOW_MANIFEST));
+    let grace = ["--shutdown-grace-ms", "200"];
+    let mut host = ServeProcess::start_with(&plugins, Some("info"), &grace);
+    let body = event(
+        "evt_blocked",
+        "order.created",
+        serde_json::json!({ "misbehave": "sleep", "ms": 120_000 }),
+    );
+    send_blocking(&host, body);
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    assert!(host.stop().success());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(60),
+        "shutdown waited {:?} for a two-minute sleep",
+        signalled.elapsed()
+    );
+    assert!(
+        host.log().iter().any(|l| l.contains("left behind")),
+        "{:#?}",
+        host.log()
+    );
+    assert_eq!(delivery(&plugins, "evt_blocked"), (Status::Pending, 0));
 }

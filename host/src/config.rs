@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn each_bad_setting_is_named() {
-        let cases: [(&str, fn(&mut Config)); 8] = [
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 8] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),

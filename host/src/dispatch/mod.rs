@@ -19,7 +19,7 @@ mod worker;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::broadcast;
@@ -45,6 +45,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// a delivery that `accept` is about to queue. Ones the queue had no room for
 /// start this much later.
 pub const FAST_PATH_GRACE: Duration = Duration::from_secs(1);
+
+/// After the grace period, how long cut calls get to return before shutdown
+/// leaves them behind: a call blocked inside a host call (a long sleep) does
+/// not see the cut until the call returns, and shutdown must stay bounded.
+pub const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// What the dispatcher needs to know of the host's configuration.
 #[derive(Debug, Clone)]
@@ -151,6 +156,9 @@ struct Threads {
     workers: Vec<JoinHandle<()>>,
     poller: JoinHandle<()>,
     record: Sender<Recorded>,
+    /// Dropped to tell the recorder to write what it has and stop, even if
+    /// a worker left behind still holds a `record` sender.
+    close: Sender<()>,
     recorder: JoinHandle<()>,
 }
 
@@ -191,9 +199,10 @@ impl Dispatcher {
             worker_exited: Condvar::new(),
         });
         let (record, records) = crossbeam_channel::unbounded();
+        let (close, closed) = crossbeam_channel::bounded(0);
         let recorder = spawn("store-recorder", {
             let shared = shared.clone();
-            move || record_loop(&shared, records)
+            move || record_loop(&shared, &records, &closed)
         });
         let workers = (0..workers)
             .map(|i| {
@@ -219,6 +228,7 @@ impl Dispatcher {
                 workers,
                 poller,
                 record,
+                close,
                 recorder,
             })),
         }
@@ -273,41 +283,51 @@ impl Dispatcher {
     /// Stop: refuse new events, start no queued call, let running calls
     /// finish for up to the grace period and cut the rest, record every
     /// outcome, join every thread. What did not run stays pending in the
-    /// store for the next start. Blocking; later calls return at once.
+    /// store for the next start. Blocking, for at most the grace period plus
+    /// [`CUT_WAIT`]; later calls return at once.
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
         let Some(threads) = self.threads.lock().expect("threads lock").take() else {
             return;
         };
         self.shared.queue.write().expect("queue lock").take();
-        let deadline = Instant::now() + self.grace;
-        let mut alive = self.shared.workers_alive.lock().expect("workers lock");
-        while *alive > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::warn!(
-                    calls = *alive,
-                    grace_ms = self.grace.as_millis() as u64,
-                    "shutdown grace period over: cutting the running plugin calls; \
-                     their deliveries stay pending for the next start"
-                );
-                self.shared.runtime.cancel_calls();
-                break;
-            }
-            alive = self
-                .shared
-                .worker_exited
-                .wait_timeout(alive, left)
-                .expect("workers lock")
-                .0;
+        let mut running = self.wait_for_workers(self.grace);
+        if running > 0 {
+            tracing::warn!(
+                calls = running,
+                grace_ms = self.grace.as_millis() as u64,
+                "shutdown grace period over: cutting the running plugin calls; \
+                 their deliveries stay pending for the next start"
+            );
+            self.shared.runtime.cancel_calls();
+            running = self.wait_for_workers(CUT_WAIT);
         }
-        drop(alive);
-        for worker in threads.workers {
-            let _ = worker.join();
+        if running == 0 {
+            for worker in threads.workers {
+                let _ = worker.join();
+            }
+        } else {
+            tracing::error!(
+                calls = running,
+                "plugin calls blocked in a host call did not stop: left behind; \
+                 their deliveries stay pending for the next start"
+            );
         }
         let _ = threads.poller.join();
         drop(threads.record);
+        drop(threads.close);
         let _ = threads.recorder.join();
+    }
+
+    /// Wait up to `limit` for every worker to exit; how many still run.
+    fn wait_for_workers(&self, limit: Duration) -> usize {
+        let alive = self.shared.workers_alive.lock().expect("workers lock");
+        let (alive, _) = self
+            .shared
+            .worker_exited
+            .wait_timeout_while(alive, limit, |alive| *alive > 0)
+            .expect("workers lock");
+        *alive
     }
 }
 
@@ -357,19 +377,37 @@ fn poll_loop(shared: &Shared) {
 }
 
 /// Write attempts back in batches; only then may a delivery be queued again.
-fn record_loop(shared: &Shared, records: Receiver<Recorded>) {
-    while let Ok(first) = records.recv() {
+/// Ends when every sender is gone, or at `closed` after writing what came.
+fn record_loop(shared: &Shared, records: &Receiver<Recorded>, closed: &Receiver<()>) {
+    loop {
+        let first = crossbeam_channel::select! {
+            recv(records) -> first => match first {
+                Ok(first) => first,
+                Err(_) => return,
+            },
+            recv(closed) -> _ => {
+                let rest: Vec<Recorded> = records.try_iter().collect();
+                if !rest.is_empty() {
+                    write(shared, rest);
+                }
+                return;
+            }
+        };
         let mut batch = vec![first];
         batch.extend(records.try_iter().take(1023));
-        let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
-        let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        if let Err(error) = shared.store.record(attempts) {
-            // Left pending in the store: they run again (at least once).
-            tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
-        }
-        shared.in_flight.release(ids);
-        for report in reports {
-            let _ = shared.reports.send(report);
-        }
+        write(shared, batch);
+    }
+}
+
+fn write(shared: &Shared, batch: Vec<Recorded>) {
+    let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
+    let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    if let Err(error) = shared.store.record(attempts) {
+        // Left pending in the store: they run again (at least once).
+        tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
+    }
+    shared.in_flight.release(ids);
+    for report in reports {
+        let _ = shared.reports.send(report);
     }
 }
