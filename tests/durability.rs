@@ -358,3 +358,24 @@ async fn a_crash_loses_no_acknowledged_event() {
         acked.len()
     );
 }
+
+/// A database an earlier version wrote (schema 1, plugin limits as display
+/// text) opens, and `plugins list` reads it rather than failing on old rows.
+#[test]
+fn a_version_1_database_opens_without_its_old_plugin_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE plugins (name TEXT PRIMARY KEY, version TEXT, state TEXT NOT NULL,
+                 reason TEXT, subscriptions TEXT NOT NULL, limits TEXT NOT NULL,
+                 counters TEXT NOT NULL, updated_at INTEGER NOT NULL);
+             INSERT INTO plugins VALUES ('orders', 'abc', 'active', NULL, 'order.*',
+                 'fuel 10000000, memory 64 MiB', '{\"succeeded\":1,\"failed\":{}}', 0);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(store.plugins().unwrap(), vec![]);
+}

@@ -22,8 +22,12 @@ fn build(example: &str, output: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rust_python_and_javascript_plugins_share_one_stream() {
-    let python = build("python-plugin", "shipment-review.wasm");
-    let js = build("js-plugin", "return-refund.wasm");
+    // The two toolchains install and build side by side.
+    let (python, js) = std::thread::scope(|scope| {
+        let python = scope.spawn(|| build("python-plugin", "shipment-review.wasm"));
+        let js = build("js-plugin", "return-refund.wasm");
+        (python.join().unwrap(), js)
+    });
     let plugins = PluginDir::samples();
     for (wasm, name) in [(&python, "shipment-review"), (&js, "return-refund")] {
         std::fs::copy(wasm, plugins.path().join(format!("{name}.wasm"))).unwrap();
@@ -90,32 +94,45 @@ async fn rust_python_and_javascript_plugins_share_one_stream() {
 async fn new_projects_in_every_language_build_and_handle_events() {
     let projects = tempfile::tempdir().unwrap();
     let plugins = PluginDir::new();
-    for lang in ["rust", "python", "js"] {
-        let name = format!("hello-{lang}");
-        let dir = projects.path().join(&name);
-        let new = Command::new(env!("CARGO_BIN_EXE_stateset-hooks"))
-            .args(["new", &name, "--lang", lang, "--event", "order.*", "--dir"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            new.status.success(),
-            "{}",
-            String::from_utf8_lossy(&new.stderr)
-        );
-        let build = Command::new(dir.join("build.sh"))
-            // Reuse one target directory across runs for the Rust project.
-            .env(
-                "CARGO_TARGET_DIR",
-                workspace_root().join("target/scaffolded"),
-            )
-            .output()
-            .unwrap();
-        assert!(
-            build.status.success(),
-            "{lang}: {}",
-            String::from_utf8_lossy(&build.stderr)
-        );
+    // Each project is written, then all three build side by side.
+    let dirs: Vec<(String, std::path::PathBuf)> = ["rust", "python", "js"]
+        .into_iter()
+        .map(|lang| {
+            let name = format!("hello-{lang}");
+            let dir = projects.path().join(&name);
+            let new = Command::new(env!("CARGO_BIN_EXE_stateset-hooks"))
+                .args(["new", &name, "--lang", lang, "--event", "order.*", "--dir"])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                new.status.success(),
+                "{}",
+                String::from_utf8_lossy(&new.stderr)
+            );
+            (name, dir)
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (name, dir) in &dirs {
+            scope.spawn(move || {
+                let build = Command::new(dir.join("build.sh"))
+                    // Reuse one target directory across runs for the Rust project.
+                    .env(
+                        "CARGO_TARGET_DIR",
+                        workspace_root().join("target/scaffolded"),
+                    )
+                    .output()
+                    .unwrap();
+                assert!(
+                    build.status.success(),
+                    "{name}: {}",
+                    String::from_utf8_lossy(&build.stderr)
+                );
+            });
+        }
+    });
+    for (name, dir) in &dirs {
         for ext in ["wasm", "toml"] {
             let file = format!("{name}.{ext}");
             std::fs::copy(dir.join(&file), plugins.path().join(&file)).unwrap();

@@ -58,9 +58,20 @@ async fn the_instance_pool_holds_every_worker_at_once() {
             .await;
         assert_eq!(status, 200);
     }
+    let all_sent = now_ms();
+    assert!(
+        all_sent + 1000 < until,
+        "sending took too long to test this"
+    );
     let reports = server.reports(CALLS).await;
     for report in &reports {
         assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+        // Each started as soon as it was sent, not once another had ended.
+        assert!(
+            report.outcome.elapsed.as_millis() as u64 + 500 >= until - all_sent,
+            "a call waited for a slot: ran {:?}",
+            report.outcome.elapsed
+        );
     }
     let health = server.plugin("slow").health.snapshot();
     assert_eq!((health.succeeded, health.failed), (CALLS as u64, vec![]));
@@ -148,12 +159,15 @@ fn sigterm_cuts_a_call_at_the_grace_period_and_the_next_start_runs_it() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(host.stop().success());
     assert!(now_ms() < until, "exited only when the call had ended");
+    let log = host.log();
     assert!(
-        host.log()
-            .iter()
+        log.iter()
             .any(|l| l.contains("cutting the running plugin calls")),
-        "{:#?}",
-        host.log()
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("left behind")),
+        "the cut reached the call: {log:#?}"
     );
     assert_eq!(
         delivery(&plugins, "evt_cut"),
@@ -192,7 +206,7 @@ fn sigterm_does_not_wait_for_a_call_blocked_in_a_host_call() {
     assert!(host.stop().success());
     assert!(
         signalled.elapsed() < Duration::from_secs(60),
-        "shutdown waited {:?} for a two-minute sleep",
+        "shutdown waited {:?}: it should leave a two-minute sleep behind",
         signalled.elapsed()
     );
     assert!(

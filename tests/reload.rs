@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use stateset_hooks::status::PluginState;
 use stateset_hooks::store::{Filter, Status};
 use stateset_hooks::watch::RELOAD_DEBOUNCE;
 use support::*;
@@ -331,7 +332,12 @@ async fn the_newest_build_wins_over_a_slower_older_one() {
     let plugins = PluginDir::new();
     plugins.write("racer.wasm", &old);
     let server = TestServer::start(config(&plugins)).await;
-    // The old build is compiling on the loader now; deploy the new one.
+    // The old build is still loading (queued or compiling); deploy the new one.
+    let racer = |server: &TestServer| {
+        let status = server.hooks.status();
+        status.into_iter().find(|s| s.name == "racer").unwrap()
+    };
+    assert_eq!(racer(&server).state, PluginState::Loading);
     deploy(plugins.path(), "racer", &new);
     wait_for_version(&server, "racer", Some(&version(&new))).await;
 
@@ -345,9 +351,8 @@ async fn the_newest_build_wins_over_a_slower_older_one() {
     };
     tokio::time::sleep(compile + RELOAD_DEBOUNCE * 2).await;
     wait_for_version(&server, "racer", Some(&version(&new))).await;
-    let status = server.hooks.status();
-    let racer = status.iter().find(|s| s.name == "racer").unwrap();
+    let racer = racer(&server);
     assert_eq!(racer.version.as_deref(), Some(version(&new).as_str()));
-    assert_eq!(racer.state, stateset_hooks::status::PluginState::Active);
+    assert_eq!(racer.state, PluginState::Active);
     server.stop().await;
 }

@@ -28,14 +28,14 @@ pub enum EventsCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
-        output: Output,
+        format: Format,
     },
     /// Show one event: its body and every delivery.
     Show {
         /// The event's key: its `id`, or `sha256:<hex>` for events without one.
         key: String,
         #[command(flatten)]
-        output: Output,
+        format: Format,
     },
     /// Run an event's deliveries again (all, or one plugin's).
     Replay {
@@ -51,7 +51,7 @@ pub enum DlqCommand {
     /// List dead deliveries: every attempt failed.
     List {
         #[command(flatten)]
-        output: Output,
+        format: Format,
     },
     /// Make dead deliveries pending again.
     Replay {
@@ -69,12 +69,12 @@ pub enum PluginsCommand {
     /// state (active, quarantined, failed with the reason) and counters.
     List {
         #[command(flatten)]
-        output: Output,
+        format: Format,
     },
 }
 
 #[derive(Debug, Args)]
-pub struct Output {
+pub struct Format {
     /// Print JSON instead of a table, for scripts.
     #[arg(long)]
     json: bool,
@@ -103,7 +103,7 @@ pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
             plugin,
             event_type,
             limit,
-            output,
+            format,
         } => {
             let filter = Filter {
                 status,
@@ -111,13 +111,13 @@ pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
                 event_type,
                 limit: Some(limit),
             };
-            print_deliveries(&store.deliveries(&filter)?, output.json)?;
+            print_deliveries(&store.deliveries(&filter)?, format.json)?;
         }
-        EventsCommand::Show { key, output } => {
+        EventsCommand::Show { key, format } => {
             let event = store
                 .event(&key)?
                 .with_context(|| format!("no event with key {key:?}"))?;
-            if output.json {
+            if format.json {
                 println!("{}", serde_json::to_string_pretty(&event)?);
             } else {
                 println!("event:    {} ({})", event.key, event.event_type);
@@ -140,12 +140,12 @@ pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
 pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
     let store = open(db)?;
     match command {
-        DlqCommand::List { output } => {
+        DlqCommand::List { format } => {
             let filter = Filter {
                 status: Some(Status::Dead),
                 ..Filter::default()
             };
-            print_deliveries(&store.deliveries(&filter)?, output.json)?;
+            print_deliveries(&store.deliveries(&filter)?, format.json)?;
         }
         DlqCommand::Replay { all, ids } => {
             if !all && ids.is_empty() {
@@ -160,9 +160,9 @@ pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
 
 pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
     let store = open(db)?;
-    let PluginsCommand::List { output } = command;
+    let PluginsCommand::List { format } = command;
     let rows = store.plugins()?;
-    if output.json {
+    if format.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }

@@ -37,8 +37,10 @@ struct Inner {
     dispatcher: Arc<Dispatcher>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
-    /// Taken at shutdown, in this order: nothing reloads, nothing is
-    /// snapshotted, once the dispatcher has stopped.
+    /// Held for the whole shutdown, so a second caller waits for the first.
+    stopping: Mutex<()>,
+    /// Taken at shutdown: nothing reloads once shutdown begins; the last
+    /// status snapshot is written once the dispatcher has stopped.
     watcher: Mutex<Option<Watcher>>,
     loader: Mutex<Option<Arc<Loader>>>,
     housekeeping: Mutex<Option<Housekeeping>>,
@@ -67,10 +69,11 @@ impl Hooks {
                 config.limits.clone(),
                 store.clone(),
             )?);
-            started.load_all()?;
+            // Watch first: a file deployed while the others load is queued too.
             if config.watch {
                 watcher = Some(Watcher::start(dir, started.clone())?);
             }
+            started.load_all()?;
             loader = Some(started);
         }
         let settings = DispatchSettings {
@@ -96,6 +99,7 @@ impl Hooks {
                 dispatcher,
                 registry,
                 runtime,
+                stopping: Mutex::new(()),
                 watcher: Mutex::new(watcher),
                 loader: Mutex::new(loader),
                 housekeeping: Mutex::new(Some(housekeeping)),
@@ -167,9 +171,13 @@ impl Hooks {
     /// deliveries stay pending in the store; plugin calls running now get up
     /// to [`Config::shutdown_grace`] to finish and are cut after it (a cut
     /// call is not an attempt: it runs at the next start); every outcome is
-    /// recorded; the watcher, loader and housekeeping stop. Each write was
-    /// committed and synced when it was made, so nothing is left to flush.
-    /// Later calls return at once.
+    /// recorded and the plugin status saved one last time; the watcher, the
+    /// loader (a compile in progress finishes but is not swapped in) and the
+    /// housekeeping loops stop. Each write was committed and synced when it
+    /// was made, so nothing is left to flush. A call blocked inside a host
+    /// call does not see the cut: after a further second it is left behind,
+    /// unrecorded, and its delivery runs again at the next start. Later
+    /// calls wait for the first to finish.
     pub async fn shutdown(&self) {
         let inner = self.inner.clone();
         let stopped = tokio::task::spawn_blocking(move || inner.shutdown());
@@ -181,6 +189,7 @@ impl Hooks {
 
 impl Inner {
     fn shutdown(&self) {
+        let _one_at_a_time = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
         self.watcher.lock().expect("watcher lock").take();
         self.loader.lock().expect("loader lock").take();
         self.dispatcher.shutdown();

@@ -44,7 +44,8 @@ impl Stop {
 }
 
 impl Housekeeping {
-    /// Start both loops; each runs once at once, then every period.
+    /// Start both loops. The snapshot is written every period and once more
+    /// when stopped; the purge runs at once, then every period.
     pub fn start(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
@@ -56,10 +57,12 @@ impl Housekeeping {
             .spawn({
                 let (stop, store) = (stop.clone(), store.clone());
                 move || loop {
+                    // Once more after the stop, so the last counters are kept.
+                    let go_on = stop.wait(STATUS_SNAPSHOT_INTERVAL);
                     if let Err(error) = store.save_plugins(registry.status(now_ms())) {
                         tracing::warn!(%error, "could not save the plugin status table");
                     }
-                    if !stop.wait(STATUS_SNAPSHOT_INTERVAL) {
+                    if !go_on {
                         break;
                     }
                 }

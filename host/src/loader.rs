@@ -37,15 +37,17 @@ pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
 /// enough to tell builds apart in a log line.
 const VERSION_HEX_DIGITS: usize = 12;
 
-/// Owns the loader thread. Dropping it stops the thread after the load in
-/// progress, without waiting for it: a large compile can take seconds.
+/// Owns the loader thread. Dropping it stops the thread: a compile in
+/// progress runs to its end (it cannot be interrupted, and a large one takes
+/// seconds) but is not swapped in, and nothing queued is loaded. Dropping does
+/// not wait for that compile.
 #[derive(Debug)]
 pub struct Loader {
-    shared: Arc<Shared>,
+    shared: Arc<LoaderState>,
 }
 
 #[derive(Debug)]
-struct Shared {
+struct LoaderState {
     dir: PathBuf,
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
@@ -58,8 +60,6 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Queue {
     jobs: VecDeque<Job>,
-    /// A load is running.
-    busy: bool,
     stop: bool,
 }
 
@@ -80,7 +80,7 @@ impl Loader {
         limits: LimitPolicy,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(LoaderState {
             dir,
             runtime,
             registry,
@@ -136,7 +136,8 @@ impl Loader {
         for name in later {
             self.request(&name);
         }
-        // The thread drops the sender if it stops first; either way we go on.
+        // If the thread stops first, it drops the queue and the sender with
+        // it (see `Stopped`); either way we go on.
         let _ = loaded.recv();
         Ok(())
     }
@@ -149,16 +150,10 @@ impl Loader {
             .jobs
             .iter()
             .any(|job| matches!(job, Job::Load(n) if &**n == name));
-        if !queued {
+        if !queued && !queue.stop {
             queue.jobs.push_back(Job::Load(name.into()));
             self.shared.wake.notify_one();
         }
-    }
-
-    /// Nothing queued and nothing loading.
-    pub fn is_idle(&self) -> bool {
-        let queue = self.shared.queue.lock().expect("loader lock");
-        queue.jobs.is_empty() && !queue.busy
     }
 }
 
@@ -169,30 +164,47 @@ impl Drop for Loader {
     }
 }
 
-impl Shared {
+impl LoaderState {
+    /// Queue a job; once stopped, drop it (a `Done` sender with it).
     fn push(&self, job: Job) {
-        self.queue.lock().expect("loader lock").jobs.push_back(job);
-        self.wake.notify_one();
+        let mut queue = self.queue.lock().expect("loader lock");
+        if !queue.stop {
+            queue.jobs.push_back(job);
+            self.wake.notify_one();
+        }
     }
 
     fn run(&self) {
+        let _stopped = Stopped(self);
         loop {
             let job = {
                 let mut queue = self.queue.lock().expect("loader lock");
-                queue.busy = false;
                 loop {
                     if queue.stop {
                         return;
                     }
                     if let Some(job) = queue.jobs.pop_front() {
-                        queue.busy = true;
                         break job;
                     }
                     queue = self.wake.wait(queue).expect("loader lock");
                 }
             };
             match job {
-                Job::Load(name) => self.load(&name),
+                Job::Load(name) => {
+                    // A panic while loading one plugin (a bug, in the
+                    // compiler say) fails that plugin, not the loader.
+                    let load = std::panic::AssertUnwindSafe(|| self.load(&name));
+                    if let Err(panic) = std::panic::catch_unwind(load) {
+                        let reason = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        let path = self.dir.join(format!("{name}.wasm"));
+                        let error = anyhow::anyhow!("the loader panicked: {reason}");
+                        self.failed(&name, path, &error);
+                    }
+                }
                 Job::Done(done) => {
                     let _ = done.send(());
                 }
@@ -200,10 +212,17 @@ impl Shared {
         }
     }
 
+    fn stopping(&self) -> bool {
+        self.queue.lock().expect("loader lock").stop
+    }
+
     /// Make the registry match `NAME.wasm` and `NAME.toml` as they are now.
     fn load(&self, name: &str) {
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
+            if self.stopping() {
+                return;
+            }
             if let Some(old) = self.registry.remove(name) {
                 tracing::info!(
                     plugin = name, version = %old.version, kept_deliveries = self.waiting_deliveries(name),
@@ -212,7 +231,11 @@ impl Shared {
             }
             return;
         }
-        let plugin = match load_file(&self.runtime, &path, &self.limits) {
+        let loaded = load_file(&self.runtime, &path, &self.limits);
+        if self.stopping() {
+            return; // the host is shutting down: swap nothing in
+        }
+        let plugin = match loaded {
             Ok(plugin) => plugin,
             Err(error) => return self.failed(name, path, &error),
         };
@@ -263,6 +286,19 @@ impl Shared {
                 self.store.deliveries(&filter).map_or(0, |d| d.len())
             })
             .sum()
+    }
+}
+
+/// Marks the loader stopped when its thread ends, however it ends, and drops
+/// what is queued: a start-up waiting on a `Done` is released, and later
+/// requests are not left in a queue nobody reads.
+struct Stopped<'a>(&'a LoaderState);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.stop = true;
+        queue.jobs.clear();
     }
 }
 

@@ -37,22 +37,48 @@ pub struct LoadFailure {
     pub reason: String,
 }
 
-/// The plugins currently serving, the ones loading and the failed files.
-/// Readers take a snapshot; a reload swaps one entry.
+/// The plugins currently serving, the ones loading and the failed files,
+/// under one lock: a plugin moves from loading to serving in one step, so an
+/// event arriving meanwhile finds it in one or the other. Readers take a
+/// snapshot; a reload swaps one entry.
 #[derive(Debug, Default)]
 pub struct Registry {
-    serving: RwLock<Arc<[Arc<LoadedPlugin>]>>,
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    serving: Arc<[Arc<LoadedPlugin>]>,
     /// Plugins queued or compiling after start-up, with their manifests:
     /// events get deliveries for them, which wait until they load.
-    loading: RwLock<BTreeMap<Arc<str>, Manifest>>,
+    loading: BTreeMap<Arc<str>, Manifest>,
     /// The latest failed load of each name.
-    failures: RwLock<BTreeMap<Arc<str>, LoadFailure>>,
+    failures: BTreeMap<Arc<str>, LoadFailure>,
+}
+
+impl State {
+    /// `name` is no longer loading; its failure is now `failure`.
+    fn settle(&mut self, name: &str, failure: Option<LoadFailure>) {
+        self.loading.remove(name);
+        match failure {
+            Some(failure) => self.failures.insert(name.into(), failure),
+            None => self.failures.remove(name),
+        };
+    }
 }
 
 impl Registry {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().expect("registry lock")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().expect("registry lock")
+    }
+
     /// Every serving plugin, sorted by name.
     pub fn snapshot(&self) -> Arc<[Arc<LoadedPlugin>]> {
-        self.serving.read().expect("registry lock").clone()
+        self.read().serving.clone()
     }
 
     /// The serving plugin called `name`.
@@ -63,20 +89,18 @@ impl Registry {
     /// Names of the plugins an event of this type goes to: serving and not
     /// quarantined, or still loading.
     pub fn subscribed_names(&self, event_type: &str) -> Vec<Arc<str>> {
-        let mut names: Vec<Arc<str>> = self
-            .snapshot()
+        let state = self.read();
+        let serving = state
+            .serving
             .iter()
             .filter(|p| p.manifest.subscribes_to(event_type) && !p.health.is_quarantined())
-            .map(|p| p.name.clone())
-            .collect();
-        let loading = self.loading.read().expect("registry lock");
-        names.extend(
-            loading
-                .iter()
-                .filter(|(_, manifest)| manifest.subscribes_to(event_type))
-                .map(|(name, _)| name.clone()),
-        );
-        names
+            .map(|p| p.name.clone());
+        let loading = state
+            .loading
+            .iter()
+            .filter(|(_, manifest)| manifest.subscribes_to(event_type))
+            .map(|(name, _)| name.clone());
+        serving.chain(loading).collect()
     }
 
     /// Names that can take deliveries now: serving and not quarantined.
@@ -90,38 +114,39 @@ impl Registry {
 
     /// Files that failed to load, with the reasons.
     pub fn failures(&self) -> Vec<LoadFailure> {
-        let failures = self.failures.read().expect("registry lock");
-        failures.values().cloned().collect()
+        self.read().failures.values().cloned().collect()
     }
 
     /// Note that `name` will load later; events for it wait in the store.
     pub(crate) fn mark_loading(&self, name: Arc<str>, manifest: Manifest) {
-        self.loading
-            .write()
-            .expect("registry lock")
-            .insert(name, manifest);
+        self.write().loading.insert(name, manifest);
     }
 
     /// Serve `plugin`, replacing the version of the same name; returns the old one.
     pub(crate) fn upsert(&self, plugin: LoadedPlugin) -> Option<Arc<LoadedPlugin>> {
         let name = plugin.name.clone();
-        self.settle(&name, None);
-        let mut serving = self.serving.write().expect("registry lock");
-        let old = serving.iter().find(|p| p.name == name).cloned();
-        let mut next: Vec<Arc<LoadedPlugin>> =
-            serving.iter().filter(|p| p.name != name).cloned().collect();
+        let mut state = self.write();
+        state.settle(&name, None);
+        let old = state.serving.iter().find(|p| p.name == name).cloned();
+        let mut next: Vec<Arc<LoadedPlugin>> = state
+            .serving
+            .iter()
+            .filter(|p| p.name != name)
+            .cloned()
+            .collect();
         next.push(Arc::new(plugin));
         next.sort_by(|a, b| a.name.cmp(&b.name));
-        *serving = next.into();
+        state.serving = next.into();
         old
     }
 
     /// Stop serving `name` (its file is gone); returns it if it was serving.
     pub(crate) fn remove(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
-        self.settle(name, None);
-        let mut serving = self.serving.write().expect("registry lock");
-        let old = serving.iter().find(|p| &*p.name == name).cloned();
-        *serving = serving
+        let mut state = self.write();
+        state.settle(name, None);
+        let old = state.serving.iter().find(|p| &*p.name == name).cloned();
+        state.serving = state
+            .serving
             .iter()
             .filter(|p| &*p.name != name)
             .cloned()
@@ -131,29 +156,20 @@ impl Registry {
 
     /// Keep serving `name` as it is: its file loaded unchanged.
     pub(crate) fn keep(&self, name: &str) {
-        self.settle(name, None);
+        self.write().settle(name, None);
     }
 
     /// Record that `name` failed to load; a serving version keeps serving.
     pub(crate) fn set_failure(&self, name: &str, failure: LoadFailure) {
-        self.settle(name, Some(failure));
-    }
-
-    /// `name` is no longer loading; its failure is now `failure`.
-    fn settle(&self, name: &str, failure: Option<LoadFailure>) {
-        self.loading.write().expect("registry lock").remove(name);
-        let mut failures = self.failures.write().expect("registry lock");
-        match failure {
-            Some(failure) => failures.insert(name.into(), failure),
-            None => failures.remove(name),
-        };
+        self.write().settle(name, Some(failure));
     }
 
     /// Every name the host knows, with its state, as of `now` (unix ms).
     pub fn status(&self, now: i64) -> Vec<PluginStatus> {
-        let failures = self.failures.read().expect("registry lock").clone();
-        let mut rows: Vec<PluginStatus> = self
-            .snapshot()
+        let state = self.read();
+        let failures = &state.failures;
+        let mut rows: Vec<PluginStatus> = state
+            .serving
             .iter()
             .map(|p| {
                 let health = p.health.snapshot();
@@ -179,7 +195,7 @@ impl Registry {
                 }
             })
             .collect();
-        for (name, manifest) in self.loading.read().expect("registry lock").iter() {
+        for (name, manifest) in &state.loading {
             rows.push(PluginStatus {
                 name: name.to_string(),
                 version: None,
@@ -192,14 +208,14 @@ impl Registry {
             });
         }
         for (name, failure) in failures {
-            if rows.iter().any(|r| *r.name == *name) {
+            if rows.iter().any(|r| *r.name == **name) {
                 continue;
             }
             rows.push(PluginStatus {
                 name: name.to_string(),
                 version: None,
                 state: PluginState::Failed,
-                reason: Some(failure.reason),
+                reason: Some(failure.reason.clone()),
                 subscriptions: String::new(),
                 limits: None,
                 counters: Counters::default(),

@@ -46,6 +46,7 @@ pub fn wasm(crate_name: &str) -> PathBuf {
                 "--profile",
                 "plugin",
             ])
+            // The SDK by name too, so `scripts/test`'s lints cover it.
             .args([
                 "-p",
                 "orders",
@@ -55,6 +56,8 @@ pub fn wasm(crate_name: &str) -> PathBuf {
                 "low-stock",
                 "-p",
                 "misbehave",
+                "-p",
+                "stateset-hooks-sdk",
             ])
             .status()
             .expect("run cargo to build the plugins");
@@ -204,7 +207,8 @@ impl TestServer {
         found.unwrap_or_else(|| panic!("no plugin {name}")).clone()
     }
 
-    /// Stop the server and wait for the queued plugin calls to finish.
+    /// Stop the server gracefully: running plugin calls finish (or are cut
+    /// at the grace period); queued ones stay pending in the store.
     pub async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         self.task.take().unwrap().await.unwrap().unwrap();

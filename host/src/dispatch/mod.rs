@@ -106,7 +106,7 @@ pub enum AcceptError {
 
 /// What the threads share.
 #[derive(Debug)]
-struct Shared {
+struct DispatchState {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
@@ -124,7 +124,7 @@ struct Shared {
     worker_exited: Condvar,
 }
 
-impl Shared {
+impl DispatchState {
     /// Queue a delivery unless it is already queued; false when the queue is full.
     fn enqueue(&self, due: Due, polled: bool) -> bool {
         let claimed = if polled {
@@ -166,7 +166,7 @@ struct Threads {
 /// (or drop).
 #[derive(Debug)]
 pub struct Dispatcher {
-    shared: Arc<Shared>,
+    shared: Arc<DispatchState>,
     high_water: usize,
     grace: Duration,
     threads: Mutex<Option<Threads>>,
@@ -185,7 +185,7 @@ impl Dispatcher {
         let workers = settings.workers.max(1);
         let (queue, jobs) = crossbeam_channel::bounded::<Due>(capacity);
         let (reports, _) = broadcast::channel(REPORT_BUFFER);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(DispatchState {
             backlog: AtomicUsize::new(store.outstanding().unwrap_or(0)),
             store,
             registry,
@@ -283,11 +283,16 @@ impl Dispatcher {
     /// Stop: refuse new events, start no queued call, let running calls
     /// finish for up to the grace period and cut the rest, record every
     /// outcome, join every thread. What did not run stays pending in the
-    /// store for the next start. Blocking, for at most the grace period plus
-    /// [`CUT_WAIT`]; later calls return at once.
+    /// store for the next start. Blocking: the grace period plus [`CUT_WAIT`]
+    /// for the calls, then the last store writes (each bounded by the store's
+    /// busy timeout). A call blocked inside a host call does not see the cut
+    /// and is left behind after `CUT_WAIT`, its outcome unrecorded. Later
+    /// calls wait for the first to finish.
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        let Some(threads) = self.threads.lock().expect("threads lock").take() else {
+        // Held to the end, so a second caller waits for this one.
+        let mut held = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(threads) = held.take() else {
             return;
         };
         self.shared.queue.write().expect("queue lock").take();
@@ -346,7 +351,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 
 /// Find due deliveries for the plugins that can take them and refresh the
 /// backlog count, every [`POLL_INTERVAL`] until shutdown.
-fn poll_loop(shared: &Shared) {
+fn poll_loop(shared: &DispatchState) {
     while !shared.stopping() {
         let room = {
             let queue = shared.queue.read().expect("queue lock");
@@ -378,7 +383,7 @@ fn poll_loop(shared: &Shared) {
 
 /// Write attempts back in batches; only then may a delivery be queued again.
 /// Ends when every sender is gone, or at `closed` after writing what came.
-fn record_loop(shared: &Shared, records: &Receiver<Recorded>, closed: &Receiver<()>) {
+fn record_loop(shared: &DispatchState, records: &Receiver<Recorded>, closed: &Receiver<()>) {
     loop {
         let first = crossbeam_channel::select! {
             recv(records) -> first => match first {
@@ -399,7 +404,7 @@ fn record_loop(shared: &Shared, records: &Receiver<Recorded>, closed: &Receiver<
     }
 }
 
-fn write(shared: &Shared, batch: Vec<Recorded>) {
+fn write(shared: &DispatchState, batch: Vec<Recorded>) {
     let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
     let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     if let Err(error) = shared.store.record(attempts) {

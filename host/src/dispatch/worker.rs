@@ -7,15 +7,15 @@ use std::sync::atomic::Ordering;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{Recorded, Report, Shared};
+use super::{DispatchState, Recorded, Report};
 use crate::event::Event;
 use crate::registry::LoadedPlugin;
 use crate::retry::{Decision, RetryPolicy};
-use crate::runtime::{CallOutcome, Cancelled};
+use crate::runtime::{CallOutcome, NotRun};
 use crate::store::{Attempt, Due, Status, now_ms};
 
 pub(super) struct Worker {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<DispatchState>,
     pub(super) jobs: Receiver<Due>,
     pub(super) record: Sender<Recorded>,
     pub(super) retry: RetryPolicy,
@@ -23,7 +23,7 @@ pub(super) struct Worker {
 }
 
 /// Counts the worker out when its thread ends, however it ends.
-struct Alive<'a>(&'a Shared);
+struct Alive<'a>(&'a DispatchState);
 
 impl Drop for Alive<'_> {
     fn drop(&mut self) {
@@ -51,10 +51,16 @@ impl Worker {
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
             }
             let attempt = due.attempts + 1;
-            let Ok(outcome) = self.call(&plugin, &due.event, attempt) else {
-                // Cut short at shutdown: not an attempt; it runs at the next start.
-                self.shared.in_flight.release([due.id]);
-                continue;
+            let outcome = match self.call(&plugin, &due.event, attempt) {
+                Ok(outcome) => outcome,
+                Err(not_run) => {
+                    // The host's doing, not the plugin's: not an attempt. It
+                    // stays due in the store and runs again (at the next
+                    // start, after a shutdown cut).
+                    tracing::warn!(plugin = %plugin.name, event = due.event.key(), "plugin call not run: {not_run}");
+                    self.shared.in_flight.release([due.id]);
+                    continue;
+                }
             };
             let (status, next_attempt_at) = match &outcome.result {
                 Ok(()) => (Status::Succeeded, now_ms()),
@@ -100,7 +106,7 @@ impl Worker {
         plugin: &LoadedPlugin,
         event: &Event,
         attempt: u32,
-    ) -> Result<CallOutcome, Cancelled> {
+    ) -> Result<CallOutcome, NotRun> {
         let event_key: Arc<str> = event.key().into();
         let outcome = self.shared.runtime.call(
             &plugin.prepared,

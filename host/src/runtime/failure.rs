@@ -74,6 +74,20 @@ impl fmt::Display for FailureKind {
     }
 }
 
+/// Why a call ended without an outcome of the plugin's making: the host's
+/// doing, so it is not an attempt and is never counted against the plugin.
+/// The delivery stays as it was and runs again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotRun {
+    /// The host is shutting down and cut the call short.
+    #[error("the host is shutting down: the call was cut short")]
+    Cancelled,
+    /// The instance pool had no room. Calls wait for a slot first, so this
+    /// means the pool was sized wrong, not that the plugin misbehaved.
+    #[error("the instance pool is exhausted")]
+    PoolExhausted,
+}
+
 /// A failed call: its kind and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind}: {message}")]

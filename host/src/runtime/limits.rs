@@ -60,6 +60,10 @@ pub const HOST_MAX_TIMEOUT: Duration = Duration::from_secs(30);
 pub const HOST_MAX_OUTPUT_BYTES: usize = 1 << 20;
 pub const HOST_MAX_ERROR_BYTES: usize = 64 << 10;
 
+/// The most calls one pool is built for: far above any worker count (the
+/// host allows 1024), low enough that the pool's totals fit in a `u32`.
+pub(crate) const MAX_CONCURRENT_CALLS: u32 = 1 << 16;
+
 /// The pooling allocator: instances come from pre-reserved slots with
 /// copy-on-write memory images, so a fresh instance per event costs
 /// microseconds, not a round of `mmap`s. Sized for `concurrent_calls` calls
@@ -359,12 +363,11 @@ pub(crate) fn configure_store<T: HasLimiter>(
     store.limiter(|state| state.limiter());
 }
 
-/// A call cut short because the host is shutting down: not the plugin's
-/// doing, so not an outcome. The delivery stays as it was and runs again at
-/// the next start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// The error the epoch callback stops a call with once the host cancels
+/// calls; `Runtime::call` turns it into [`NotRun::Cancelled`](super::NotRun).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the host is shutting down: the call was cut short")]
-pub struct Cancelled;
+pub(crate) struct Cancelled;
 
 /// Store data that carries a [`MemoryLimiter`].
 pub(crate) trait HasLimiter {

@@ -30,14 +30,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::bindings::{v0_1_0, v0_2_0};
 use self::cache::CompileCache;
-use self::limits::{EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
+use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
 
-pub use self::failure::{Failure, FailureKind};
+pub use self::failure::{Failure, FailureKind, NotRun};
 pub use self::limits::{
-    Cancelled, DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES,
-    DEFAULT_TIMEOUT, EPOCH_TICK, LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES,
-    MemoryLimitExceeded,
+    DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT,
+    EPOCH_TICK, LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
 };
 pub use self::output::{LogLevel, LogLine, LogSource};
 
@@ -140,7 +139,14 @@ impl Runtime {
     pub fn new(cache_dir: Option<&Path>, concurrent_calls: usize) -> anyhow::Result<Self> {
         let concurrent_calls = concurrent_calls.max(1);
         let pool_size = u32::try_from(concurrent_calls)
-            .map_err(|_| anyhow::anyhow!("{concurrent_calls} concurrent calls is too many"))?;
+            .ok()
+            .filter(|&n| n <= limits::MAX_CONCURRENT_CALLS)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{concurrent_calls} concurrent calls is more than the pool can hold ({})",
+                    limits::MAX_CONCURRENT_CALLS
+                )
+            })?;
         let mut config = Config::new();
         config
             .consume_fuel(true)
@@ -208,7 +214,9 @@ impl Runtime {
     }
 
     /// Cut every running call short and refuse new ones: the host is
-    /// shutting down. The cut calls return [`Cancelled`] within an epoch tick.
+    /// shutting down. A call running wasm code returns
+    /// [`NotRun::Cancelled`] within an epoch tick; one blocked inside a host
+    /// call (a sleep) sees the cut only once that host call returns.
     pub fn cancel_calls(&self) {
         self.cancel.store(true, Ordering::Relaxed);
     }
@@ -222,10 +230,10 @@ impl Runtime {
         event: &Arc<str>,
         event_type: &str,
         payload: &str,
-    ) -> Result<CallOutcome, Cancelled> {
+    ) -> Result<CallOutcome, NotRun> {
         let _slot = self.slots.acquire();
         if self.cancel.load(Ordering::Relaxed) {
-            return Err(Cancelled);
+            return Err(NotRun::Cancelled);
         }
         let (compiled, plugin, limits) = (&prepared.compiled, &prepared.name, &prepared.limits);
         let tag = CallTag {
@@ -251,7 +259,10 @@ impl Runtime {
                 FailureKind::PluginError,
                 truncate_message(message, limits.error_bytes),
             )),
-            Err(error) if error.is::<Cancelled>() => return Err(Cancelled),
+            Err(error) if error.is::<Cancelled>() => return Err(NotRun::Cancelled),
+            Err(error) if error.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                return Err(NotRun::PoolExhausted);
+            }
             Err(error) => {
                 tracing::debug!(%plugin, %event, "plugin call failed: {error:?}");
                 Err(Failure::from_wasmtime(&error))

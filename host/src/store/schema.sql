@@ -1,4 +1,4 @@
--- stateset-hooks store, schema version 1. Open it with `sqlite3 stateset-hooks.db`.
+-- stateset-hooks store, schema version 2 (2: plugin limits and counters as JSON). Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
 -- Every event acknowledged with 200, exactly as it was signed.
@@ -46,4 +46,4 @@ CREATE TABLE IF NOT EXISTS plugins (
     updated_at    INTEGER NOT NULL
 );
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

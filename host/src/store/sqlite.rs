@@ -68,6 +68,7 @@ impl SqliteStore {
     /// for a lock held by another connection before it fails as busy.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
         let writer_conn = connect(path, busy_timeout)?;
+        migrate(&writer_conn).map_err(classify)?;
         writer_conn.execute_batch(SCHEMA).map_err(classify)?;
         let reader = connect(path, busy_timeout)?;
         let (writes, queue) = mpsc::channel();
@@ -134,6 +135,17 @@ fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError
     )
     .map_err(classify)?;
     Ok(conn)
+}
+
+/// Bring a database written by an earlier version up to `schema.sql`.
+/// Version 1 kept the plugin table's limits and counters as display text; it
+/// is a snapshot the server rewrites every second, so its rows are dropped.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version == 1 {
+        conn.execute("DELETE FROM plugins", [])?;
+    }
+    Ok(())
 }
 
 fn classify(error: rusqlite::Error) -> StoreError {
