@@ -7,6 +7,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
+# Nothing it is built from has changed since the last build: done.
+if [ -f return-refund.wasm ] && [ -z "$(find plugin.js build.mjs build.sh package.json package-lock.json ../../wit/v0.1.0 -newer return-refund.wasm -print -quit)" ]; then
+    echo "up to date: $here/return-refund.wasm"
+    exit 0
+fi
+
 # npm ci installs exactly package-lock.json (wiping node_modules first): skip it
 # when node_modules was installed after the lock file last changed.
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then

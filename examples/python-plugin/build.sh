@@ -9,6 +9,12 @@ COMPONENTIZE_PY_VERSION=0.25.1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 wit="$here/../../wit/v0.1.0"
 cd "$here"
+
+# Nothing it is built from has changed since the last build: done.
+if [ -f shipment-review.wasm ] && [ -z "$(find app.py build.sh "$wit" -newer shipment-review.wasm -print -quit)" ]; then
+    echo "up to date: $here/shipment-review.wasm"
+    exit 0
+fi
 unset VIRTUAL_ENV   # componentize-py would bundle whatever venv this names
 
 if [ ! -x .venv/bin/python ]; then
