@@ -20,149 +20,155 @@ fn build(example: &str, output: &str) -> std::path::PathBuf {
     dir.join(output)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rust_python_and_javascript_plugins_share_one_stream() {
-    // The two toolchains install and build side by side.
-    let (python, js) = std::thread::scope(|scope| {
-        let python = scope.spawn(|| build("python-plugin", "shipment-review.wasm"));
-        let js = build("js-plugin", "return-refund.wasm");
-        (python.join().unwrap(), js)
-    });
-    let plugins = PluginDir::samples();
-    for (wasm, name) in [(&python, "shipment-review"), (&js, "return-refund")] {
-        std::fs::copy(wasm, plugins.path().join(format!("{name}.wasm"))).unwrap();
-        std::fs::copy(
-            wasm.with_extension("toml"),
-            plugins.path().join(format!("{name}.toml")),
-        )
-        .unwrap();
-    }
-    let mut server = TestServer::start(config(&plugins)).await;
-    assert!(
-        server.hooks.load_failures().is_empty(),
-        "{:?}",
-        server.hooks.load_failures()
-    );
+/// The tests by name, `toolchains::...`: `scripts/test` runs them beside the
+/// rest of the suite, as they spend most of their time in the toolchains.
+mod toolchains {
+    use super::*;
 
-    let stream = [
-        "order.created",
-        "shipment.delivered",
-        "payment.refunded",
-        "return.created",
-        "inventory.low_stock",
-        "payment.failed",
-    ];
-    for name in stream {
-        assert_eq!(server.send(&example_event(name)).await.0, 200, "{name}");
-    }
-    let mut handled: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for report in server.reports(stream.len()).await {
-        assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
-        handled
-            .entry(report.plugin.to_string())
-            .or_default()
-            .push(format!(
-                "{}: {}",
-                report.event_type,
-                messages(&report).join(" | ")
-            ));
-    }
-    let plugin = |name: &str| handled.get(name).cloned().unwrap_or_default();
-    assert_eq!(
-        plugin("shipment-review"),
-        [
-            "shipment.delivered: shipment shp_01JQBB4D6F8H0K2M4P6R8T0V2X delivered in 2 days 22 hours \
-          (carrier UPS): ask Maya Chen for a review of order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E (SS-104821)"
-        ]
-    );
-    assert_eq!(
-        plugin("return-refund"),
-        [
-            "return.created: return ret_01JQ3N8P4R6T8V0X2Z4B6D8F0H for order ord_01JPZ4R7T9V1X3Z5B7D9F1H3K5: \
-          refund 749.00 USD for 1 item"
-        ]
-    );
-    assert_eq!(plugin("orders").len(), 1);
-    assert_eq!(plugin("low-stock").len(), 1);
-    assert_eq!(plugin("payments").len(), 2, "refunded and failed");
-    server.stop().await;
-}
+    #[tokio::test(flavor = "multi_thread")]
+    async fn rust_python_and_javascript_plugins_share_one_stream() {
+        // The two toolchains install and build side by side.
+        let (python, js) = std::thread::scope(|scope| {
+            let python = scope.spawn(|| build("python-plugin", "shipment-review.wasm"));
+            let js = build("js-plugin", "return-refund.wasm");
+            (python.join().unwrap(), js)
+        });
+        let plugins = PluginDir::samples();
+        for (wasm, name) in [(&python, "shipment-review"), (&js, "return-refund")] {
+            std::fs::copy(wasm, plugins.path().join(format!("{name}.wasm"))).unwrap();
+            std::fs::copy(
+                wasm.with_extension("toml"),
+                plugins.path().join(format!("{name}.toml")),
+            )
+            .unwrap();
+        }
+        let mut server = TestServer::start(config(&plugins)).await;
+        assert!(
+            server.hooks.load_failures().is_empty(),
+            "{:?}",
+            server.hooks.load_failures()
+        );
 
-/// `stateset-hooks new` in each language, built with the generated build
-/// script outside this repository, loaded together, fed one event over HTTP.
-#[tokio::test(flavor = "multi_thread")]
-async fn new_projects_in_every_language_build_and_handle_events() {
-    let projects = tempfile::tempdir().unwrap();
-    let plugins = PluginDir::new();
-    // Each project is written, then all three build side by side.
-    let dirs: Vec<(String, std::path::PathBuf)> = ["rust", "python", "js"]
-        .into_iter()
-        .map(|lang| {
-            let name = format!("hello-{lang}");
-            let dir = projects.path().join(&name);
-            let new = Command::new(env!("CARGO_BIN_EXE_stateset-hooks"))
-                .args(["new", &name, "--lang", lang, "--event", "order.*", "--dir"])
-                .arg(&dir)
-                .output()
-                .unwrap();
-            assert!(
-                new.status.success(),
-                "{}",
-                String::from_utf8_lossy(&new.stderr)
-            );
-            (name, dir)
-        })
-        .collect();
-    std::thread::scope(|scope| {
-        for (name, dir) in &dirs {
-            scope.spawn(move || {
-                let build = Command::new(dir.join("build.sh"))
-                    // Reuse one target directory across runs for the Rust project.
-                    .env(
-                        "CARGO_TARGET_DIR",
-                        workspace_root().join("target/scaffolded"),
-                    )
+        let stream = [
+            "order.created",
+            "shipment.delivered",
+            "payment.refunded",
+            "return.created",
+            "inventory.low_stock",
+            "payment.failed",
+        ];
+        for name in stream {
+            assert_eq!(server.send(&example_event(name)).await.0, 200, "{name}");
+        }
+        let mut handled: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for report in server.reports(stream.len()).await {
+            assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+            handled
+                .entry(report.plugin.to_string())
+                .or_default()
+                .push(format!(
+                    "{}: {}",
+                    report.event_type,
+                    messages(&report).join(" | ")
+                ));
+        }
+        let plugin = |name: &str| handled.get(name).cloned().unwrap_or_default();
+        assert_eq!(
+            plugin("shipment-review"),
+            [
+                "shipment.delivered: shipment shp_01JQBB4D6F8H0K2M4P6R8T0V2X delivered in 2 days 22 hours \
+              (carrier UPS): ask Maya Chen for a review of order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E (SS-104821)"
+            ]
+        );
+        assert_eq!(
+            plugin("return-refund"),
+            [
+                "return.created: return ret_01JQ3N8P4R6T8V0X2Z4B6D8F0H for order ord_01JPZ4R7T9V1X3Z5B7D9F1H3K5: \
+              refund 749.00 USD for 1 item"
+            ]
+        );
+        assert_eq!(plugin("orders").len(), 1);
+        assert_eq!(plugin("low-stock").len(), 1);
+        assert_eq!(plugin("payments").len(), 2, "refunded and failed");
+        server.stop().await;
+    }
+
+    /// `stateset-hooks new` in each language, built with the generated build
+    /// script outside this repository, loaded together, fed one event over HTTP.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn new_projects_in_every_language_build_and_handle_events() {
+        let projects = tempfile::tempdir().unwrap();
+        let plugins = PluginDir::new();
+        // Each project is written, then all three build side by side.
+        let dirs: Vec<(String, std::path::PathBuf)> = ["rust", "python", "js"]
+            .into_iter()
+            .map(|lang| {
+                let name = format!("hello-{lang}");
+                let dir = projects.path().join(&name);
+                let new = Command::new(env!("CARGO_BIN_EXE_stateset-hooks"))
+                    .args(["new", &name, "--lang", lang, "--event", "order.*", "--dir"])
+                    .arg(&dir)
                     .output()
                     .unwrap();
                 assert!(
-                    build.status.success(),
-                    "{name}: {}",
-                    String::from_utf8_lossy(&build.stderr)
+                    new.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&new.stderr)
                 );
-            });
+                (name, dir)
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for (name, dir) in &dirs {
+                scope.spawn(move || {
+                    let build = Command::new(dir.join("build.sh"))
+                        // Reuse one target directory across runs for the Rust project.
+                        .env(
+                            "CARGO_TARGET_DIR",
+                            workspace_root().join("target/scaffolded"),
+                        )
+                        .output()
+                        .unwrap();
+                    assert!(
+                        build.status.success(),
+                        "{name}: {}",
+                        String::from_utf8_lossy(&build.stderr)
+                    );
+                });
+            }
+        });
+        for (name, dir) in &dirs {
+            for ext in ["wasm", "toml"] {
+                let file = format!("{name}.{ext}");
+                std::fs::copy(dir.join(&file), plugins.path().join(&file)).unwrap();
+            }
         }
-    });
-    for (name, dir) in &dirs {
-        for ext in ["wasm", "toml"] {
-            let file = format!("{name}.{ext}");
-            std::fs::copy(dir.join(&file), plugins.path().join(&file)).unwrap();
-        }
+        let mut server = TestServer::start(config(&plugins)).await;
+        assert!(
+            server.hooks.load_failures().is_empty(),
+            "{:?}",
+            server.hooks.load_failures()
+        );
+        // One worker: had the payment reached anyone, its reports would come first.
+        assert_eq!(server.send(&example_event("payment.failed")).await.0, 200);
+        assert_eq!(server.send(&example_event("order.created")).await.0, 200);
+        let mut lines: Vec<String> = server
+            .reports(3)
+            .await
+            .iter()
+            .map(|r| messages(r).join(" "))
+            .collect();
+        lines.sort();
+        let order = "order.created for ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E";
+        assert_eq!(
+            lines,
+            [
+                format!("hello-js handled {order}"),
+                format!("hello-python handled {order}"),
+                format!("hello-rust handled {order}"),
+            ],
+            "each handles its subscribed type only"
+        );
+        server.stop().await;
     }
-    let mut server = TestServer::start(config(&plugins)).await;
-    assert!(
-        server.hooks.load_failures().is_empty(),
-        "{:?}",
-        server.hooks.load_failures()
-    );
-    // One worker: had the payment reached anyone, its reports would come first.
-    assert_eq!(server.send(&example_event("payment.failed")).await.0, 200);
-    assert_eq!(server.send(&example_event("order.created")).await.0, 200);
-    let mut lines: Vec<String> = server
-        .reports(3)
-        .await
-        .iter()
-        .map(|r| messages(r).join(" "))
-        .collect();
-    lines.sort();
-    let order = "order.created for ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E";
-    assert_eq!(
-        lines,
-        [
-            format!("hello-js handled {order}"),
-            format!("hello-python handled {order}"),
-            format!("hello-rust handled {order}"),
-        ],
-        "each handles its subscribed type only"
-    );
-    server.stop().await;
 }
