@@ -322,7 +322,10 @@ fn a_warm_cache_restart_does_not_compile_and_a_corrupt_entry_is_recompiled() {
 /// on disk win, and stay.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_newest_build_wins_over_a_slower_older_one() {
-    let old = padded_component(5000);
+    // About 8 MB: several seconds to compile here (3 s for half as much), so
+    // the old build is still compiling when the new one lands, even on a
+    // machine busy enough to pause this test for a while.
+    let old = padded_component(10_000);
     assert!(
         old.len() as u64 > stateset_hooks::loader::LARGE_COMPONENT_BYTES,
         "large enough to compile after start-up: {} bytes",
