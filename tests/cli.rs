@@ -1,10 +1,8 @@
 //! The `stateset-hooks` binary as a user runs it: `serve`, `sign`, `send`, `run`.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn bin() -> Command {
     let mut command = Command::new(BIN);

@@ -1,18 +1,16 @@
 //! Never lose an acknowledged event: idempotency, retries, dead letters,
 //! replay, a crash in the middle of traffic, and a store that stops writing.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
 use stateset_hooks::runtime::FailureKind;
 use stateset_hooks::store::{Filter, SqliteStore, Status, Store};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicates_are_acknowledged_and_dispatched_once() {
@@ -114,7 +112,7 @@ async fn failures_retry_with_backoff_then_succeed_or_die_and_replay() {
     // Restart on the same database, replay the DLQ from the command line
     // while the server runs.
     std::fs::copy(wasm("orders"), plugins.path().join("sync.wasm")).unwrap();
-    let mut config = support::config(&plugins);
+    let mut config = crate::support::config(&plugins);
     config.retry.max_attempts = 3;
     let mut server = TestServer::start(config).await;
     let output = Command::new(BIN)

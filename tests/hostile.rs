@@ -4,15 +4,13 @@
 //! the same events and running alongside, gets exactly the results it gets
 //! when nothing misbehaves.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::json;
 use stateset_hooks::Report;
 use stateset_hooks::runtime::FailureKind;
-use support::*;
 
 /// Deadline given to the `slowpoke` plugin, which has fuel to spare, so an
 /// infinite loop meets the clock rather than the fuel.

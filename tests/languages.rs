@@ -3,12 +3,10 @@
 //! each built from source with its real toolchain by its own build script,
 //! fed one stream of events over HTTP.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn build(example: &str, output: &str) -> std::path::PathBuf {
     let dir = workspace_root().join("examples").join(example);
@@ -43,11 +41,6 @@ mod toolchains {
             .unwrap();
         }
         let mut server = TestServer::start(config(&plugins)).await;
-        assert!(
-            server.hooks.load_failures().is_empty(),
-            "{:?}",
-            server.hooks.load_failures()
-        );
 
         let stream = [
             "order.created",
@@ -60,6 +53,10 @@ mod toolchains {
         for name in stream {
             assert_eq!(server.send(&example_event(name)).await.0, 200, "{name}");
         }
+        // The events wait in the store while the large components compile.
+        server.wait_loaded().await;
+        let failures = server.hooks.load_failures();
+        assert!(failures.is_empty(), "{failures:?}");
         let mut handled: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for report in server.reports(stream.len()).await {
             assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
@@ -144,14 +141,12 @@ mod toolchains {
             }
         }
         let mut server = TestServer::start(config(&plugins)).await;
-        assert!(
-            server.hooks.load_failures().is_empty(),
-            "{:?}",
-            server.hooks.load_failures()
-        );
         // One worker: had the payment reached anyone, its reports would come first.
         assert_eq!(server.send(&example_event("payment.failed")).await.0, 200);
         assert_eq!(server.send(&example_event("order.created")).await.0, 200);
+        server.wait_loaded().await;
+        let failures = server.hooks.load_failures();
+        assert!(failures.is_empty(), "{failures:?}");
         let mut lines: Vec<String> = server
             .reports(3)
             .await

@@ -2,14 +2,12 @@
 //! the field named, the instance pool is sized from the workers, and shutdown
 //! is graceful (in-process, and on SIGTERM to the binary).
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use stateset_hooks::store::{Status, Store};
 use stateset_hooks::{Config, ConfigError, Hooks};
-use support::*;
 
 async fn start(config: Config) -> anyhow::Result<Hooks> {
     tokio::task::spawn_blocking(move || Hooks::new(config))

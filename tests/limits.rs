@@ -4,14 +4,12 @@
 //! under and just over the limit; `hostile.rs` proves the same failures are
 //! contained inside the running server.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
 use stateset_hooks::runtime::{CallOutcome, Compiled, FailureKind, Limits, Prepared, Runtime};
-use support::*;
 
 struct Fixture {
     runtime: Runtime,

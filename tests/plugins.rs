@@ -1,10 +1,8 @@
 //! Loading plugins and containing their failures, through the real server.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
 use stateset_hooks::runtime::FailureKind;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_files_are_reported_and_the_rest_serve() {

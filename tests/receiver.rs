@@ -4,10 +4,8 @@
 //! The host runs one worker, so reports arrive in the order events were sent:
 //! a report for a later, valid event proves the refused ones reached no plugin.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const ORDER_ID: &str = "ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E";
 const ORDER_EVENT: &str = "evt_01JQ8ZK5A9C2E4G6J8K0M2P4R6";

@@ -1,19 +1,17 @@
 //! Drop in, replace, remove: hot reload under traffic, broken replacements,
 //! WIT versions side by side, manifest configuration and the compile cache.
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
 use stateset_hooks::status::PluginState;
 use stateset_hooks::store::{Filter, Status};
 use stateset_hooks::watch::RELOAD_DEBOUNCE;
-use support::*;
 
 /// Deploy the way the README recommends: write aside, rename over.
 fn deploy(dir: &Path, name: &str, bytes: &[u8]) {

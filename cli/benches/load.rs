@@ -11,6 +11,7 @@
 //! the backlog grew, and the host's peak memory, each also as a ratio to the
 //! reference where that means something.
 
+#[allow(dead_code)] // the benchmarks use a part of it
 #[path = "../../tests/support/mod.rs"]
 mod support;
 

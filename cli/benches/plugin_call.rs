@@ -5,6 +5,7 @@
 //!
 //! `cargo bench -p stateset-hooks-cli --bench plugin_call`
 
+#[allow(dead_code)] // the benchmarks use a part of it
 #[path = "../../tests/support/mod.rs"]
 mod support;
 

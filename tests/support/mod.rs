@@ -1,6 +1,5 @@
 //! Shared test support: build real plugin components, lay out plugin
 //! directories, start the real server on port 0 and talk to it over HTTP.
-#![allow(dead_code)] // each test binary uses a different part
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +19,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_stateset-hooks");
 /// How long a test waits for plugin reports before it fails: generous, as
 /// large (Python, JavaScript) components compile after start-up first.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a test waits for large components to compile.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -198,6 +199,27 @@ impl TestServer {
             out.push(report);
         }
         out
+    }
+
+    /// Wait until no plugin is loading. Large components (Python, JavaScript)
+    /// compile in the background after start-up; on a busy machine that can
+    /// take longer than [`REPORT_TIMEOUT`], which is about dispatch, not
+    /// compilation.
+    pub async fn wait_loaded(&self) {
+        let started = std::time::Instant::now();
+        while self
+            .hooks
+            .status()
+            .iter()
+            .any(|p| p.state == stateset_hooks::status::PluginState::Loading)
+        {
+            assert!(
+                started.elapsed() < LOAD_TIMEOUT,
+                "plugins still loading after {LOAD_TIMEOUT:?}: {:?}",
+                self.hooks.status()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The loaded plugin called `name`.
