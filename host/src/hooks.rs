@@ -174,10 +174,9 @@ impl Hooks {
     /// recorded and the plugin status saved one last time; the watcher, the
     /// loader (a compile in progress finishes but is not swapped in) and the
     /// housekeeping loops stop. Each write was committed and synced when it
-    /// was made, so nothing is left to flush. A call blocked inside a host
-    /// call does not see the cut: after a further second it is left behind,
-    /// unrecorded, and its delivery runs again at the next start. Later
-    /// calls wait for the first to finish.
+    /// was made, so nothing is left to flush. A cut call, even one waiting
+    /// inside a host call, returns within an epoch tick. Later calls wait
+    /// for the first to finish.
     pub async fn shutdown(&self) {
         let inner = self.inner.clone();
         let stopped = tokio::task::spawn_blocking(move || inner.shutdown());

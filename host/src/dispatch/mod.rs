@@ -47,8 +47,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub const FAST_PATH_GRACE: Duration = Duration::from_secs(1);
 
 /// After the grace period, how long cut calls get to return before shutdown
-/// leaves them behind: a call blocked inside a host call (a long sleep) does
-/// not see the cut until the call returns, and shutdown must stay bounded.
+/// leaves them behind. A cut call returns within an epoch tick, waiting in a
+/// host call or not; this bounds shutdown should one ever not.
 pub const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// What the dispatcher needs to know of the host's configuration.
@@ -285,9 +285,9 @@ impl Dispatcher {
     /// outcome, join every thread. What did not run stays pending in the
     /// store for the next start. Blocking: the grace period plus [`CUT_WAIT`]
     /// for the calls, then the last store writes (each bounded by the store's
-    /// busy timeout). A call blocked inside a host call does not see the cut
-    /// and is left behind after `CUT_WAIT`, its outcome unrecorded. Later
-    /// calls wait for the first to finish.
+    /// busy timeout). A call that does not return within `CUT_WAIT` of the
+    /// cut is left behind, its outcome unrecorded. Later calls wait for the
+    /// first to finish.
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
         // Held to the end, so a second caller waits for this one.
@@ -314,7 +314,7 @@ impl Dispatcher {
         } else {
             tracing::error!(
                 calls = running,
-                "plugin calls blocked in a host call did not stop: left behind; \
+                "plugin calls did not stop when cut: left behind; \
                  their deliveries stay pending for the next start"
             );
         }

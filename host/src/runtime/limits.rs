@@ -40,6 +40,11 @@ pub const DEFAULT_ERROR_BYTES: usize = 4 << 10;
 /// the host thread's own stack (2 MiB for tokio's blocking threads) is at risk.
 pub const MAX_WASM_STACK_BYTES: usize = 512 << 10;
 
+/// Stack per call for wasm and the host functions it calls (calls run on
+/// their own stacks so they can be abandoned at the deadline): the wasm
+/// stack plus room for the host's side of WASI.
+pub(crate) const ASYNC_STACK_BYTES: usize = MAX_WASM_STACK_BYTES + (1 << 20);
+
 /// How often the epoch advances; deadlines are accurate to about this much.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -80,6 +85,7 @@ pub(crate) fn pooling(concurrent_calls: u32) -> InstanceAllocationStrategy {
         .max_tables_per_component(MAX_TABLES as u32)
         .max_memory_size(HOST_MAX_MEMORY_BYTES)
         .table_elements(MAX_TABLE_ELEMENTS)
+        .total_stacks(concurrent_calls)
         // Interpreters (CPython, SpiderMonkey) have large instance contexts.
         .max_core_instance_size(4 << 20)
         .max_component_instance_size(4 << 20)
@@ -338,7 +344,8 @@ pub struct LimitOverrides {
 pub(crate) fn configure_store<T: HasLimiter>(
     store: &mut Store<T>,
     limits: &Limits,
-    cancel: &Arc<AtomicBool>,
+    deadline: Instant,
+    cancel: tokio::sync::watch::Receiver<bool>,
 ) {
     match limits.fuel {
         Some(fuel) => store.set_fuel(fuel).expect("engine has fuel metering on"),
@@ -347,11 +354,9 @@ pub(crate) fn configure_store<T: HasLimiter>(
             .set_fuel(u64::MAX)
             .expect("engine has fuel metering on"),
     }
-    let deadline = Instant::now() + limits.timeout;
-    let cancel = cancel.clone();
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
-        if cancel.load(Ordering::Relaxed) {
+        if *cancel.borrow() {
             Err(Cancelled.into())
         } else if Instant::now() >= deadline {
             // Traps with `Trap::Interrupt`, classified as a timeout.

@@ -19,12 +19,12 @@ mod limits;
 mod output;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreContextMut, Trap};
 
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -38,7 +38,9 @@ pub use self::limits::{
     DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT,
     EPOCH_TICK, LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
 };
-pub use self::output::{LogLevel, LogLine, LogSource};
+pub use self::output::{
+    LINE_OVERHEAD_BYTES, LogLevel, LogLine, LogSource, MAX_LINES_PER_CALL, escape_controls,
+};
 
 /// The engine, the linker and the epoch ticker: one per host.
 pub struct Runtime {
@@ -50,7 +52,7 @@ pub struct Runtime {
     /// One per call the instance pool can hold at once.
     slots: Slots,
     /// Set once at shutdown: every running call is cut, no new one starts.
-    cancel: Arc<AtomicBool>,
+    cancel: tokio::sync::watch::Sender<bool>,
     _ticker: EpochTicker,
 }
 
@@ -128,6 +130,8 @@ pub struct CallOutcome {
     pub logs: Vec<LogLine>,
     /// Output bytes past the limit, dropped.
     pub dropped_output_bytes: usize,
+    /// Lines past the limit or the line cap, dropped.
+    pub dropped_output_lines: usize,
 }
 
 impl Runtime {
@@ -152,12 +156,12 @@ impl Runtime {
             .consume_fuel(true)
             .epoch_interruption(true)
             .max_wasm_stack(MAX_WASM_STACK_BYTES)
+            .async_stack_size(limits::ASYNC_STACK_BYTES)
             .allocation_strategy(limits::pooling(pool_size));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        v0_1_0::Plugin::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)?;
-        v0_2_0::Plugin::add_to_linker::<_, HasSelf<CallState>>(&mut linker, |state| state)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        add_host_to_linker(&mut linker)?;
         let cache = match cache_dir {
             Some(dir) => Some(CompileCache::open(dir, &engine).map_err(|e| {
                 anyhow::anyhow!("cannot use compile cache directory {}: {e}", dir.display())
@@ -171,7 +175,7 @@ impl Runtime {
             cache,
             compiled: AtomicU64::new(0),
             slots: Slots::new(concurrent_calls),
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel: tokio::sync::watch::Sender::new(false),
             _ticker: ticker,
         })
     }
@@ -214,16 +218,21 @@ impl Runtime {
     }
 
     /// Cut every running call short and refuse new ones: the host is
-    /// shutting down. A call running wasm code returns
-    /// [`NotRun::Cancelled`] within an epoch tick; one blocked inside a host
-    /// call (a sleep) sees the cut only once that host call returns.
+    /// shutting down. A running call returns [`NotRun::Cancelled`] within an
+    /// epoch tick, whether it runs wasm code or waits in a host call.
     pub fn cancel_calls(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        self.cancel.send_replace(true);
     }
 
     /// Run `on-event` once in a fresh, limited instance. Blocking: call it from
-    /// a thread that may block (a worker, `spawn_blocking`). Waits for a pool
-    /// slot when `concurrent_calls` calls are already running.
+    /// a thread that may block (a worker, `spawn_blocking`), not from async
+    /// code. Waits for a pool slot when `concurrent_calls` calls are already
+    /// running.
+    ///
+    /// The call ends by its deadline whatever the plugin does: wasm code is
+    /// interrupted on the epoch tick past it, and a call waiting inside a host
+    /// call (a sleep, a poll on a clock) is abandoned when the deadline's
+    /// timer fires. Both end as [`FailureKind::Timeout`].
     pub fn call(
         &self,
         prepared: &Prepared,
@@ -232,7 +241,8 @@ impl Runtime {
         payload: &str,
     ) -> Result<CallOutcome, NotRun> {
         let _slot = self.slots.acquire();
-        if self.cancel.load(Ordering::Relaxed) {
+        let mut cancelled = self.cancel.subscribe();
+        if *cancelled.borrow() {
             return Err(NotRun::Cancelled);
         }
         let (compiled, plugin, limits) = (&prepared.compiled, &prepared.name, &prepared.limits);
@@ -243,30 +253,46 @@ impl Runtime {
         let output = Arc::new(Mutex::new(Output::new(tag, limits.output_bytes)));
         let state = CallState::new(&output, limits, prepared.config.clone());
         let mut store = Store::new(&self.engine, state);
-        configure_store(&mut store, limits, &self.cancel);
+        let start = Instant::now();
+        let deadline = start + limits.timeout;
+        configure_store(&mut store, limits, deadline, cancelled.clone());
         let fuel_before = store.get_fuel().unwrap_or(0);
 
-        let start = Instant::now();
-        let called = compiled
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_on_event(&mut store, event_type, payload));
+        let ended = EXECUTOR.with(|executor| {
+            executor.block_on(async {
+                let call = async {
+                    let instance = compiled.pre.instantiate_async(&mut store).await?;
+                    instance
+                        .call_on_event(&mut store, event_type, payload)
+                        .await
+                };
+                tokio::select! {
+                    called = call => Ended::Returned(called),
+                    () = tokio::time::sleep_until(deadline.into()) => Ended::Deadline,
+                    _ = cancelled.wait_for(|&cut| cut) => Ended::Cancelled,
+                }
+            })
+        });
         let elapsed = start.elapsed();
 
-        let result = match called {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(Failure::new(
+        let result = match ended {
+            Ended::Returned(Ok(Ok(()))) => Ok(()),
+            Ended::Returned(Ok(Err(message))) => Err(Failure::new(
                 FailureKind::PluginError,
                 truncate_message(message, limits.error_bytes),
             )),
-            Err(error) if error.is::<Cancelled>() => return Err(NotRun::Cancelled),
-            Err(error) if error.is::<wasmtime::PoolConcurrencyLimitError>() => {
+            Ended::Returned(Err(error)) if error.is::<Cancelled>() => {
+                return Err(NotRun::Cancelled);
+            }
+            Ended::Returned(Err(error)) if error.is::<wasmtime::PoolConcurrencyLimitError>() => {
                 return Err(NotRun::PoolExhausted);
             }
-            Err(error) => {
+            Ended::Returned(Err(error)) => {
                 tracing::debug!(%plugin, %event, "plugin call failed: {error:?}");
                 Err(Failure::from_wasmtime(&error))
             }
+            Ended::Deadline => Err(Failure::from_wasmtime(&Trap::Interrupt.into())),
+            Ended::Cancelled => return Err(NotRun::Cancelled),
         };
         let fuel_used = fuel_before.saturating_sub(store.get_fuel().unwrap_or(0));
         let peak_memory_bytes = store.data().limiter.peak();
@@ -280,8 +306,26 @@ impl Runtime {
             peak_memory_bytes,
             logs,
             dropped_output_bytes: output.dropped_bytes(),
+            dropped_output_lines: output.dropped_lines(),
         })
     }
+}
+
+/// How a call's future ended: it returned, or it was abandoned.
+enum Ended<T> {
+    Returned(wasmtime::Result<T>),
+    Deadline,
+    Cancelled,
+}
+
+thread_local! {
+    /// Drives the calls a thread makes: a single-threaded tokio runtime with
+    /// timers, so a plugin waiting in a host call waits on this thread under
+    /// the call's deadline rather than parking it.
+    static EXECUTOR: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a single-threaded tokio runtime");
 }
 
 /// Core modules start `\0asm` then version 1; components use another layer.
@@ -353,6 +397,22 @@ impl CallState {
     }
 }
 
+/// Fuel a `host` import costs, on top of one unit per byte it is handed: the
+/// host's work per call (lifting the string, a lock, maybe a log record) is
+/// worth thousands of wasm instructions, so a flood of empty log lines runs
+/// out of fuel like any other loop instead of running free in host code.
+pub const HOST_CALL_FUEL: u64 = 1_000;
+
+/// Take `cost` fuel from the call, or trap with `out-of-fuel` when it has less.
+fn charge(store: &mut StoreContextMut<'_, CallState>, cost: u64) -> wasmtime::Result<()> {
+    let left = store.get_fuel()?;
+    store.set_fuel(left.saturating_sub(cost))?;
+    if left < cost {
+        return Err(Trap::OutOfFuel.into());
+    }
+    Ok(())
+}
+
 /// Each WIT version's `log-level` is its own type; they map the same way.
 macro_rules! log_level {
     ($wit:ty, $level:expr) => {{
@@ -367,22 +427,35 @@ macro_rules! log_level {
     }};
 }
 
-impl v0_1_0::stateset::webhooks::host::Host for CallState {
-    fn log(&mut self, level: v0_1_0::stateset::webhooks::host::LogLevel, message: String) {
-        let level = log_level!(v0_1_0::stateset::webhooks::host::LogLevel, level);
-        CallState::log(self, level, &message);
-    }
+/// Define `host.log` for one WIT version's instance of the linker.
+macro_rules! define_log {
+    ($host:expr, $level:ty) => {
+        $host.func_wrap(
+            "log",
+            |mut store: StoreContextMut<'_, CallState>, (level, message): ($level, String)| {
+                charge(&mut store, HOST_CALL_FUEL + message.len() as u64)?;
+                store.data_mut().log(log_level!($level, level), &message);
+                Ok(())
+            },
+        )
+    };
 }
 
-impl v0_2_0::stateset::webhooks::host::Host for CallState {
-    fn log(&mut self, level: v0_2_0::stateset::webhooks::host::LogLevel, message: String) {
-        let level = log_level!(v0_2_0::stateset::webhooks::host::LogLevel, level);
-        CallState::log(self, level, &message);
-    }
-
-    fn config_get(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).map(str::to_owned)
-    }
+/// The `host` interface of every WIT version, written against the store (not
+/// bindgen's `Host` traits) so each import can charge fuel.
+fn add_host_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    let mut host = linker.instance("stateset:webhooks/host@0.1.0")?;
+    define_log!(host, v0_1_0::stateset::webhooks::host::LogLevel)?;
+    let mut host = linker.instance("stateset:webhooks/host@0.2.0")?;
+    define_log!(host, v0_2_0::stateset::webhooks::host::LogLevel)?;
+    host.func_wrap(
+        "config-get",
+        |mut store: StoreContextMut<'_, CallState>, (key,): (String,)| {
+            charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+            Ok((store.data().config.get(&key).map(str::to_owned),))
+        },
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

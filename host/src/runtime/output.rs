@@ -1,8 +1,9 @@
 //! What a plugin says during a call: `host.log` lines and captured stdout/stderr.
 //!
-//! Owns the per-call output budget (one cap shared by all three sources), the
-//! tagging of every line with the plugin and event, and the WASI stdio streams
-//! that feed it. Lines go to the host log as they arrive and are kept, within
+//! Owns the per-call output budget (one cap shared by all three sources, with
+//! a cost per line and a cap on lines), the tagging of every line with the
+//! plugin and event, and the WASI stdio streams that feed it. Lines go to the
+//! host log as they arrive, control characters escaped, and are kept, within
 //! the budget, in the call's outcome.
 
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// What each kept line costs against the output budget on top of its bytes:
+/// about what the host spends on it (a `LogLine`, a log record's fields), so
+/// empty lines are not free. A 64 KiB budget holds at most 1,024 lines.
+pub const LINE_OVERHEAD_BYTES: usize = 64;
+
+/// The most lines one call keeps and logs, whatever its budget: lines past it
+/// are counted, not formatted, kept or logged.
+pub const MAX_LINES_PER_CALL: usize = 1_000;
 
 /// Severity of a plugin's line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,6 +63,7 @@ pub(crate) struct Output {
     budget: usize,
     lines: Vec<LogLine>,
     dropped_bytes: usize,
+    dropped_lines: usize,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
 }
@@ -64,27 +75,27 @@ impl Output {
             budget,
             lines: Vec::new(),
             dropped_bytes: 0,
+            dropped_lines: 0,
             stdout: Vec::new(),
             stderr: Vec::new(),
         }
     }
 
-    /// Record a line, or count it as dropped once the budget is spent.
+    /// Record a line (cut to the budget left), or count it as dropped once
+    /// the budget or the line cap is spent.
     pub(crate) fn line(&mut self, level: LogLevel, source: LogSource, message: &str) {
-        if message.len() > self.budget {
-            let keep = floor_char_boundary(message, self.budget);
-            self.dropped_bytes += message.len() - keep;
-            if keep == 0 {
-                return;
-            }
-            self.push(level, source, &message[..keep]);
-        } else {
-            self.push(level, source, message);
+        let room = (self.lines.len() < MAX_LINES_PER_CALL)
+            .then(|| self.budget.checked_sub(LINE_OVERHEAD_BYTES))
+            .flatten();
+        let keep = room.map_or(0, |room| floor_char_boundary(message, room));
+        if room.is_none() || (keep == 0 && !message.is_empty()) {
+            self.dropped_lines += 1;
+            self.dropped_bytes += message.len();
+            return;
         }
-    }
-
-    fn push(&mut self, level: LogLevel, source: LogSource, message: &str) {
-        self.budget -= message.len();
+        self.dropped_bytes += message.len() - keep;
+        self.budget -= keep + LINE_OVERHEAD_BYTES;
+        let message = &message[..keep];
         emit(&self.tag, level, source, message);
         self.lines.push(LogLine {
             level,
@@ -131,12 +142,13 @@ impl Output {
                 self.stdio_line(source, &pending);
             }
         }
-        if self.dropped_bytes > 0 {
+        if self.dropped_bytes > 0 || self.dropped_lines > 0 {
             tracing::warn!(
                 plugin = %self.tag.plugin,
                 event = %self.tag.event,
                 dropped_bytes = self.dropped_bytes,
-                "plugin output truncated: per-call output limit reached"
+                dropped_lines = self.dropped_lines,
+                "plugin output truncated: per-call output or line limit reached"
             );
         }
         std::mem::take(&mut self.lines)
@@ -144,6 +156,10 @@ impl Output {
 
     pub(crate) fn dropped_bytes(&self) -> usize {
         self.dropped_bytes
+    }
+
+    pub(crate) fn dropped_lines(&self) -> usize {
+        self.dropped_lines
     }
 }
 
@@ -154,6 +170,7 @@ fn emit(tag: &CallTag, level: LogLevel, source: LogSource, message: &str) {
         LogSource::Stdout => "stdout",
         LogSource::Stderr => "stderr",
     };
+    let message = escape_controls(message);
     match level {
         LogLevel::Trace => tracing::trace!(target: "plugin", plugin, event, stream, "{message}"),
         LogLevel::Debug => tracing::debug!(target: "plugin", plugin, event, stream, "{message}"),
@@ -161,6 +178,24 @@ fn emit(tag: &CallTag, level: LogLevel, source: LogSource, message: &str) {
         LogLevel::Warn => tracing::warn!(target: "plugin", plugin, event, stream, "{message}"),
         LogLevel::Error => tracing::error!(target: "plugin", plugin, event, stream, "{message}"),
     }
+}
+
+/// `text` with control characters (newlines, escape sequences, ...) written
+/// as escapes, so text a plugin chose cannot forge a line of the host's log
+/// or drive the terminal that shows it. Other characters are kept as they are.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
 }
 
 /// The largest index `<= max` that is a char boundary of `s`.
@@ -295,7 +330,7 @@ mod tests {
 
     #[test]
     fn budget_is_shared_and_the_rest_is_counted() {
-        let mut out = output(10);
+        let mut out = output(2 * LINE_OVERHEAD_BYTES + 10);
         out.line(LogLevel::Info, LogSource::Log, "123456");
         out.line(LogLevel::Info, LogSource::Log, "abcdef");
         out.stdio(LogSource::Stdout, b"more\n");
@@ -303,7 +338,35 @@ mod tests {
         assert_eq!(lines[0].message, "123456");
         assert_eq!(lines[1].message, "abcd");
         assert_eq!(lines.len(), 2);
+        // The stdio bytes found no room even for a partial line.
         assert_eq!(out.dropped_bytes(), 2 + 5);
+        assert_eq!(out.dropped_lines(), 0);
+    }
+
+    #[test]
+    fn empty_lines_cost_their_overhead_and_lines_are_capped() {
+        let mut out = output(LINE_OVERHEAD_BYTES * 3);
+        for _ in 0..10 {
+            out.line(LogLevel::Info, LogSource::Log, "");
+        }
+        assert_eq!(out.finish().len(), 3);
+        assert_eq!(out.dropped_lines(), 7);
+
+        let mut out = output(usize::MAX);
+        for _ in 0..MAX_LINES_PER_CALL + 5 {
+            out.line(LogLevel::Info, LogSource::Log, "x");
+        }
+        assert_eq!(out.finish().len(), MAX_LINES_PER_CALL);
+        assert_eq!(out.dropped_lines(), 5);
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("plain café"), "plain café");
+        assert_eq!(
+            escape_controls("ok\n2026 ERROR forged\u{1b}[2J\t"),
+            "ok\\n2026 ERROR forged\\u{1b}[2J\\t"
+        );
     }
 
     #[test]
