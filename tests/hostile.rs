@@ -278,3 +278,49 @@ async fn a_plugin_failing_in_a_row_is_quarantined_until_released() {
     assert_eq!(both, ["flaky", "orders"]);
     server.stop().await;
 }
+
+/// Plugins that wait forever inside host calls, twice as many as there are
+/// workers: each is cut at its deadline as a `timeout`, and `orders`, behind
+/// them in the same queue, still handles every event.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_plugins_do_not_hold_the_workers() {
+    let plugins = PluginDir::new();
+    plugins
+        .add("orders", "orders", Some(r#"subscriptions = ["order.*"]"#))
+        .add(
+            "sleepy",
+            "misbehave",
+            Some(&format!(
+                "subscriptions = [\"order.*\"]\n[limits]\ntimeout_ms = {}",
+                SLOWPOKE_TIMEOUT.as_millis()
+            )),
+        );
+    let mut config = config(&plugins);
+    config.workers = 2;
+    let mut server = TestServer::start(config).await;
+    const EVENTS: usize = 4;
+    for i in 0..EVENTS {
+        let body = order_with(
+            &format!("evt_wait{i}"),
+            json!({"misbehave": "sleep-forever"}),
+        );
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+    let (mut timeouts, mut handled) = (0, 0);
+    while timeouts < EVENTS || handled < EVENTS {
+        let report = server.reports(1).await.remove(0);
+        match &*report.plugin {
+            "sleepy" => {
+                let failure = report.outcome.result.as_ref().unwrap_err();
+                assert_eq!(failure.kind, FailureKind::Timeout, "{report:#?}");
+                assert!(report.outcome.elapsed < SLOWPOKE_TIMEOUT + Duration::from_millis(500));
+                timeouts += usize::from(report.attempt == 1);
+            }
+            _ => {
+                assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+                handled += 1;
+            }
+        }
+    }
+    server.stop().await;
+}
