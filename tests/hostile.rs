@@ -324,3 +324,38 @@ async fn waiting_plugins_do_not_hold_the_workers() {
     }
     server.stop().await;
 }
+
+/// A manifest is the plugin author's: it reads only the variables the
+/// operator grants, never the webhook secret, and a refusal names the
+/// variable without echoing any value.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_reads_only_the_environment_the_operator_grants() {
+    let plugins = PluginDir::new();
+    let asks = |var: &str| format!("[config]\ntoken = {{ env = \"{var}\" }}\n");
+    plugins
+        .add("thief", "orders", Some(&asks("STATESET_WEBHOOK_SECRET")))
+        .add("snoop", "orders", Some(&asks("HOME")))
+        .add("granted", "orders", Some(&asks("PATH")));
+    let mut config = config(&plugins);
+    config.plugin_env.insert("PATH".into());
+    let server = TestServer::start(config).await;
+    let loaded: Vec<_> = server
+        .hooks
+        .plugins()
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    assert_eq!(loaded, ["granted"]);
+    let failures = server.hooks.load_failures();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    for failure in &failures {
+        assert!(
+            failure.reason.contains("is not granted to plugins"),
+            "{failure:?}"
+        );
+        assert!(!failure.reason.contains(SECRET), "{failure:?}");
+    }
+    let status = serde_json::to_string(&server.hooks.status()).unwrap();
+    assert!(!status.contains(SECRET));
+    server.stop().await;
+}

@@ -79,6 +79,10 @@ enum Command {
         event: PathBuf,
         #[command(flatten)]
         limits: serve::LimitArgs,
+        /// Let the manifest read this environment variable (repeat for
+        /// more), as `serve --allow-plugin-env` does.
+        #[arg(long, value_name = "VAR")]
+        allow_plugin_env: Vec<String>,
     },
 }
 
@@ -123,7 +127,8 @@ fn main() -> ExitCode {
             plugin,
             event,
             limits,
-        } => run::run(&plugin, &event, &limits),
+            allow_plugin_env,
+        } => run::run(&plugin, &event, &limits, &allow_plugin_env),
     };
     match result {
         Ok(code) => code,

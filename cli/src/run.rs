@@ -6,12 +6,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use stateset_hooks::Event;
+use stateset_hooks::manifest::EnvGrant;
 use stateset_hooks::runtime::{LimitPolicy, Runtime};
+use stateset_hooks::signature::SECRET_ENV;
+use stateset_hooks::{Event, Secret};
 
 use crate::serve::LimitArgs;
 
-pub fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<ExitCode> {
+pub fn run(
+    plugin: &Path,
+    event: &Path,
+    limits: &LimitArgs,
+    allow_env: &[String],
+) -> anyhow::Result<ExitCode> {
     let policy = LimitPolicy {
         defaults: limits.limits(),
         ..LimitPolicy::default()
@@ -23,7 +30,12 @@ pub fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<Ex
     let event = Event::parse(body.into())
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new(None, 1)?;
-    let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &policy)
+    // As the server would grant it, withholding the secret if one is set.
+    let mut env = EnvGrant::new(allow_env.iter().cloned());
+    if let Some(secret) = std::env::var_os(SECRET_ENV) {
+        env = env.withholding(Secret::new(secret.into_encoded_bytes())?);
+    }
+    let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &policy, &env)
         .with_context(|| format!("cannot load {}", plugin.display()))?;
     if !loaded.manifest.subscribes_to(event.event_type()) {
         eprintln!(

@@ -51,6 +51,11 @@ pub struct ServeArgs {
     shutdown_grace_ms: u64,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Let plugin manifests read this environment variable with
+    /// `{ env = "VAR" }` (repeat for more). Variables named STATESET_PLUGIN_*
+    /// are readable without it; the webhook secret never is.
+    #[arg(long, value_name = "VAR")]
+    allow_plugin_env: Vec<String>,
 }
 
 /// Limits for each plugin call.
@@ -89,6 +94,7 @@ fn flag(field: &str, reason: &str) -> &'static str {
         "backlog_high_water" => "--backlog-high-water",
         "retry.max_attempts" => "--max-attempts",
         "retention" => "--retention-days",
+        "plugin_env" => "--allow-plugin-env",
         "limits" if reason.contains(".fuel") => "--fuel",
         "limits" if reason.contains(".memory_bytes") => "--memory-mib",
         "limits" if reason.contains(".timeout") => "--timeout-ms",
@@ -106,6 +112,7 @@ pub fn serve(
     config.body_limit = args.body_limit;
     config.plugins_dir = Some(args.plugins);
     config.limits.defaults = args.limits.limits();
+    config.plugin_env = args.allow_plugin_env.into_iter().collect();
     config.queue_capacity = args.queue_capacity;
     config.backlog_high_water = args.backlog_high_water;
     config.retry.max_attempts = args.max_attempts;

@@ -7,10 +7,12 @@
 //!
 //! [`Hooks::new`]: crate::Hooks::new
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::health::DEFAULT_QUARANTINE_AFTER;
+use crate::manifest::EnvGrant;
 use crate::retry::RetryPolicy;
 use crate::runtime::LimitPolicy;
 use crate::signature::Secret;
@@ -74,6 +76,9 @@ pub struct Config {
     pub plugins_dir: Option<PathBuf>,
     /// Limits for every plugin call, and the most a manifest may raise them to.
     pub limits: LimitPolicy,
+    /// Environment variables a manifest may read with `{ env = "VAR" }`
+    /// besides those named `STATESET_PLUGIN_*`. Never the webhook secret.
+    pub plugin_env: BTreeSet<String>,
     /// Consecutive failures after which a plugin is quarantined; 0 never.
     pub quarantine_after: u32,
     /// Plugin worker threads: also the most instances alive at once.
@@ -117,6 +122,7 @@ impl Config {
             body_limit: DEFAULT_BODY_LIMIT,
             plugins_dir: None,
             limits: LimitPolicy::default(),
+            plugin_env: BTreeSet::new(),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             workers: default_workers(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
@@ -185,6 +191,9 @@ impl Config {
         if let Err(reason) = self.limits.validate() {
             return fail("limits", reason);
         }
+        if let Err(reason) = self.env_grant().validate() {
+            return fail("plugin_env", reason);
+        }
         if let Some(dir) = &self.plugins_dir
             && !dir.is_dir()
         {
@@ -194,6 +203,14 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// What plugins may read of the host's environment: `STATESET_PLUGIN_*`
+    /// and [`Config::plugin_env`], never the webhook secret.
+    pub fn env_grant(&self) -> EnvGrant {
+        EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone())
     }
 }
 
@@ -239,6 +256,9 @@ mod tests {
             ("workers", |c| c.workers = MAX_WORKERS + 1),
             ("body_limit", |c| c.body_limit = 0),
             ("limits", |c| c.limits.max.memory_bytes = 4 << 30),
+            ("plugin_env", |c| {
+                c.plugin_env.insert(crate::signature::SECRET_ENV.into());
+            }),
             ("plugins_dir", |c| {
                 c.plugins_dir = Some("/no/such/dir".into())
             }),

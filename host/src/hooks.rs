@@ -67,6 +67,7 @@ impl Hooks {
                 runtime.clone(),
                 registry.clone(),
                 config.limits.clone(),
+                config.env_grant(),
                 store.clone(),
             )?);
             // Watch first: a file deployed while the others load is queued too.

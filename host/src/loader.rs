@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
 use crate::health::Health;
-use crate::manifest::Manifest;
+use crate::manifest::{EnvGrant, Manifest};
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::{LimitPolicy, Runtime};
 use crate::store::{Filter, Status, Store};
@@ -52,6 +52,7 @@ struct LoaderState {
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
     limits: LimitPolicy,
+    env: EnvGrant,
     store: Arc<dyn Store>,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -78,6 +79,7 @@ impl Loader {
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         limits: LimitPolicy,
+        env: EnvGrant,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
         let shared = Arc::new(LoaderState {
@@ -85,6 +87,7 @@ impl Loader {
             runtime,
             registry,
             limits,
+            env,
             store,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -231,7 +234,7 @@ impl LoaderState {
             }
             return;
         }
-        let loaded = load_file(&self.runtime, &path, &self.limits);
+        let loaded = load_file(&self.runtime, &path, &self.limits, &self.env);
         if self.stopping() {
             return; // the host is shutting down: swap nothing in
         }
@@ -311,11 +314,12 @@ pub(crate) fn plugin_name(path: &Path) -> Option<String> {
 }
 
 /// Load one `NAME.wasm` and its optional `NAME.toml`: read, check the
-/// manifest against `limits`, compile.
+/// manifest against `limits` and the environment `env` grants, compile.
 pub fn load_file(
     runtime: &Runtime,
     path: &Path,
     limits: &LimitPolicy,
+    env: &EnvGrant,
 ) -> anyhow::Result<LoadedPlugin> {
     let name = path
         .file_stem()
@@ -325,7 +329,7 @@ pub fn load_file(
     let manifest = read_manifest(&manifest_path)?;
     let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
     let limits = limits.for_plugin(&manifest.limits).map_err(invalid)?;
-    let config = manifest.resolve_config().map_err(invalid)?;
+    let config = manifest.resolve_config(env).map_err(invalid)?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let compiled = runtime.compile(&bytes)?;
     let name: Arc<str> = name.into();

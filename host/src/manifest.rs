@@ -17,15 +17,75 @@
 //!
 //! [config]          # read by plugins built against WIT 0.2.0 with `config-get`
 //! refund_flag_cents = "50000"
-//! api_token = { env = "ORDERS_API_TOKEN" }   # from the host's environment
+//! api_token = { env = "STATESET_PLUGIN_ORDERS_TOKEN" }   # from the host's environment
 //! ```
+//!
+//! The manifest is the plugin author's, not the operator's: it may read only
+//! the environment variables the operator grants ([`EnvGrant`]), and never
+//! the webhook secret.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Deserialize;
 
 use crate::runtime::{ConfigValues, LimitOverrides};
+use crate::signature::{SECRET_ENV, Secret};
+
+/// Environment variables with this prefix are readable by plugins unless the
+/// operator says otherwise: a name an operator sets on purpose for plugins,
+/// never one the host or the system uses.
+pub const PLUGIN_ENV_PREFIX: &str = "STATESET_PLUGIN_";
+
+/// Which of the host's environment variables a manifest may read with
+/// `{ env = "VAR" }`: those named `STATESET_PLUGIN_*` and those the operator
+/// allows by name. A variable holding a webhook secret is never readable,
+/// whatever its name. `Debug` shows names only.
+#[derive(Clone, Default)]
+pub struct EnvGrant {
+    allow: BTreeSet<String>,
+    withheld: Vec<Secret>,
+}
+
+impl EnvGrant {
+    /// Plugins may read `STATESET_PLUGIN_*` and the variables in `allow`.
+    pub fn new(allow: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            allow: allow.into_iter().collect(),
+            withheld: Vec::new(),
+        }
+    }
+
+    /// Never hand `secret` to a plugin, whichever variable holds it.
+    pub fn withholding(mut self, secret: Secret) -> Self {
+        self.withheld.push(secret);
+        self
+    }
+
+    /// Refuse an allow list that names the webhook secret's variable.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.allow.iter().find(|name| *name == SECRET_ENV) {
+            Some(name) => Err(format!(
+                "{name} holds the webhook secret: plugins may never read it"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn allows(&self, name: &str) -> bool {
+        name != SECRET_ENV && (name.starts_with(PLUGIN_ENV_PREFIX) || self.allow.contains(name))
+    }
+}
+
+impl fmt::Debug for EnvGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvGrant")
+            .field("prefix", &PLUGIN_ENV_PREFIX)
+            .field("allow", &self.allow)
+            .field("withheld", &self.withheld.len())
+            .finish()
+    }
+}
 
 /// The parsed manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -67,16 +127,33 @@ impl Manifest {
         toml::from_str(text)
     }
 
-    /// Resolve `[config]`, reading environment references now. The error
+    /// Resolve `[config]`, reading the environment references `grant`
+    /// allows now; any other reference refuses the whole manifest. The error
     /// names the key and variable, never a value.
-    pub fn resolve_config(&self) -> Result<ConfigValues, String> {
+    pub fn resolve_config(&self, grant: &EnvGrant) -> Result<ConfigValues, String> {
         let mut values = BTreeMap::new();
         for (key, source) in &self.config {
             let value = match source {
                 ConfigSource::Value(value) => value.clone(),
+                ConfigSource::Env { env } if !grant.allows(env) => {
+                    return Err(format!(
+                        "config.{key}: environment variable {env} is not granted to plugins \
+                         (they may read {PLUGIN_ENV_PREFIX}* and the variables the operator \
+                         allows with --allow-plugin-env)"
+                    ));
+                }
                 ConfigSource::Env { env } => std::env::var(env)
                     .map_err(|_| format!("config.{key}: environment variable {env} is not set"))?,
             };
+            if grant
+                .withheld
+                .iter()
+                .any(|s| s.appears_in(value.as_bytes()))
+            {
+                return Err(format!(
+                    "config.{key}: the value holds the webhook secret; plugins may never read it"
+                ));
+            }
             values.insert(key.clone(), value);
         }
         Ok(ConfigValues::new(values))
@@ -184,23 +261,58 @@ mod tests {
     }
 
     #[test]
-    fn config_values_and_environment_references() {
-        let m = Manifest::parse(
-            "[config]\nplain = \"50000\"\nsecret = { env = \"MANIFEST_TEST_SECRET\" }\nmissing = { env = \"MANIFEST_TEST_UNSET\" }",
-        )
-        .unwrap();
+    fn config_values_and_granted_environment_references() {
+        let path = std::env::var("PATH").unwrap();
+        let grant = EnvGrant::new(["PATH".to_owned()]);
+        let m =
+            Manifest::parse("[config]\nplain = \"50000\"\nsearch = { env = \"PATH\" }").unwrap();
         let shown = format!("{m:?}");
         assert!(!shown.contains("50000"), "{shown}");
-        let err = m.resolve_config().unwrap_err();
-        assert_eq!(
-            err,
-            "config.missing: environment variable MANIFEST_TEST_UNSET is not set"
-        );
-        let m = Manifest::parse("[config]\nplain = \"50000\"\nhome = { env = \"PATH\" }").unwrap();
-        let values = m.resolve_config().unwrap();
+        let values = m.resolve_config(&grant).unwrap();
         assert_eq!(values.get("plain"), Some("50000"));
-        assert_eq!(values.get("home"), std::env::var("PATH").ok().as_deref());
+        assert_eq!(values.get("search"), Some(path.as_str()));
         assert!(!format!("{values:?}").contains("50000"));
+
+        let refused = |toml: &str, grant: &EnvGrant| {
+            Manifest::parse(toml)
+                .unwrap()
+                .resolve_config(grant)
+                .unwrap_err()
+        };
+        // The prefix is granted: the variable is read, and found unset.
+        let missing = refused(
+            "[config]\nmissing = { env = \"STATESET_PLUGIN_UNSET_TEST\" }",
+            &grant,
+        );
+        assert_eq!(
+            missing,
+            "config.missing: environment variable STATESET_PLUGIN_UNSET_TEST is not set"
+        );
+        for name in ["HOME", SECRET_ENV, "PATHX", "stateset_plugin_x"] {
+            let err = refused(&format!("[config]\nk = {{ env = \"{name}\" }}"), &grant);
+            assert!(err.contains("is not granted to plugins"), "{err}");
+        }
+        // A granted variable that holds the secret is refused, without its value.
+        let secret = Secret::new(&path.as_bytes()[path.len() / 2..]).unwrap();
+        let err = refused(
+            "[config]\nk = { env = \"PATH\" }",
+            &grant.clone().withholding(secret),
+        );
+        assert!(err.contains("holds the webhook secret"), "{err}");
+        assert!(!err.contains(&path), "{err}");
+    }
+
+    #[test]
+    fn the_secret_variable_cannot_be_granted() {
+        let err = EnvGrant::new([SECRET_ENV.to_owned()])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("webhook secret"), "{err}");
+        assert!(
+            EnvGrant::new(["ORDERS_TOKEN".to_owned()])
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -53,6 +53,13 @@ impl Secret {
         }
     }
 
+    /// Whether `text` holds this secret anywhere: a value that must never be
+    /// handed to a plugin.
+    pub fn appears_in(&self, text: &[u8]) -> bool {
+        text.windows(self.0.len())
+            .any(|window| bool::from(window.ct_eq(&self.0)))
+    }
+
     fn mac(&self, body: &[u8]) -> [u8; 32] {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(body);
