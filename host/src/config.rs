@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         type Change = fn(&mut Config);
-        let cases: [(&str, Change); 8] = [
+        let cases: [(&str, Change); 9] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),
