@@ -33,7 +33,7 @@ fn serve_refuses_to_start_without_a_secret() {
 fn bad_options_are_refused_before_binding_naming_the_flag() {
     let plugins = PluginDir::new();
     let dir = plugins.path().to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--plugins", "/no/such/dir"],
             "--plugins: /no/such/dir is not a directory",
@@ -53,6 +53,14 @@ fn bad_options_are_refused_before_binding_naming_the_flag() {
         (
             &["--plugins", dir, "--memory-mib", "4096"],
             "--memory-mib: defaults.memory_bytes is",
+        ),
+        (
+            &["--plugins", dir, "--max-fuel", "2000000000"],
+            "--max-fuel: max.fuel is 2000000000, above the host maximum",
+        ),
+        (
+            &["--plugins", dir, "--max-timeout-ms", "500"],
+            "--timeout-ms: defaults.timeout is 1000, above max.timeout (500)",
         ),
     ];
     for (flags, expected) in cases {

@@ -210,11 +210,7 @@ async fn a_store_that_cannot_write_gets_503_and_recovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backlog_over_the_high_water_mark_gets_503() {
     let plugins = PluginDir::new();
-    plugins.add(
-        "slow",
-        "misbehave",
-        Some("[limits]\nfuel = 1000000000\ntimeout_ms = 400"),
-    );
+    plugins.add("slow", "misbehave", Some("[limits]\ntimeout_ms = 400"));
     let mut config = config(&plugins);
     config.backlog_high_water = 3;
     let server = TestServer::start(config).await;
@@ -223,7 +219,7 @@ async fn a_backlog_over_the_high_water_mark_gets_503() {
         let body = event(
             &format!("evt_slow_{i}"),
             "order.created",
-            json!({ "misbehave": "loop" }),
+            json!({ "misbehave": "sleep-forever" }),
         );
         statuses.push(server.send(&body).await.0);
     }

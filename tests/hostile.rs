@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::support::*;
 use serde_json::json;
 use stateset_hooks::Report;
-use stateset_hooks::runtime::FailureKind;
+use stateset_hooks::runtime::{FailureKind, Limits};
 
 /// Deadline given to the `slowpoke` plugin, which has fuel to spare, so an
 /// infinite loop meets the clock rather than the fuel.
@@ -53,6 +53,7 @@ async fn every_hostile_plugin_is_contained() {
     let mut config = config(&plugins);
     config.workers = 2;
     config.quarantine_after = 0; // every case below must reach the plugin
+    config.limits.max = Limits::host_max(); // slowpoke's fuel
     let mut server = TestServer::start(config).await;
 
     // What `orders` says about this order when nothing misbehaves.
@@ -357,5 +358,50 @@ async fn a_manifest_reads_only_the_environment_the_operator_grants() {
     }
     let status = serde_json::to_string(&server.hooks.status()).unwrap();
     assert!(!status.contains(SECRET));
+    server.stop().await;
+}
+
+/// The operator sets the ceiling: a manifest asking for more fuel, memory or
+/// time than it allows is refused at load, naming the limit; raised, it loads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_asking_above_the_operators_ceiling_is_refused() {
+    let plugins = PluginDir::new();
+    plugins
+        .add("fuel", "orders", Some("[limits]\nfuel = 100000001\n"))
+        .add("memory", "orders", Some("[limits]\nmemory_mib = 257\n"))
+        .add("time", "orders", Some("[limits]\ntimeout_ms = 10001\n"))
+        .add(
+            "modest",
+            "orders",
+            Some("[limits]\nfuel = 100000000\ntimeout_ms = 10000\n"),
+        );
+    let server = TestServer::start(config(&plugins)).await;
+    let loaded: Vec<_> = server
+        .hooks
+        .plugins()
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    assert_eq!(loaded, ["modest"]);
+    let mut reasons: Vec<_> = server
+        .hooks
+        .load_failures()
+        .into_iter()
+        .map(|f| f.reason)
+        .collect();
+    reasons.sort();
+    for (reason, key) in reasons.iter().zip(["fuel", "memory_mib", "timeout_ms"]) {
+        assert!(reason.contains(&format!("limits.{key} = ")), "{reason}");
+        assert!(
+            reason.contains("above the most this host grants a plugin"),
+            "{reason}"
+        );
+    }
+    server.stop().await;
+
+    let mut raised = config(&plugins);
+    raised.limits.max = Limits::host_max();
+    let server = TestServer::start(raised).await;
+    assert_eq!(server.hooks.plugins().len(), 4);
     server.stop().await;
 }

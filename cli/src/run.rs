@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use stateset_hooks::manifest::EnvGrant;
-use stateset_hooks::runtime::{LimitPolicy, Runtime};
+use stateset_hooks::runtime::Runtime;
 use stateset_hooks::signature::SECRET_ENV;
 use stateset_hooks::{Event, Secret};
 
@@ -19,12 +19,9 @@ pub fn run(
     limits: &LimitArgs,
     allow_env: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let policy = LimitPolicy {
-        defaults: limits.limits(),
-        ..LimitPolicy::default()
-    };
+    let policy = limits.policy();
     if let Err(reason) = policy.validate() {
-        bail!("{reason} (--fuel, --memory-mib, --timeout-ms)");
+        bail!("{reason} (--fuel, --memory-mib, --timeout-ms and their --max-* flags)");
     }
     let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
     let event = Event::parse(body.into())

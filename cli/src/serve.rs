@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use stateset_hooks::runtime::{DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, Limits};
+use stateset_hooks::runtime::{
+    DEFAULT_FUEL, DEFAULT_MAX_FUEL, DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MAX_TIMEOUT,
+    DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, LimitPolicy, Limits,
+};
 use stateset_hooks::{Config, ConfigError, Hooks, config, server};
 
 #[derive(Debug, Args)]
@@ -58,7 +61,7 @@ pub struct ServeArgs {
     allow_plugin_env: Vec<String>,
 }
 
-/// Limits for each plugin call.
+/// Limits for each plugin call, and the most a plugin's manifest may ask for.
 #[derive(Debug, Args)]
 pub struct LimitArgs {
     /// Fuel (roughly, wasm instructions) per call.
@@ -70,15 +73,34 @@ pub struct LimitArgs {
     /// Wall-clock time per call, in milliseconds.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT.as_millis() as u64)]
     timeout_ms: u64,
+    /// The most fuel a manifest may ask for; a manifest asking for more is
+    /// refused at load.
+    #[arg(long, default_value_t = DEFAULT_MAX_FUEL)]
+    max_fuel: u64,
+    /// The most memory a manifest may ask for, in MiB.
+    #[arg(long, default_value_t = DEFAULT_MAX_MEMORY_BYTES >> 20)]
+    max_memory_mib: usize,
+    /// The longest deadline a manifest may ask for, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_MAX_TIMEOUT.as_millis() as u64)]
+    max_timeout_ms: u64,
 }
 
 impl LimitArgs {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            fuel: Some(self.fuel),
-            memory_bytes: self.memory_mib << 20,
-            timeout: Duration::from_millis(self.timeout_ms),
-            ..Limits::default()
+    pub fn policy(&self) -> LimitPolicy {
+        let LimitPolicy { defaults, max } = LimitPolicy::default();
+        LimitPolicy {
+            defaults: Limits {
+                fuel: Some(self.fuel),
+                memory_bytes: self.memory_mib << 20,
+                timeout: Duration::from_millis(self.timeout_ms),
+                ..defaults
+            },
+            max: Limits {
+                fuel: Some(self.max_fuel),
+                memory_bytes: self.max_memory_mib << 20,
+                timeout: Duration::from_millis(self.max_timeout_ms),
+                ..max
+            },
         }
     }
 }
@@ -95,6 +117,9 @@ fn flag(field: &str, reason: &str) -> &'static str {
         "retry.max_attempts" => "--max-attempts",
         "retention" => "--retention-days",
         "plugin_env" => "--allow-plugin-env",
+        "limits" if reason.starts_with("max.fuel") => "--max-fuel",
+        "limits" if reason.starts_with("max.memory_bytes") => "--max-memory-mib",
+        "limits" if reason.starts_with("max.timeout") => "--max-timeout-ms",
         "limits" if reason.contains(".fuel") => "--fuel",
         "limits" if reason.contains(".memory_bytes") => "--memory-mib",
         "limits" if reason.contains(".timeout") => "--timeout-ms",
@@ -111,7 +136,7 @@ pub fn serve(
     config.path = args.path;
     config.body_limit = args.body_limit;
     config.plugins_dir = Some(args.plugins);
-    config.limits.defaults = args.limits.limits();
+    config.limits = args.limits.policy();
     config.plugin_env = args.allow_plugin_env.into_iter().collect();
     config.queue_capacity = args.queue_capacity;
     config.backlog_high_water = args.backlog_high_water;

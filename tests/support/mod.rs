@@ -382,7 +382,7 @@ pub fn busy_until(id: &str, until_ms: u64) -> Vec<u8> {
 }
 
 /// A manifest that gives the `misbehave` fixture room for long calls.
-pub const SLOW_MANIFEST: &str = "[limits]\ntimeout_ms = 30000\n";
+pub const SLOW_MANIFEST: &str = "[limits]\ntimeout_ms = 10000\n";
 
 /// Messages a report's plugin logged.
 pub fn messages(report: &Report) -> Vec<&str> {

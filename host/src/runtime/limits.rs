@@ -57,8 +57,17 @@ const MAX_MEMORIES: usize = 16;
 /// (CPython), still bounded.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
-/// The most a manifest may grant one plugin: a plugin that needs more is
-/// refused at load time rather than silently clamped.
+/// The most a manifest may ask for unless the operator raises it
+/// (`--max-fuel`, `--max-memory-mib`, `--max-timeout-ms`): ten times the
+/// default fuel and deadline, four times the default memory. Enough for
+/// interpreted plugins (CPython, SpiderMonkey) handling one event; a
+/// manifest asking for more is refused at load, not silently clamped.
+pub const DEFAULT_MAX_FUEL: u64 = 100_000_000;
+pub const DEFAULT_MAX_MEMORY_BYTES: usize = 256 << 20;
+pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most the operator may let a manifest ask for: what the engine and
+/// the instance pool are built for.
 pub const HOST_MAX_FUEL: u64 = 1_000_000_000;
 pub const HOST_MAX_MEMORY_BYTES: usize = 1 << 30;
 pub const HOST_MAX_TIMEOUT: Duration = Duration::from_secs(30);
@@ -165,7 +174,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The host's maximum: what a manifest may ask for at most.
+    /// The host's maximum: the most an operator may let a manifest ask for.
     pub fn host_max() -> Self {
         Self {
             fuel: Some(HOST_MAX_FUEL),
@@ -192,7 +201,8 @@ impl Limits {
         ) -> Result<T, String> {
             match asked {
                 Some(v) if v > max => Err(format!(
-                    "limits.{key} = {v}{unit} is above the host maximum of {max}{unit}"
+                    "limits.{key} = {v}{unit} is above the most this host grants a plugin, \
+                     {max}{unit}"
                 )),
                 Some(v) => Ok(v),
                 None => Ok(default),
@@ -257,7 +267,12 @@ impl Default for LimitPolicy {
     fn default() -> Self {
         Self {
             defaults: Limits::default(),
-            max: Limits::host_max(),
+            max: Limits {
+                fuel: Some(DEFAULT_MAX_FUEL),
+                memory_bytes: DEFAULT_MAX_MEMORY_BYTES,
+                timeout: DEFAULT_MAX_TIMEOUT,
+                ..Limits::host_max()
+            },
         }
     }
 }
@@ -544,8 +559,21 @@ mod tests {
         };
         assert_eq!(
             defaults.with_overrides(&greedy, &max).unwrap_err(),
-            "limits.memory_mib = 4096 MiB is above the host maximum of 1024 MiB"
+            "limits.memory_mib = 4096 MiB is above the most this host grants a plugin, 1024 MiB"
         );
+    }
+
+    #[test]
+    fn the_default_ceiling_is_well_below_the_engines() {
+        let (ceiling, engine) = (LimitPolicy::default().max, Limits::host_max());
+        assert!(ceiling.fuel.unwrap() * 10 <= engine.fuel.unwrap());
+        assert!(ceiling.memory_bytes * 4 <= engine.memory_bytes);
+        assert!(ceiling.timeout * 3 <= engine.timeout);
+        let greedy = LimitOverrides {
+            fuel: Some(DEFAULT_MAX_FUEL + 1),
+            ..LimitOverrides::default()
+        };
+        assert!(LimitPolicy::default().for_plugin(&greedy).is_err());
     }
 
     #[test]

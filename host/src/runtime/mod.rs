@@ -35,8 +35,9 @@ use self::output::{CallTag, Capture, Output};
 
 pub use self::failure::{Failure, FailureKind, NotRun};
 pub use self::limits::{
-    DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT,
-    EPOCH_TICK, LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
+    DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MAX_FUEL, DEFAULT_MAX_MEMORY_BYTES,
+    DEFAULT_MAX_TIMEOUT, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK,
+    LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
 };
 pub use self::output::{
     LINE_OVERHEAD_BYTES, LogLevel, LogLine, LogSource, MAX_LINES_PER_CALL, escape_controls,
