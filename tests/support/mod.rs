@@ -222,6 +222,12 @@ impl TestServer {
         }
     }
 
+    /// The names of the plugins serving, in order.
+    pub fn serving(&self) -> Vec<String> {
+        let plugins = self.hooks.plugins();
+        plugins.iter().map(|p| p.name.to_string()).collect()
+    }
+
     /// The loaded plugin called `name`.
     pub fn plugin(&self, name: &str) -> std::sync::Arc<stateset_hooks::registry::LoadedPlugin> {
         let plugins = self.hooks.plugins();
