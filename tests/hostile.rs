@@ -393,3 +393,55 @@ async fn a_manifest_asking_above_the_operators_ceiling_is_refused() {
     assert_eq!(server.hooks.plugins().len(), 4);
     server.stop().await;
 }
+
+/// Every file in the plugin directory is the plugin author's: a FIFO is
+/// refused without being opened for a blocking read, an oversized component
+/// without being read, and a manifest linked to the host's environment is
+/// reported by line and column, never by its contents.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_in_the_plugin_directory_are_untrusted() {
+    let plugins = PluginDir::new();
+    plugins.add("orders", "orders", None);
+    let dir = plugins.path();
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("fifo.wasm"))
+        .status();
+    assert!(made.unwrap().success());
+    plugins.add("fifo-manifest", "orders", None);
+    std::process::Command::new("mkfifo")
+        .arg(dir.join("fifo-manifest.toml"))
+        .status()
+        .unwrap();
+    plugins.add("environ", "orders", None);
+    std::os::unix::fs::symlink("/proc/self/environ", dir.join("environ.toml")).unwrap();
+    let huge = std::fs::File::create(dir.join("huge.wasm")).unwrap();
+    huge.set_len(stateset_hooks::plugin_file::MAX_COMPONENT_BYTES + 1)
+        .unwrap();
+
+    let server = TestServer::start(config(&plugins)).await;
+    assert_eq!(server.serving(), ["orders"]);
+    let failures = server.hooks.load_failures();
+    let reason = |name: &str| {
+        let found = failures
+            .iter()
+            .find(|f| f.path.ends_with(format!("{name}.wasm")));
+        found
+            .unwrap_or_else(|| panic!("{name}: {failures:?}"))
+            .reason
+            .clone()
+    };
+    assert!(reason("fifo").contains("not a regular file"));
+    assert!(reason("fifo-manifest").contains("not a regular file"));
+    assert!(reason("huge").contains("larger than 67108864 bytes"));
+    assert!(reason("environ").contains("line 1, column"));
+    let path = std::env::var("PATH").unwrap();
+    let shown = format!(
+        "{failures:?}{}",
+        serde_json::to_string(&server.hooks.status()).unwrap()
+    );
+    assert!(
+        !shown.contains(&path) && !shown.contains("PATH="),
+        "{shown}"
+    );
+    server.stop().await;
+}

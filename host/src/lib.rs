@@ -29,6 +29,7 @@
 //! - [`status`]: plugin states, counters and the `plugins list` table, as types.
 //! - [`store`]: durable events and deliveries (SQLite), behind the `Store` trait.
 //! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions, limits, config).
+//! - [`plugin_file`]: reading the untrusted plugin directory: regular files, size caps.
 //! - [`health`]: per-plugin counters and quarantine.
 //! - [`registry`]: the plugins by name: serving, loading, failed; the subscription filter.
 //! - [`loader`]: the one loader thread and its queue; reading and compiling plugin files.
@@ -50,6 +51,7 @@ pub mod housekeeping;
 mod http;
 pub mod loader;
 pub mod manifest;
+pub mod plugin_file;
 pub mod registry;
 pub mod retry;
 pub mod runtime;

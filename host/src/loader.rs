@@ -9,8 +9,8 @@
 //! an older build compiles queues the name again, and the second load reads
 //! the new file. A name already waiting in the queue is not queued twice.
 //!
-//! Owns reading `NAME.wasm` and `NAME.toml`, naming and versioning plugins,
-//! and the decision to serve, replace, keep or unload. Compiling belongs to
+//! Owns naming and versioning plugins, and the decision to serve, replace,
+//! keep or unload; [`plugin_file`](crate::plugin_file) reads the files. Compiling belongs to
 //! the runtime; the serving set belongs to the registry.
 
 use std::collections::VecDeque;
@@ -22,7 +22,8 @@ use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
 use crate::health::Health;
-use crate::manifest::{EnvGrant, Manifest};
+use crate::manifest::EnvGrant;
+use crate::plugin_file::{read_component, read_manifest};
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::{LimitPolicy, Runtime};
 use crate::store::{Filter, Status, Store};
@@ -112,7 +113,9 @@ impl Loader {
             .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
         let mut names: Vec<String> = entries
             .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
+            // Not only regular files: anything else named `*.wasm` is
+            // refused by the reader, and the refusal is reported.
+            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && !path.is_dir())
             .filter_map(|path| plugin_name(&path))
             .collect();
         names.sort();
@@ -274,7 +277,7 @@ impl LoaderState {
 
     fn is_large_and_uncached(&self, path: &Path) -> bool {
         let large = std::fs::metadata(path).is_ok_and(|m| m.len() > LARGE_COMPONENT_BYTES);
-        large && std::fs::read(path).is_ok_and(|bytes| !self.runtime.is_cached(&bytes))
+        large && read_component(path).is_ok_and(|bytes| !self.runtime.is_cached(&bytes))
     }
 
     fn waiting_deliveries(&self, name: &str) -> usize {
@@ -330,7 +333,7 @@ pub fn load_file(
     let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
     let limits = limits.for_plugin(&manifest.limits).map_err(invalid)?;
     let config = manifest.resolve_config(env).map_err(invalid)?;
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_component(path)?;
     let compiled = runtime.compile(&bytes)?;
     let name: Arc<str> = name.into();
     Ok(LoadedPlugin {
@@ -346,16 +349,6 @@ pub fn load_file(
             config: Arc::new(config),
         },
     })
-}
-
-fn read_manifest(path: &Path) -> anyhow::Result<Manifest> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            Manifest::parse(&text).with_context(|| format!("invalid manifest {}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read manifest {}", path.display())),
-    }
 }
 
 /// A component's version: the start of the SHA-256 of its bytes.
