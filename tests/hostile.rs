@@ -445,3 +445,72 @@ async fn files_in_the_plugin_directory_are_untrusted() {
     );
     server.stop().await;
 }
+
+fn cache_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// The compile cache holds native code the host runs: it is created 0700,
+/// not used when others may write to it, never inside the plugin directory,
+/// and kept under its size cap by evicting entries no loaded plugin uses.
+#[test]
+fn the_compile_cache_is_guarded() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let plugins = PluginDir::new();
+    plugins.add("orders", "orders", None);
+    let start = |max_bytes: Option<u64>| {
+        let mut config = config(&plugins);
+        config.watch = false;
+        config.cache_max_bytes = max_bytes.unwrap_or(config.cache_max_bytes);
+        stateset_hooks::Hooks::new(config).unwrap()
+    };
+    let cache = plugins.cache_path();
+    drop(start(None));
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    let orders_entry = cache_entries(&cache);
+    assert_eq!(orders_entry.len(), 1);
+
+    // Writable by others: refused, so every start compiles and writes nothing.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    plugins.add("payments", "payments", None);
+    let hooks = start(None);
+    assert_eq!(
+        hooks.runtime().compiled_count(),
+        2,
+        "the cache was not read"
+    );
+    assert_eq!(hooks.plugins().len(), 2);
+    drop(hooks);
+    assert_eq!(cache_entries(&cache), orders_entry, "nor written");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Over the cap: an entry no loaded plugin uses goes, the ones in use stay.
+    drop(start(None));
+    assert_eq!(cache_entries(&cache).len(), 2);
+    std::fs::remove_file(plugins.path().join("payments.wasm")).unwrap();
+    plugins.add("low-stock", "low-stock", None);
+    let hooks = start(Some(1));
+    assert_eq!(hooks.runtime().compiled_count(), 1, "low-stock only");
+    drop(hooks);
+    let kept = cache_entries(&cache);
+    assert_eq!(
+        kept.len(),
+        2,
+        "orders (read) and low-stock (written): {kept:?}"
+    );
+    assert!(kept.contains(&orders_entry[0]));
+
+    // Inside the plugin directory: refused by name.
+    let mut inside = config(&plugins);
+    inside.cache_dir = Some(plugins.path().join("cache"));
+    let error = stateset_hooks::Hooks::new(inside).unwrap_err().to_string();
+    assert!(error.contains("cache_dir"), "{error}");
+    assert!(error.contains("inside the plugin directory"), "{error}");
+}

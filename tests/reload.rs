@@ -297,7 +297,7 @@ fn a_warm_cache_restart_does_not_compile_and_a_corrupt_entry_is_recompiled() {
     assert_eq!(warm.plugins().len(), 3);
     drop(warm);
 
-    let entry = std::fs::read_dir(plugins.path().join("cache"))
+    let entry = std::fs::read_dir(plugins.cache_path())
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "cwasm"))

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Where compiled plugins are cached, so a restart does not compile again.
     #[arg(long, value_name = "DIR", default_value = config::DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
+    /// The compile cache's size cap, in MiB; past it, entries no loaded
+    /// plugin uses are evicted, oldest first.
+    #[arg(long, default_value_t = stateset_hooks::runtime::DEFAULT_CACHE_MAX_BYTES >> 20)]
+    cache_max_mib: u64,
     /// On SIGTERM or Ctrl-C, how long running plugin calls may finish before
     /// they are cut (their deliveries then run at the next start), in ms.
     #[arg(long, default_value_t = config::DEFAULT_SHUTDOWN_GRACE.as_millis() as u64)]
@@ -117,6 +121,7 @@ fn flag(field: &str, reason: &str) -> &'static str {
         "retry.max_attempts" => "--max-attempts",
         "retention" => "--retention-days",
         "plugin_env" => "--allow-plugin-env",
+        "cache_dir" => "--cache-dir",
         "limits" if reason.starts_with("max.fuel") => "--max-fuel",
         "limits" if reason.starts_with("max.memory_bytes") => "--max-memory-mib",
         "limits" if reason.starts_with("max.timeout") => "--max-timeout-ms",
@@ -144,6 +149,7 @@ pub fn serve(
     config.retention = Duration::from_secs(args.retention_days.saturating_mul(24 * 3600));
     config.db_path = db.to_owned();
     config.cache_dir = Some(args.cache_dir);
+    config.cache_max_bytes = args.cache_max_mib << 20;
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
     if let Some(workers) = args.workers {
         config.workers = workers;

@@ -8,13 +8,13 @@
 //! [`Hooks::new`]: crate::Hooks::new
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::health::DEFAULT_QUARANTINE_AFTER;
 use crate::manifest::EnvGrant;
 use crate::retry::RetryPolicy;
-use crate::runtime::LimitPolicy;
+use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, LimitPolicy};
 use crate::signature::Secret;
 use crate::store::DEFAULT_DB_PATH;
 
@@ -98,8 +98,12 @@ pub struct Config {
     /// Reload plugins when files in `plugins_dir` change.
     pub watch: bool,
     /// Where compiled components are cached across restarts; `None` compiles
-    /// every start.
+    /// every start. Never inside `plugins_dir`: it holds native code the host
+    /// runs, and the plugin directory is the plugin authors'.
     pub cache_dir: Option<PathBuf>,
+    /// The compile cache's size cap; past it, entries no loaded plugin uses
+    /// are evicted.
+    pub cache_max_bytes: u64,
     /// How long [`Hooks::shutdown`](crate::Hooks::shutdown) waits for running
     /// plugin calls before cutting them short.
     pub shutdown_grace: Duration,
@@ -133,6 +137,7 @@ impl Config {
             retention: DEFAULT_RETENTION,
             watch: true,
             cache_dir: Some(DEFAULT_CACHE_DIR.into()),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
@@ -202,6 +207,19 @@ impl Config {
                 format!("{} is not a directory", dir.display()),
             );
         }
+        if let (Some(plugins), Some(cache)) = (&self.plugins_dir, &self.cache_dir)
+            && resolved(cache).starts_with(resolved(plugins))
+        {
+            return fail(
+                "cache_dir",
+                format!(
+                    "{} is inside the plugin directory {}: the cache holds native code \
+                     the host runs, and the plugin directory is the plugin authors'",
+                    cache.display(),
+                    plugins.display()
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -211,6 +229,29 @@ impl Config {
     /// and [`Config::plugin_env`], never the webhook secret.
     pub fn env_grant(&self) -> EnvGrant {
         EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone())
+    }
+}
+
+/// `path` made absolute with its links resolved, as far as it exists (a cache
+/// directory may not exist yet).
+fn resolved(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return missing.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                existing = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+            }
+            _ => return path.to_owned(),
+        }
     }
 }
 
@@ -248,7 +289,7 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         type Change = fn(&mut Config);
-        let cases: [(&str, Change); 9] = [
+        let cases: [(&str, Change); 10] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),
@@ -261,6 +302,10 @@ mod tests {
             }),
             ("plugins_dir", |c| {
                 c.plugins_dir = Some("/no/such/dir".into())
+            }),
+            ("cache_dir", |c| {
+                c.plugins_dir = Some(std::env::temp_dir());
+                c.cache_dir = Some(std::env::temp_dir().join("new/../cache"));
             }),
         ];
         for (field, change) in cases {

@@ -17,7 +17,7 @@ use crate::housekeeping::Housekeeping;
 use crate::http::{self, Endpoint};
 use crate::loader::Loader;
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
-use crate::runtime::Runtime;
+use crate::runtime::{CacheConfig, Runtime};
 use crate::signature::Secret;
 use crate::status::PluginStatus;
 use crate::store::{SqliteStore, Store, now_ms};
@@ -58,7 +58,11 @@ impl Hooks {
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         // One pool slot per worker: the workers can never exhaust it.
-        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref(), config.workers)?);
+        let cache = config.cache_dir.clone().map(|dir| CacheConfig {
+            dir,
+            max_bytes: config.cache_max_bytes,
+        });
+        let runtime = Arc::new(Runtime::new(cache.as_ref(), config.workers)?);
         let registry = Arc::new(Registry::default());
         let (mut loader, mut watcher) = (None, None);
         if let Some(dir) = &config.plugins_dir {

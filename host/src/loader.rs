@@ -210,6 +210,12 @@ impl LoaderState {
                         let error = anyhow::anyhow!("the loader panicked: {reason}");
                         self.failed(&name, path, &error);
                     }
+                    let queue = self.queue.lock().expect("loader lock");
+                    if !queue.jobs.iter().any(|job| matches!(job, Job::Load(_))) {
+                        drop(queue);
+                        // Nothing left to load: every plugin's entry is in use.
+                        self.runtime.trim_cache();
+                    }
                 }
                 Job::Done(done) => {
                     let _ = done.send(());

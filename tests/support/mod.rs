@@ -71,16 +71,24 @@ pub fn wasm(crate_name: &str) -> PathBuf {
     out.join(format!("{}.wasm", crate_name.replace('-', "_")))
 }
 
-/// A temporary plugin directory.
+/// A temporary plugin directory, and beside it the host's compile cache
+/// (which may not live in the plugin directory).
 pub struct PluginDir {
     pub dir: tempfile::TempDir,
+    state: tempfile::TempDir,
 }
 
 impl PluginDir {
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().unwrap(),
+            state: tempfile::tempdir().unwrap(),
         }
+    }
+
+    /// Where the host caches compiled plugins for this directory.
+    pub fn cache_path(&self) -> PathBuf {
+        self.state.path().join("cache")
     }
 
     /// The three sample plugins with the manifests they ship with.
@@ -120,7 +128,7 @@ pub fn config(plugins: &PluginDir) -> Config {
     let mut config = Config::new(Secret::new(SECRET).unwrap());
     config.plugins_dir = Some(plugins.path().to_owned());
     config.db_path = plugins.path().join("stateset-hooks.db");
-    config.cache_dir = Some(plugins.path().join("cache"));
+    config.cache_dir = Some(plugins.cache_path());
     // One attempt per delivery unless a test is about retries: every report a
     // test waits for is then caused by an event it sent.
     config.retry.max_attempts = 1;
@@ -275,7 +283,7 @@ impl ServeProcess {
             .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
             .arg(plugins.path())
             .arg("--cache-dir")
-            .arg(plugins.path().join("cache"))
+            .arg(plugins.cache_path())
             .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

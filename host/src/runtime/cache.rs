@@ -8,9 +8,18 @@
 //! write, a flipped bit) is deleted and the component compiled again. Only
 //! this module writes entries, only from components it compiled: bytes a user
 //! supplied are never deserialized.
+//!
+//! An entry is native code the host will run, so the directory is guarded:
+//! created `0700`, and refused (the host compiles every start instead) when
+//! another user owns it or group or others may write to it. Its size is
+//! capped: past the cap, entries this process has not used are deleted,
+//! oldest first.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -18,22 +27,106 @@ use wasmtime::component::Component;
 
 const CHECKSUM_BYTES: usize = 32;
 
+/// The compile cache's default size cap: room for a few dozen compiled Rust
+/// plugins and a handful of interpreter-based ones (a compiled CPython
+/// component is about 60 MB).
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 1 << 30;
+
+/// Where compiled components are kept, and how much of it they may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
 #[derive(Debug)]
 pub(crate) struct CompileCache {
     dir: PathBuf,
+    max_bytes: u64,
     engine_hash: u64,
+    /// Entries this process read or wrote: the plugins it runs. Never evicted.
+    in_use: Mutex<HashSet<PathBuf>>,
+}
+
+/// Why a cache directory is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot create or inspect it: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("it is owned by uid {owner}, not this process's uid {uid}")]
+    NotOwned { owner: u32, uid: u32 },
+    #[error("group or others may write to it (mode {mode:o}); it must be 0700")]
+    Writable { mode: u32 },
 }
 
 impl CompileCache {
-    pub(crate) fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+    pub(crate) fn open(config: &CacheConfig, engine: &Engine) -> Result<Self, CacheError> {
+        let dir = &config.dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let metadata = std::fs::metadata(dir)?;
+        // SAFETY: `geteuid` has no preconditions and cannot fail.
+        #[allow(unsafe_code)]
+        let uid = unsafe { libc::geteuid() };
+        if metadata.uid() != uid {
+            return Err(CacheError::NotOwned {
+                owner: metadata.uid(),
+                uid,
+            });
+        }
+        let mode = metadata.mode() & 0o777;
+        if mode & 0o022 != 0 {
+            return Err(CacheError::Writable { mode });
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         env!("CARGO_PKG_VERSION").hash(&mut hasher);
         Ok(Self {
             dir: dir.to_owned(),
+            max_bytes: config.max_bytes,
             engine_hash: hasher.finish(),
+            in_use: Mutex::default(),
         })
+    }
+
+    fn mark_in_use(&self, path: &Path) {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        in_use.insert(path.to_owned());
+    }
+
+    /// Delete entries this process has not used, oldest first, until the
+    /// cache fits its cap.
+    pub(crate) fn evict(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let metadata = entry.metadata().ok()?;
+                let path = entry.path();
+                let cwasm = path.extension().is_some_and(|ext| ext == "cwasm");
+                let modified = metadata.modified().ok()?;
+                (metadata.is_file() && cwasm).then_some((modified, metadata.len(), path))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+        files.sort();
+        let in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, len, path) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if in_use.contains(&path) {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::info!(path = %path.display(), bytes = len, "compile cache over its cap: entry evicted");
+                total -= len;
+            }
+        }
     }
 
     fn path(&self, component_bytes: &[u8]) -> PathBuf {
@@ -51,6 +144,7 @@ impl CompileCache {
     pub(crate) fn get(&self, engine: &Engine, component_bytes: &[u8]) -> Option<Component> {
         let path = self.path(component_bytes);
         let file = std::fs::read(&path).ok()?;
+        self.mark_in_use(&path);
         let sound = file.len() > CHECKSUM_BYTES
             && Sha256::digest(&file[CHECKSUM_BYTES..])[..] == file[..CHECKSUM_BYTES];
         if !sound {
@@ -89,6 +183,8 @@ impl CompileCache {
         if let Err(error) = written {
             tracing::warn!(path = %path.display(), %error, "could not write compile cache entry");
             let _ = std::fs::remove_file(&tmp);
+            return;
         }
+        self.mark_in_use(&path);
     }
 }

@@ -18,7 +18,6 @@ mod failure;
 mod limits;
 mod output;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::bindings::{v0_1_0, v0_2_0};
 use self::cache::CompileCache;
+pub use self::cache::{CacheConfig, CacheError, DEFAULT_CACHE_MAX_BYTES};
 use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
 
@@ -139,9 +139,10 @@ impl Runtime {
     /// Build the engine (fuel metering, epoch interruption, bounded wasm
     /// stack, an instance pool for `concurrent_calls` calls at once) and the
     /// linker (WASI plus every WIT version's `host` interface). With a
-    /// `cache_dir`, compiled code survives restarts. Calls past
-    /// `concurrent_calls` wait for a free slot.
-    pub fn new(cache_dir: Option<&Path>, concurrent_calls: usize) -> anyhow::Result<Self> {
+    /// `cache`, compiled code survives restarts (a cache directory that is
+    /// not safe to run code from is refused and logged, and not used). Calls
+    /// past `concurrent_calls` wait for a free slot.
+    pub fn new(cache: Option<&CacheConfig>, concurrent_calls: usize) -> anyhow::Result<Self> {
         let concurrent_calls = concurrent_calls.max(1);
         let pool_size = u32::try_from(concurrent_calls)
             .ok()
@@ -163,12 +164,16 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         add_host_to_linker(&mut linker)?;
-        let cache = match cache_dir {
-            Some(dir) => Some(CompileCache::open(dir, &engine).map_err(|e| {
-                anyhow::anyhow!("cannot use compile cache directory {}: {e}", dir.display())
-            })?),
-            None => None,
-        };
+        let cache = cache.and_then(|cache| match CompileCache::open(cache, &engine) {
+            Ok(cache) => Some(cache),
+            Err(error) => {
+                tracing::error!(
+                    dir = %cache.dir.display(), %error,
+                    "compile cache refused: compiling every plugin at every start instead"
+                );
+                None
+            }
+        });
         let ticker = EpochTicker::start(&engine);
         Ok(Self {
             engine,
@@ -211,6 +216,14 @@ impl Runtime {
     /// Whether the compile cache holds these bytes' compiled code.
     pub fn is_cached(&self, bytes: &[u8]) -> bool {
         self.cache.as_ref().is_some_and(|c| c.contains(bytes))
+    }
+
+    /// Bring the compile cache under its cap, evicting entries no component
+    /// compiled or loaded by this runtime uses. Call it when loading is done.
+    pub fn trim_cache(&self) {
+        if let Some(cache) = &self.cache {
+            cache.evict();
+        }
     }
 
     /// Components compiled since start, cache hits not counted.
