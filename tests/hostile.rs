@@ -514,3 +514,22 @@ fn the_compile_cache_is_guarded() {
     assert!(error.contains("cache_dir"), "{error}");
     assert!(error.contains("inside the plugin directory"), "{error}");
 }
+
+/// Each call's share of the instance pool is fixed: a component needing more
+/// memories than a call may hold is refused at load, not left to fail (or
+/// starve other plugins) at call time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_needing_more_than_a_calls_share_of_the_pool_is_refused() {
+    let plugins = PluginDir::new();
+    plugins
+        .write("sixteen.wasm", many_memories_component(15))
+        .write("seventeen.wasm", many_memories_component(17));
+    let mut server = TestServer::start(config(&plugins)).await;
+    assert_eq!(server.serving(), ["sixteen"]);
+    let failures = server.hooks.load_failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].reason.contains("memories"), "{failures:?}");
+    assert_eq!(server.send(&example_event("order.created")).await.0, 200);
+    assert_eq!(server.reports(1).await[0].outcome.result, Ok(()));
+    server.stop().await;
+}

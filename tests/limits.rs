@@ -323,3 +323,36 @@ fn a_flood_of_empty_log_lines_is_bounded() {
     );
     assert_eq!(unmetered.logs.len(), MAX_LINES_PER_CALL);
 }
+
+/// Tables are host memory too: a million-element table fits a 16 MiB limit
+/// and not a 4 MiB one.
+#[test]
+fn table_growth_counts_against_the_memory_limit() {
+    let runtime = Runtime::new(None, 1).unwrap();
+    let compiled = runtime
+        .compile(&wat::parse_str(TABLE_GROW_COMPONENT).unwrap())
+        .unwrap();
+    let call = |memory_mib: usize| {
+        let prepared = Prepared {
+            name: "tables".into(),
+            compiled: compiled.clone(),
+            limits: Limits {
+                memory_bytes: memory_mib << 20,
+                ..Limits::default()
+            },
+            config: Default::default(),
+        };
+        let key = Arc::from("evt_tables");
+        runtime
+            .call(&prepared, &key, "order.created", "{}")
+            .unwrap()
+    };
+    let under = call(16);
+    assert_eq!(under.result, Ok(()));
+    assert!(
+        under.peak_memory_bytes >= 8_000_000,
+        "{}",
+        under.peak_memory_bytes
+    );
+    assert_eq!(kind(&call(4)), Some(FailureKind::OutOfMemory));
+}

@@ -478,3 +478,40 @@ pub const WRONG_WORLD_COMPONENT: &str = r#"
   (core instance $i (instantiate $m))
   (func (export "handle") (canon lift (core func $i "handle"))))
 "#;
+
+/// A plugin whose `on-event` grows a table by a million elements: host
+/// memory outside linear memory, which the memory limit must still count.
+pub const TABLE_GROW_COMPONENT: &str = r#"
+(component
+  (core module $m
+    (memory (export "memory") 1)
+    (table $t 1 funcref)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32)
+      (drop (table.grow $t (ref.null func) (i32.const 1000000)))
+      (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func (export "on-event")
+    (param "event-type" string) (param "payload" string) (result (result (error string)))
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
+"#;
+
+/// A plugin of `instances` core instances, each with its own memory: past
+/// the per-call maximum of the instance pool when there are more than 16.
+pub fn many_memories_component(instances: usize) -> Vec<u8> {
+    let extra = "(core instance (instantiate $mem))\n".repeat(instances - 1);
+    let wat = format!(
+        r#"(component
+  (core module $mem (memory 1))
+  {extra}
+  (core module $m
+    (memory (export "memory") 1)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func (export "on-event")
+    (param "event-type" string) (param "payload" string) (result (result (error string)))
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#
+    );
+    wat::parse_str(wat).unwrap()
+}

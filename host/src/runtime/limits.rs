@@ -402,8 +402,13 @@ pub struct MemoryLimitExceeded {
     pub requested: usize,
 }
 
-/// Enforces the memory limit across all of a call's memories and records the
-/// peak, so `run` can report it.
+/// What one table element costs the host: a pointer-sized slot in the pool.
+const TABLE_ELEMENT_BYTES: usize = size_of::<usize>();
+
+/// Enforces the memory limit across all of a call's memories and tables
+/// (each element counted at [`TABLE_ELEMENT_BYTES`], so 64 tables of a
+/// million elements cannot hold half a gigabyte outside the limit), and
+/// records the peak, so `run` can report it.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit: usize,
@@ -425,13 +430,9 @@ impl MemoryLimiter {
     }
 }
 
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+impl MemoryLimiter {
+    /// One memory or table grows from `current` to `desired` bytes.
+    fn grow(&mut self, current: usize, desired: usize) -> wasmtime::Result<bool> {
         let requested = self.total - current.min(self.total) + desired;
         if requested > self.limit {
             // An error, not `Ok(false)`: the call traps at once with a cause we
@@ -446,14 +447,28 @@ impl ResourceLimiter for MemoryLimiter {
         self.peak = self.peak.max(requested);
         Ok(true)
     }
+}
 
-    fn table_growing(
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        self.grow(current, desired)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.grow(current * TABLE_ELEMENT_BYTES, desired * TABLE_ELEMENT_BYTES)
     }
 
     fn instances(&self) -> usize {
