@@ -45,10 +45,7 @@ async fn every_hostile_plugin_is_contained() {
                 SLOWPOKE_TIMEOUT.as_millis()
             )),
         )
-        .write(
-            "start-trap.wasm",
-            wat::parse_str(START_TRAP_COMPONENT).unwrap(),
-        )
+        .write("start-trap.wasm", start_trap_component())
         .write("start-trap.toml", r#"subscriptions = ["order.*"]"#);
     let mut config = config(&plugins);
     config.workers = 2;

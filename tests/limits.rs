@@ -329,9 +329,7 @@ fn a_flood_of_empty_log_lines_is_bounded() {
 #[test]
 fn table_growth_counts_against_the_memory_limit() {
     let runtime = Runtime::new(None, 1).unwrap();
-    let compiled = runtime
-        .compile(&wat::parse_str(TABLE_GROW_COMPONENT).unwrap())
-        .unwrap();
+    let compiled = runtime.compile(&table_grow_component()).unwrap();
     let call = |memory_mib: usize| {
         let prepared = Prepared {
             name: "tables".into(),

@@ -104,10 +104,7 @@ async fn failing_plugins_are_recorded_and_others_unaffected() {
             "misbehave",
             Some(r#"subscriptions = ["order.*"]"#),
         )
-        .write(
-            "start-trap.wasm",
-            wat::parse_str(START_TRAP_COMPONENT).unwrap(),
-        )
+        .write("start-trap.wasm", start_trap_component())
         .write("start-trap.toml", r#"subscriptions = ["order.*"]"#);
     let mut server = TestServer::start(config(&plugins)).await;
 

@@ -456,20 +456,30 @@ pub fn padded_component(functions: usize) -> Vec<u8> {
     wat::parse_str(text).unwrap()
 }
 
-/// A component whose start-up code traps: every call fails at instantiation.
-pub const START_TRAP_COMPONENT: &str = r#"
-(component
+/// A plugin written in WAT: one core module exporting `on-event`, which runs
+/// `on_event` and returns `ok`. `module` adds fields to that module, `before`
+/// adds definitions to the component ahead of it.
+pub fn wat_plugin(before: &str, module: &str, on_event: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(component
+  {before}
   (core module $m
     (memory (export "memory") 1)
-    (func $start unreachable)
-    (start $start)
+    {module}
     (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
+    (func (export "on-event") (param i32 i32 i32 i32) (result i32) {on_event} (i32.const 0)))
   (core instance $i (instantiate $m))
   (func (export "on-event")
     (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
-"#;
+    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#
+    ))
+    .unwrap()
+}
+
+/// A component whose start-up code traps: every call fails at instantiation.
+pub fn start_trap_component() -> Vec<u8> {
+    wat_plugin("", "(func $start unreachable) (start $start)", "")
+}
 
 /// A component that fits another world: it exports `handle`, not `on-event`.
 pub const WRONG_WORLD_COMPONENT: &str = r#"
@@ -481,37 +491,18 @@ pub const WRONG_WORLD_COMPONENT: &str = r#"
 
 /// A plugin whose `on-event` grows a table by a million elements: host
 /// memory outside linear memory, which the memory limit must still count.
-pub const TABLE_GROW_COMPONENT: &str = r#"
-(component
-  (core module $m
-    (memory (export "memory") 1)
-    (table $t 1 funcref)
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32)
-      (drop (table.grow $t (ref.null func) (i32.const 1000000)))
-      (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func (export "on-event")
-    (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
-"#;
+pub fn table_grow_component() -> Vec<u8> {
+    wat_plugin(
+        "",
+        "(table $t 1 funcref)",
+        "(drop (table.grow $t (ref.null func) (i32.const 1000000)))",
+    )
+}
 
 /// A plugin of `instances` core instances, each with its own memory: past
 /// the per-call maximum of the instance pool when there are more than 16.
 pub fn many_memories_component(instances: usize) -> Vec<u8> {
-    let extra = "(core instance (instantiate $mem))\n".repeat(instances - 1);
-    let wat = format!(
-        r#"(component
-  (core module $mem (memory 1))
-  {extra}
-  (core module $m
-    (memory (export "memory") 1)
-    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "on-event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func (export "on-event")
-    (param "event-type" string) (param "payload" string) (result (result (error string)))
-    (canon lift (core func $i "on-event") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#
-    );
-    wat::parse_str(wat).unwrap()
+    let before = "(core module $mem (memory 1))\n".to_owned()
+        + &"(core instance (instantiate $mem))\n".repeat(instances - 1);
+    wat_plugin(&before, "", "")
 }
