@@ -333,6 +333,11 @@ async fn a_manifest_reads_only_the_environment_the_operator_grants() {
     plugins
         .add("thief", "orders", Some(&asks("STATESET_WEBHOOK_SECRET")))
         .add("snoop", "orders", Some(&asks("HOME")))
+        .add(
+            "neighbour",
+            "orders",
+            Some(&asks("STATESET_PLUGIN_GRANTED_TOKEN")),
+        )
         .add("granted", "orders", Some(&asks("PATH")));
     let mut config = config(&plugins);
     config.plugin_env.insert("PATH".into());

@@ -58,9 +58,9 @@ pub struct ServeArgs {
     shutdown_grace_ms: u64,
     #[command(flatten)]
     limits: LimitArgs,
-    /// Let plugin manifests read this environment variable with
-    /// `{ env = "VAR" }` (repeat for more). Variables named STATESET_PLUGIN_*
-    /// are readable without it; the webhook secret never is.
+    /// Let every plugin's manifest read this environment variable with
+    /// `{ env = "VAR" }` (repeat for more). Plugin NAME reads its own
+    /// STATESET_PLUGIN_<NAME>_* without it; the webhook secret never.
     #[arg(long, value_name = "VAR")]
     allow_plugin_env: Vec<String>,
 }

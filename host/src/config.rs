@@ -76,8 +76,9 @@ pub struct Config {
     pub plugins_dir: Option<PathBuf>,
     /// Limits for every plugin call, and the most a manifest may raise them to.
     pub limits: LimitPolicy,
-    /// Environment variables a manifest may read with `{ env = "VAR" }`
-    /// besides those named `STATESET_PLUGIN_*`. Never the webhook secret.
+    /// Environment variables every plugin's manifest may read with
+    /// `{ env = "VAR" }`, besides its own `STATESET_PLUGIN_<NAME>_*`. Never
+    /// the webhook secret.
     pub plugin_env: BTreeSet<String>,
     /// Consecutive failures after which a plugin is quarantined; 0 never.
     pub quarantine_after: u32,
@@ -225,8 +226,9 @@ impl Config {
 }
 
 impl Config {
-    /// What plugins may read of the host's environment: `STATESET_PLUGIN_*`
-    /// and [`Config::plugin_env`], never the webhook secret.
+    /// What plugins may read of the host's environment: each its own
+    /// `STATESET_PLUGIN_<NAME>_*` and [`Config::plugin_env`], never the
+    /// webhook secret.
     pub fn env_grant(&self) -> EnvGrant {
         EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone())
     }

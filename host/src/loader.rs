@@ -338,7 +338,7 @@ pub fn load_file(
     let manifest = read_manifest(&manifest_path)?;
     let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
     let limits = limits.for_plugin(&manifest.limits).map_err(invalid)?;
-    let config = manifest.resolve_config(env).map_err(invalid)?;
+    let config = manifest.resolve_config(name, env).map_err(invalid)?;
     let bytes = read_component(path)?;
     let compiled = runtime.compile(&bytes)?;
     let name: Arc<str> = name.into();

@@ -32,15 +32,31 @@ use serde::Deserialize;
 use crate::runtime::{ConfigValues, LimitOverrides};
 use crate::signature::{SECRET_ENV, Secret};
 
-/// Environment variables with this prefix are readable by plugins unless the
-/// operator says otherwise: a name an operator sets on purpose for plugins,
-/// never one the host or the system uses.
+/// The start of the environment variables meant for plugins: plugin `NAME`
+/// may read `STATESET_PLUGIN_<NAME>_*` (its name upper-cased, every other
+/// character than a letter or digit as `_`), names an operator sets on
+/// purpose for that plugin, never ones the host, the system or another
+/// plugin uses.
 pub const PLUGIN_ENV_PREFIX: &str = "STATESET_PLUGIN_";
 
+/// The prefix of the variables plugin `plugin` may read without a grant:
+/// `payments` gets `STATESET_PLUGIN_PAYMENTS_`.
+pub fn plugin_env_prefix(plugin: &str) -> String {
+    let name: String = plugin
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' => c.to_ascii_uppercase(),
+            _ => '_',
+        })
+        .collect();
+    format!("{PLUGIN_ENV_PREFIX}{name}_")
+}
+
 /// Which of the host's environment variables a manifest may read with
-/// `{ env = "VAR" }`: those named `STATESET_PLUGIN_*` and those the operator
-/// allows by name. A variable holding a webhook secret is never readable,
-/// whatever its name. `Debug` shows names only.
+/// `{ env = "VAR" }`: its own plugin's `STATESET_PLUGIN_<NAME>_*`, and those
+/// the operator allows by name for every plugin. A variable holding a
+/// webhook secret is never readable, whatever its name. `Debug` shows names
+/// only.
 #[derive(Clone, Default)]
 pub struct EnvGrant {
     allow: BTreeSet<String>,
@@ -72,8 +88,9 @@ impl EnvGrant {
         }
     }
 
-    fn allows(&self, name: &str) -> bool {
-        name != SECRET_ENV && (name.starts_with(PLUGIN_ENV_PREFIX) || self.allow.contains(name))
+    fn allows(&self, plugin: &str, name: &str) -> bool {
+        name != SECRET_ENV
+            && (name.starts_with(&plugin_env_prefix(plugin)) || self.allow.contains(name))
     }
 }
 
@@ -127,19 +144,20 @@ impl Manifest {
         toml::from_str(text)
     }
 
-    /// Resolve `[config]`, reading the environment references `grant`
-    /// allows now; any other reference refuses the whole manifest. The error
-    /// names the key and variable, never a value.
-    pub fn resolve_config(&self, grant: &EnvGrant) -> Result<ConfigValues, String> {
+    /// Resolve plugin `plugin`'s `[config]`, reading the environment
+    /// references `grant` allows it now; any other reference refuses the
+    /// whole manifest. The error names the key and variable, never a value.
+    pub fn resolve_config(&self, plugin: &str, grant: &EnvGrant) -> Result<ConfigValues, String> {
         let mut values = BTreeMap::new();
         for (key, source) in &self.config {
             let value = match source {
                 ConfigSource::Value(value) => value.clone(),
-                ConfigSource::Env { env } if !grant.allows(env) => {
+                ConfigSource::Env { env } if !grant.allows(plugin, env) => {
                     return Err(format!(
                         "config.{key}: environment variable {env} is not granted to plugins \
-                         (they may read {PLUGIN_ENV_PREFIX}* and the variables the operator \
-                         allows with --allow-plugin-env)"
+                         (this one may read {}* and the variables the operator allows with \
+                         --allow-plugin-env)",
+                        plugin_env_prefix(plugin)
                     ));
                 }
                 ConfigSource::Env { env } => std::env::var(env)
@@ -268,7 +286,7 @@ mod tests {
             Manifest::parse("[config]\nplain = \"50000\"\nsearch = { env = \"PATH\" }").unwrap();
         let shown = format!("{m:?}");
         assert!(!shown.contains("50000"), "{shown}");
-        let values = m.resolve_config(&grant).unwrap();
+        let values = m.resolve_config("payments", &grant).unwrap();
         assert_eq!(values.get("plain"), Some("50000"));
         assert_eq!(values.get("search"), Some(path.as_str()));
         assert!(!format!("{values:?}").contains("50000"));
@@ -276,19 +294,26 @@ mod tests {
         let refused = |toml: &str, grant: &EnvGrant| {
             Manifest::parse(toml)
                 .unwrap()
-                .resolve_config(grant)
+                .resolve_config("payments", grant)
                 .unwrap_err()
         };
-        // The prefix is granted: the variable is read, and found unset.
+        // Its own prefix is granted: the variable is read, and found unset.
         let missing = refused(
-            "[config]\nmissing = { env = \"STATESET_PLUGIN_UNSET_TEST\" }",
+            "[config]\nmissing = { env = \"STATESET_PLUGIN_PAYMENTS_UNSET\" }",
             &grant,
         );
         assert_eq!(
             missing,
-            "config.missing: environment variable STATESET_PLUGIN_UNSET_TEST is not set"
+            "config.missing: environment variable STATESET_PLUGIN_PAYMENTS_UNSET is not set"
         );
-        for name in ["HOME", SECRET_ENV, "PATHX", "stateset_plugin_x"] {
+        for name in [
+            "HOME",
+            SECRET_ENV,
+            "PATHX",
+            "STATESET_PLUGIN_ORDERS_TOKEN",
+            "STATESET_PLUGIN_PAYMENTS",
+            "stateset_plugin_payments_x",
+        ] {
             let err = refused(&format!("[config]\nk = {{ env = \"{name}\" }}"), &grant);
             assert!(err.contains("is not granted to plugins"), "{err}");
         }
@@ -300,6 +325,13 @@ mod tests {
         );
         assert!(err.contains("holds the webhook secret"), "{err}");
         assert!(!err.contains(&path), "{err}");
+    }
+
+    #[test]
+    fn each_plugin_has_its_own_prefix() {
+        assert_eq!(plugin_env_prefix("payments"), "STATESET_PLUGIN_PAYMENTS_");
+        assert_eq!(plugin_env_prefix("low-stock"), "STATESET_PLUGIN_LOW_STOCK_");
+        assert_eq!(plugin_env_prefix("v2.Ünï"), "STATESET_PLUGIN_V2__N__");
     }
 
     #[test]
