@@ -344,7 +344,7 @@ async fn a_manifest_reads_only_the_environment_the_operator_grants() {
     let server = TestServer::start(config).await;
     assert_eq!(server.serving(), ["granted"]);
     let failures = server.hooks.load_failures();
-    assert_eq!(failures.len(), 2, "{failures:?}");
+    assert_eq!(failures.len(), 3, "{failures:?}");
     for failure in &failures {
         assert!(
             failure.reason.contains("is not granted to plugins"),
