@@ -8,6 +8,7 @@
 mod support;
 
 mod cli;
+mod deliverable;
 mod durability;
 mod hostile;
 mod languages;

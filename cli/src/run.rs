@@ -20,7 +20,7 @@ pub fn run(plugin: &Path, event: &Path, limits: &LimitArgs) -> anyhow::Result<Ex
         bail!("{reason} (--fuel, --memory-mib, --timeout-ms)");
     }
     let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
-    let event = Event::parse(body.into())
+    let event = Event::parse(&body)
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new(None, 1)?;
     let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &policy)

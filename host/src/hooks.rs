@@ -119,6 +119,18 @@ impl Hooks {
         http::router(&self.inner.path, Arc::new(endpoint))
     }
 
+    /// Names of the host's long-lived threads that have ended while it runs
+    /// (a worker, the poller, the recorder, the store writer, a housekeeping
+    /// loop): empty when healthy. `/healthz` answers 503 naming them.
+    pub fn threads_gone(&self) -> Vec<String> {
+        let mut gone = self.inner.dispatcher.threads_gone();
+        gone.extend(self.store().threads_gone());
+        if let Some(housekeeping) = &*self.inner.housekeeping.lock().expect("housekeeping lock") {
+            gone.extend(housekeeping.threads_gone());
+        }
+        gone
+    }
+
     /// Every plugin report from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Report> {
         self.inner.dispatcher.subscribe()

@@ -58,7 +58,7 @@ async fn receive(
         .await
         .map_err(|error| ApiError::from_body_error(error, limit))?;
     endpoint.secret.verify(&body, signature)?;
-    let event = Event::parse(body)?;
+    let event = Event::parse(&body)?;
     if !event.is_known_type() {
         tracing::info!(
             event = event.key(),

@@ -23,6 +23,7 @@
 //!
 //! From the leaves up; every import points down this list.
 //!
+//! - `contain`: a panic in one unit of a long-lived thread's work, caught.
 //! - [`signature`]: HMAC-SHA256 of the raw body, constant-time; pure.
 //! - [`event`]: the envelope (`id`, `type`, `data`), known types, idempotency key.
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
@@ -42,6 +43,7 @@
 //! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`.
 
 pub mod config;
+mod contain;
 pub mod dispatch;
 pub mod event;
 pub mod health;

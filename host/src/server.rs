@@ -5,6 +5,7 @@
 
 use std::future::Future;
 
+use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
@@ -13,7 +14,26 @@ use crate::hooks::Hooks;
 
 /// The whole app the binary serves.
 pub fn app(hooks: &Hooks) -> axum::Router {
-    hooks.router().route(HEALTH_PATH, get(|| async { "ok" }))
+    let probe = hooks.clone();
+    hooks
+        .router()
+        .route(HEALTH_PATH, get(move || health(probe.clone())))
+}
+
+/// 200 `ok`, or 503 naming the essential threads that are gone: without
+/// them events are still stored but no longer delivered.
+async fn health(hooks: Hooks) -> (StatusCode, String) {
+    let gone = hooks.threads_gone();
+    if gone.is_empty() {
+        (StatusCode::OK, "ok".into())
+    } else {
+        let gone = gone.join(", ");
+        tracing::error!(threads = gone, "health check failed: threads gone");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("threads gone: {gone}"),
+        )
+    }
 }
 
 /// Serve until `shutdown` resolves, then shut down in order: [`Hooks::shutdown`]

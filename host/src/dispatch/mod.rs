@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 
 use self::in_flight::InFlight;
 use self::worker::Worker;
+use crate::contain::contain;
 use crate::event::Event;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
@@ -259,7 +260,7 @@ impl Dispatcher {
                         id: *id,
                         plugin,
                         attempts: 0,
-                        event: event.clone(),
+                        event: Ok(event.clone()),
                     };
                     if !self.shared.enqueue(due, false) {
                         break;
@@ -268,6 +269,22 @@ impl Dispatcher {
                 Ok(Accepted::New(ids.len()))
             }
         }
+    }
+
+    /// Names of its threads that have ended while it runs: a worker, the
+    /// poller or the recorder gone means deliveries stop, so `/healthz` says so.
+    pub fn threads_gone(&self) -> Vec<String> {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(threads) = &*threads else {
+            return Vec::new(); // shut down: none is meant to run
+        };
+        threads
+            .workers
+            .iter()
+            .chain([&threads.poller, &threads.recorder])
+            .filter(|t| t.is_finished())
+            .map(|t| t.thread().name().unwrap_or("unnamed").to_owned())
+            .collect()
     }
 
     /// Listen to every report from now on.
@@ -353,31 +370,38 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 /// backlog count, every [`POLL_INTERVAL`] until shutdown.
 fn poll_loop(shared: &DispatchState) {
     while !shared.stopping() {
-        let room = {
-            let queue = shared.queue.read().expect("queue lock");
-            queue.as_ref().map_or(0, |q| shared.capacity - q.len())
-        };
-        if room > 0 {
-            let active = shared.registry.active_names();
-            shared.in_flight.begin_poll();
-            let now = now_ms();
-            let fresh_after = now - FAST_PATH_GRACE.as_millis() as i64;
-            match shared.store.due(now, fresh_after, &active, room) {
-                Ok(due) => {
-                    for due in due {
-                        if !shared.enqueue(due, true) {
-                            break;
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "could not read due deliveries"),
-            }
+        if let Err(panic) = contain(|| poll_once(shared)) {
             shared.in_flight.end_poll();
-        }
-        if let Ok(n) = shared.store.outstanding() {
-            shared.backlog.store(n, Ordering::Relaxed);
+            tracing::error!(panic, "the poller panicked; it polls again next interval");
         }
         std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+fn poll_once(shared: &DispatchState) {
+    let room = {
+        let queue = shared.queue.read().expect("queue lock");
+        queue.as_ref().map_or(0, |q| shared.capacity - q.len())
+    };
+    if room > 0 {
+        let active = shared.registry.active_names();
+        shared.in_flight.begin_poll();
+        let now = now_ms();
+        let fresh_after = now - FAST_PATH_GRACE.as_millis() as i64;
+        match shared.store.due(now, fresh_after, &active, room) {
+            Ok(due) => {
+                for due in due {
+                    if !shared.enqueue(due, true) {
+                        break;
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not read due deliveries"),
+        }
+        shared.in_flight.end_poll();
+    }
+    if let Ok(n) = shared.store.outstanding() {
+        shared.backlog.store(n, Ordering::Relaxed);
     }
 }
 
@@ -407,10 +431,13 @@ fn record_loop(shared: &DispatchState, records: &Receiver<Recorded>, closed: &Re
 fn write(shared: &DispatchState, batch: Vec<Recorded>) {
     let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
     let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    if let Err(error) = shared.store.record(attempts) {
+    let recorded = contain(|| shared.store.record(attempts))
+        .unwrap_or_else(|panic| Err(StoreError::Failed(format!("panic: {panic}"))));
+    if let Err(error) = recorded {
         // Left pending in the store: they run again (at least once).
         tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
     }
+    // Released whatever happened, so none is stuck in the queue's books.
     shared.in_flight.release(ids);
     for report in reports {
         let _ = shared.reports.send(report);

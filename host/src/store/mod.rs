@@ -64,7 +64,16 @@ pub struct Due {
     pub plugin: Arc<str>,
     /// Attempts made before this one.
     pub attempts: u32,
-    pub event: Arc<Event>,
+    /// The event, or why its stored row is not one (a file written by
+    /// something else): such a delivery is recorded as a `host-error`.
+    pub event: Result<Arc<Event>, Unreadable>,
+}
+
+/// A stored event that cannot be handed to a plugin.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub key: String,
+    pub reason: String,
 }
 
 /// The result of one attempt, to record.
@@ -175,6 +184,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;
+
+    /// Names of the store's own threads that have ended while it is open
+    /// (a store that needs none has none to lose).
+    fn threads_gone(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     status               TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed', 'dead')),
     attempts             INTEGER NOT NULL DEFAULT 0,
     next_attempt_at      INTEGER NOT NULL,
-    last_failure_kind    TEXT,          -- out-of-fuel, timeout, out-of-memory, stack-overflow, trap, plugin-error, load-error
+    last_failure_kind    TEXT,          -- out-of-fuel, timeout, out-of-memory, stack-overflow, trap, plugin-error, load-error, host-error
     last_failure_message TEXT,
     plugin_version       TEXT,          -- short SHA-256 of the component that ran the last attempt
     created_at           INTEGER NOT NULL,

@@ -12,14 +12,15 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params, params_from_iter};
 use tokio::sync::oneshot;
 
 use super::{
     AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter, Status,
-    Store, StoreError, now_ms,
+    Store, StoreError, Unreadable, now_ms,
 };
+use crate::contain::contain;
 use crate::event::Event;
 use crate::runtime::FailureKind;
 use crate::status::{PluginState, PluginStatus};
@@ -168,7 +169,15 @@ fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        match commit(&mut conn, &mut batch) {
+        // A panic loses this batch (its transaction rolls back as it
+        // unwinds), not the writer: every caller is told and the next batch
+        // runs.
+        let committed = contain(|| commit(&mut conn, &mut batch)).unwrap_or_else(|panic| {
+            Err(StoreError::Failed(format!(
+                "the store writer panicked: {panic}"
+            )))
+        });
+        match committed {
             Ok(results) => {
                 for (write, result) in batch.into_iter().zip(results) {
                     match (write, result) {
@@ -238,7 +247,7 @@ fn append(
             event.key(),
             event.event_type(),
             now,
-            &event.body()[..]
+            event.payload().as_bytes()
         ])?;
     if inserted == 0 {
         return Ok(Appended::Duplicate);
@@ -281,6 +290,29 @@ fn json<T: serde::de::DeserializeOwned>(
 
 fn unreadable(idx: usize, reason: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, reason.into())
+}
+
+/// A due delivery. Its event is parsed again as it was on arrival; a body
+/// that does not parse (written by something other than this host) makes an
+/// [`Unreadable`] event, which is recorded, rather than an error that would
+/// stop every other due delivery.
+fn due_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
+    let key: String = row.get(3)?;
+    let event = match row.get_ref(4)? {
+        ValueRef::Blob(body) | ValueRef::Text(body) => {
+            Event::parse(body).map(Arc::new).map_err(|e| e.to_string())
+        }
+        other => Err(format!("body is stored as {}", other.data_type())),
+    };
+    Ok(Due {
+        id: row.get(0)?,
+        plugin: row.get::<_, String>(1)?.into(),
+        attempts: row.get(2)?,
+        event: event.map_err(|reason| Unreadable {
+            key,
+            reason: format!("the stored event is not deliverable: {reason}"),
+        }),
+    })
 }
 
 fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
@@ -330,14 +362,14 @@ impl Store for SqliteStore {
         }
         let placeholders = vec!["?"; plugins.len()].join(", ");
         let sql = format!(
-            "SELECT d.id, d.plugin, d.attempts, e.body FROM deliveries d
+            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body FROM deliveries d
              JOIN events e ON e.key = d.event_key
              WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?
                AND (d.attempts > 0 OR d.updated_at <= ?)
                AND d.plugin IN ({placeholders})
              ORDER BY d.next_attempt_at, d.id LIMIT ?"
         );
-        let rows = self.read(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
             let args = [now, fresh_after]
                 .into_iter()
@@ -350,29 +382,17 @@ impl Store for SqliteStore {
                 .chain(std::iter::once(rusqlite::types::Value::Integer(
                     limit as i64,
                 )));
-            stmt.query_map(params_from_iter(args), |row| {
-                Ok((
-                    row.get::<_, DeliveryId>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, u32>(2)?,
-                    row.get::<_, Vec<u8>>(3)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id, plugin, attempts, body)| {
-                // Stored bodies were parsed before they were stored.
-                let event = Event::parse(Bytes::from(body)).ok()?;
-                Some(Due {
-                    id,
-                    plugin: plugin.into(),
-                    attempts,
-                    event: Arc::new(event),
+            let rows = stmt.query_map(params_from_iter(args), due_row)?;
+            // One row that cannot be read must not hold back the others.
+            Ok(rows
+                .filter_map(|row| {
+                    row.inspect_err(
+                        |error| tracing::error!(%error, "unreadable delivery row skipped"),
+                    )
+                    .ok()
                 })
-            })
-            .collect())
+                .collect())
+        })
     }
 
     fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError> {
@@ -569,5 +589,14 @@ impl Store for SqliteStore {
             )
         })
         .map(|n| n as usize)
+    }
+
+    fn threads_gone(&self) -> Vec<String> {
+        let gone = self.writer.as_ref().is_some_and(|w| w.is_finished());
+        if gone {
+            vec!["store-writer".to_owned()]
+        } else {
+            Vec::new()
+        }
     }
 }
