@@ -33,7 +33,7 @@ fn serve_refuses_to_start_without_a_secret() {
 fn bad_options_are_refused_before_binding_naming_the_flag() {
     let plugins = PluginDir::new();
     let dir = plugins.path().to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--plugins", "/no/such/dir"],
             "--plugins: /no/such/dir is not a directory",
@@ -53,6 +53,14 @@ fn bad_options_are_refused_before_binding_naming_the_flag() {
         (
             &["--plugins", dir, "--memory-mib", "4096"],
             "--memory-mib: defaults.memory_bytes is",
+        ),
+        (
+            &["--plugins", dir, "--max-connections", "0"],
+            "--max-connections: must be between 1 and",
+        ),
+        (
+            &["--plugins", dir, "--idle-timeout-ms", "0"],
+            "--idle-timeout-ms: must be between 1 ms and 3600 s",
         ),
     ];
     for (flags, expected) in cases {

@@ -8,6 +8,7 @@
 mod support;
 
 mod cli;
+mod connections;
 mod deliverable;
 mod durability;
 mod hostile;

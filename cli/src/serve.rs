@@ -25,6 +25,21 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = config::DEFAULT_BODY_LIMIT)]
     body_limit: usize,
+    /// How long a request body may take to arrive once its headers are in,
+    /// in ms; a slower one gets 408 and the connection is closed.
+    #[arg(long, default_value_t = config::DEFAULT_BODY_TIMEOUT.as_millis() as u64)]
+    body_timeout_ms: u64,
+    /// How long a request's headers may take from its first byte, in ms;
+    /// then the connection is closed.
+    #[arg(long, default_value_t = config::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
+    header_timeout_ms: u64,
+    /// How long a connection may wait for its next request (new, or kept
+    /// alive after a response), in ms; then it is closed.
+    #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_millis() as u64)]
+    idle_timeout_ms: u64,
+    /// Connections served at once; more wait to be accepted until one closes.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// Plugin worker threads, also the most plugin instances alive at once
     /// [default: the number of cores].
     #[arg(long)]
@@ -83,6 +98,10 @@ fn flag(field: &str, reason: &str) -> &'static str {
     match field {
         "path" => "--path",
         "body_limit" => "--body-limit",
+        "body_timeout" => "--body-timeout-ms",
+        "connections.header_timeout" => "--header-timeout-ms",
+        "connections.idle_timeout" => "--idle-timeout-ms",
+        "connections.max_connections" => "--max-connections",
         "plugins_dir" => "--plugins",
         "workers" => "--workers",
         "queue_capacity" => "--queue-capacity",
@@ -104,6 +123,10 @@ pub fn serve(
     let mut config = Config::new(secret);
     config.path = args.path;
     config.body_limit = args.body_limit;
+    config.body_timeout = Duration::from_millis(args.body_timeout_ms);
+    config.connections.header_timeout = Duration::from_millis(args.header_timeout_ms);
+    config.connections.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    config.connections.max_connections = args.max_connections;
     config.plugins_dir = Some(args.plugins);
     config.limits.defaults = args.limits.limits();
     config.queue_capacity = args.queue_capacity;

@@ -57,10 +57,62 @@ pub const DEFAULT_CACHE_DIR: &str = "stateset-hooks-cache";
 /// How long events whose deliveries all succeeded are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How long a client has to send a request's headers once it sends the
+/// first byte: StateSet sends a few hundred bytes at once, so 10 s is generous
+/// on a slow network and holds a client that trickles them (slowloris) no
+/// longer than that.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client has to send a whole body once its headers are in: the
+/// default 1 MiB limit at a slow 50 KiB/s takes 20 s; past 30 s it is
+/// trickling. Answered with 408.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection may wait for its next request (after opening, or
+/// after its last response): keep-alive spares a sender a handshake per
+/// webhook in a burst, and 30 s of silence means the burst is over.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections served at once; more wait in the listen backlog until one
+/// closes. Each is a socket and a task: 512 is half the common default limit
+/// of 1024 open files, leaving the rest for the database, plugins and cache.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// The most connections accepted as a setting: each holds a file
+/// descriptor, and past this the process limit is the real cap anyway.
+pub const MAX_CONNECTIONS: usize = 1 << 16;
+
+/// The longest header, body or idle timeout accepted: an hour already lets
+/// one client hold a connection for an hour; longer is a mistake.
+pub const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How long shutdown lets running plugin calls finish before cutting them:
 /// ten default call deadlines, well inside the 30 s most process managers
 /// wait between SIGTERM and SIGKILL.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What one client connection may take, enforced by [`crate::server::run`]
+/// (an app that serves the router itself applies its own; the body timeout
+/// is the route's and applies everywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From a request's first byte to the end of its headers.
+    pub header_timeout: Duration,
+    /// Waiting for a request's first byte, on a new or kept-alive connection.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
 
 /// How the host is set up. Build with [`Config::new`] and change fields.
 #[derive(Debug, Clone)]
@@ -70,6 +122,10 @@ pub struct Config {
     pub path: String,
     /// Largest body accepted, in bytes.
     pub body_limit: usize,
+    /// How long a body may take to arrive once the headers are in (then 408).
+    pub body_timeout: Duration,
+    /// Header and idle timeouts and the connection cap of `server::run`.
+    pub connections: ConnectionLimits,
     /// Directory of `*.wasm` plugins (with optional `NAME.toml` manifests).
     pub plugins_dir: Option<PathBuf>,
     /// Limits for every plugin call, and the most a manifest may raise them to.
@@ -115,6 +171,8 @@ impl Config {
             secret,
             path: DEFAULT_PATH.to_owned(),
             body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            connections: ConnectionLimits::default(),
             plugins_dir: None,
             limits: LimitPolicy::default(),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
@@ -150,6 +208,11 @@ impl Config {
             ("body_limit", self.body_limit, MAX_BODY_LIMIT),
             ("workers", self.workers, MAX_WORKERS),
             ("queue_capacity", self.queue_capacity, MAX_QUEUE_CAPACITY),
+            (
+                "connections.max_connections",
+                self.connections.max_connections,
+                MAX_CONNECTIONS,
+            ),
             ("backlog_high_water", self.backlog_high_water, usize::MAX),
             (
                 "retry.max_attempts",
@@ -178,6 +241,25 @@ impl Config {
                 "retry.base_delay",
                 "must not be longer than retry.max_delay".into(),
             );
+        }
+        let timeouts = [
+            ("body_timeout", self.body_timeout),
+            (
+                "connections.header_timeout",
+                self.connections.header_timeout,
+            ),
+            ("connections.idle_timeout", self.connections.idle_timeout),
+        ];
+        for (field, value) in timeouts {
+            if value.is_zero() || value > MAX_CONNECTION_TIMEOUT {
+                return fail(
+                    field,
+                    format!(
+                        "must be between 1 ms and {} s, got {value:?}",
+                        MAX_CONNECTION_TIMEOUT.as_secs()
+                    ),
+                );
+            }
         }
         if self.retention.is_zero() {
             return fail("retention", "must be longer than zero".into());
@@ -231,13 +313,20 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         type Change = fn(&mut Config);
-        let cases: [(&str, Change); 8] = [
+        let cases: [(&str, Change); 11] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),
             ("workers", |c| c.workers = 0),
             ("workers", |c| c.workers = MAX_WORKERS + 1),
             ("body_limit", |c| c.body_limit = 0),
+            ("body_timeout", |c| c.body_timeout = Duration::ZERO),
+            ("connections.idle_timeout", |c| {
+                c.connections.idle_timeout = Duration::from_secs(7200)
+            }),
+            ("connections.max_connections", |c| {
+                c.connections.max_connections = 0
+            }),
             ("limits", |c| c.limits.max.memory_bytes = 4 << 30),
             ("plugins_dir", |c| {
                 c.plugins_dir = Some("/no/such/dir".into())

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::config::Config;
+use crate::config::{Config, ConnectionLimits};
 use crate::dispatch::{DispatchSettings, Dispatcher, Report};
 use crate::housekeeping::Housekeeping;
 use crate::http::{self, Endpoint};
@@ -34,6 +34,8 @@ struct Inner {
     path: String,
     secret: Secret,
     body_limit: usize,
+    body_timeout: std::time::Duration,
+    connections: ConnectionLimits,
     dispatcher: Arc<Dispatcher>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
@@ -96,6 +98,8 @@ impl Hooks {
                 path: config.path,
                 secret: config.secret,
                 body_limit: config.body_limit,
+                body_timeout: config.body_timeout,
+                connections: config.connections,
                 dispatcher,
                 registry,
                 runtime,
@@ -113,6 +117,7 @@ impl Hooks {
         let endpoint = Endpoint {
             secret: self.inner.secret.clone(),
             body_limit: self.inner.body_limit,
+            body_timeout: self.inner.body_timeout,
             dispatcher: self.inner.dispatcher.clone(),
             _keep_alive: self.inner.clone(),
         };
@@ -129,6 +134,11 @@ impl Hooks {
             gone.extend(housekeeping.threads_gone());
         }
         gone
+    }
+
+    /// What `server::run` allows each client connection.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        self.inner.connections
     }
 
     /// Every plugin report from now on.

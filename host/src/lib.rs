@@ -40,7 +40,7 @@
 //! - `http`: the webhook route and its status codes.
 //! - [`config`]: [`Config`], its defaults and its validation.
 //! - [`hooks`]: [`Hooks`], the composition root an app holds.
-//! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`.
+//! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`, connection cap and timeouts.
 
 pub mod config;
 mod contain;
