@@ -16,5 +16,6 @@ mod languages;
 mod lifecycle;
 mod limits;
 mod plugins;
+mod quarantine;
 mod receiver;
 mod reload;

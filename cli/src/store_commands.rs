@@ -1,12 +1,15 @@
-//! The `events` and `dlq` commands: read and replay the store, also while
-//! the server runs (SQLite in WAL mode lets both at the file at once; the
-//! server's poller picks replayed deliveries up within its poll interval).
+//! The `events`, `dlq` and `plugins` commands: read and replay the store,
+//! also while the server runs (SQLite in WAL mode lets both at the file at
+//! once; the server's poller picks replayed deliveries up within its poll
+//! interval). `plugins release` alone asks the running server, over its
+//! token-protected admin route.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use stateset_hooks::admin::{AdminFile, RELEASE_ROUTE};
 use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
 use stateset_hooks::status::Table;
 use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
@@ -70,6 +73,13 @@ pub enum PluginsCommand {
     List {
         #[command(flatten)]
         format: Format,
+    },
+    /// Lift a plugin's quarantine in the running server: its held deliveries
+    /// run at once. Uses the address and token the server wrote beside the
+    /// database (`<db>.admin`, readable by its owner only).
+    Release {
+        /// The plugin's name.
+        name: String,
     },
 }
 
@@ -159,8 +169,11 @@ pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
+    let format = match command {
+        PluginsCommand::List { format } => format,
+        PluginsCommand::Release { name } => return release(db, &name),
+    };
     let store = open(db)?;
-    let PluginsCommand::List { format } = command;
     let rows = store.plugins()?;
     if format.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -176,6 +189,47 @@ pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
         println!("(saved {age} s ago: the server may not be running)");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn release(db: &Path, name: &str) -> anyhow::Result<ExitCode> {
+    let admin = AdminFile::read(db)?;
+    let url = format!(
+        "{}{}",
+        admin.url,
+        RELEASE_ROUTE.replace("{name}", &urlencode(name))
+    );
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", admin.url))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "{status}: {}",
+                body["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        println!("{name} released: its held deliveries run now");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// A plugin name as one URL path segment.
+fn urlencode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {

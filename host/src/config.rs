@@ -130,7 +130,8 @@ pub struct Config {
     pub plugins_dir: Option<PathBuf>,
     /// Limits for every plugin call, and the most a manifest may raise them to.
     pub limits: LimitPolicy,
-    /// Consecutive failures after which a plugin is quarantined; 0 never.
+    /// Different events failing in a row after which a plugin is
+    /// quarantined (its deliveries held until released); 0 never.
     pub quarantine_after: u32,
     /// Plugin worker threads: also the most instances alive at once.
     pub workers: usize,

@@ -32,6 +32,7 @@ pub struct Hooks {
 #[derive(Debug)]
 struct Inner {
     path: String,
+    db_path: std::path::PathBuf,
     secret: Secret,
     body_limit: usize,
     body_timeout: std::time::Duration,
@@ -96,6 +97,7 @@ impl Hooks {
         Ok(Self {
             inner: Arc::new(Inner {
                 path: config.path,
+                db_path: config.db_path,
                 secret: config.secret,
                 body_limit: config.body_limit,
                 body_timeout: config.body_timeout,
@@ -136,6 +138,11 @@ impl Hooks {
         gone
     }
 
+    /// The database file.
+    pub fn db_path(&self) -> &std::path::Path {
+        &self.inner.db_path
+    }
+
     /// What `server::run` allows each client connection.
     pub fn connection_limits(&self) -> ConnectionLimits {
         self.inner.connections
@@ -169,7 +176,8 @@ impl Hooks {
         }
     }
 
-    /// Lift a plugin's quarantine. Returns false if no plugin has that name.
+    /// Lift a plugin's quarantine: its held deliveries run from the next
+    /// poll. Returns false if no plugin has that name.
     pub fn release(&self, name: &str) -> bool {
         let Some(plugin) = self.inner.registry.get(name) else {
             return false;

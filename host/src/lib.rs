@@ -40,8 +40,10 @@
 //! - `http`: the webhook route and its status codes.
 //! - [`config`]: [`Config`], its defaults and its validation.
 //! - [`hooks`]: [`Hooks`], the composition root an app holds.
+//! - [`admin`]: the token-protected release route and the file naming it.
 //! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`, connection cap and timeouts.
 
+pub mod admin;
 pub mod config;
 mod contain;
 pub mod dispatch;

@@ -28,6 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
+use crate::admin::{self, AdminFile};
 use crate::config::{ConnectionLimits, HEALTH_PATH};
 use crate::hooks::Hooks;
 
@@ -66,13 +67,18 @@ async fn health(hooks: Hooks) -> (StatusCode, String) {
 /// Serve until `shutdown` resolves, then shut down in order: [`Hooks::shutdown`]
 /// first (webhooks arriving meanwhile get 503 with `Retry-After`, running
 /// plugin calls get the grace period), then the listener closes and the
-/// requests still in flight finish.
+/// requests still in flight finish. Also serves the admin routes, with a
+/// fresh token written beside the database ([`AdminFile`]) and removed at
+/// the end.
 pub async fn run(
     listener: TcpListener,
     hooks: Hooks,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = app(&hooks);
+    let admin = AdminFile::new(listener.local_addr()?);
+    let db = hooks.db_path().to_owned();
+    admin.write(&db)?;
+    let app = app(&hooks).merge(admin::router(&hooks, &admin.token));
     let limits = hooks.connection_limits();
     // A connection holds a permit until it ends: at the cap, the loop stops
     // accepting and newcomers wait in the kernel's listen backlog.
@@ -111,6 +117,7 @@ pub async fn run(
     // Every permit back: every connection has finished.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
+    AdminFile::remove(&db);
     Ok(())
 }
 

@@ -62,7 +62,7 @@ pub struct DispatchSettings {
     /// Backlog at which `accept` refuses new events.
     pub backlog_high_water: usize,
     pub retry: RetryPolicy,
-    /// Consecutive failures that quarantine a plugin; 0 never.
+    /// Different events failing in a row that quarantine a plugin; 0 never.
     pub quarantine_after: u32,
     /// How long `shutdown` lets running calls finish before cutting them.
     pub shutdown_grace: Duration,

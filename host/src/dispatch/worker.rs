@@ -199,11 +199,15 @@ impl Worker {
                 kind = %failure.kind, micros, "plugin failed: {}", failure.message
             ),
         }
-        if plugin.health.record(&outcome.result, self.quarantine_after) {
+        if plugin
+            .health
+            .record(&event_key, &outcome.result, self.quarantine_after)
+        {
             tracing::error!(
                 plugin = name,
                 version,
-                "plugin quarantined after failing {} times in a row: it gets no events until reloaded or released",
+                "plugin quarantined after failing on {} different events in a row: its deliveries \
+                 are held in the store until it is released (`plugins release {name}`) or reloaded",
                 self.quarantine_after
             );
         }
