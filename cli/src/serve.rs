@@ -47,10 +47,11 @@ pub struct ServeArgs {
     /// Deliveries held in memory for the workers (the rest wait in the store).
     #[arg(long, default_value_t = config::DEFAULT_QUEUE_CAPACITY)]
     queue_capacity: usize,
-    /// Deliveries waiting for a first attempt at which new events get 503
-    /// with Retry-After.
-    #[arg(long, default_value_t = config::DEFAULT_BACKLOG_HIGH_WATER)]
-    backlog_high_water: usize,
+    /// The most the database may grow to, in MiB; past it new events get 503
+    /// with Retry-After (however far behind plugins are, events are kept
+    /// until then).
+    #[arg(long, default_value_t = config::DEFAULT_STORE_MAX_BYTES >> 20)]
+    store_max_mib: u64,
     /// Attempts per delivery, the first included, before it is dead.
     #[arg(long, default_value_t = stateset_hooks::retry::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
@@ -105,7 +106,7 @@ fn flag(field: &str, reason: &str) -> &'static str {
         "plugins_dir" => "--plugins",
         "workers" => "--workers",
         "queue_capacity" => "--queue-capacity",
-        "backlog_high_water" => "--backlog-high-water",
+        "store_max_bytes" => "--store-max-mib",
         "retry.max_attempts" => "--max-attempts",
         "retention" => "--retention-days",
         "limits" if reason.contains(".fuel") => "--fuel",
@@ -130,7 +131,7 @@ pub fn serve(
     config.plugins_dir = Some(args.plugins);
     config.limits.defaults = args.limits.limits();
     config.queue_capacity = args.queue_capacity;
-    config.backlog_high_water = args.backlog_high_water;
+    config.store_max_bytes = args.store_max_mib.saturating_mul(1 << 20);
     config.retry.max_attempts = args.max_attempts;
     config.retention = Duration::from_secs(args.retention_days.saturating_mul(24 * 3600));
     config.db_path = db.to_owned();

@@ -38,10 +38,17 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// million the store is the better place for waiting work.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 
-/// Deliveries waiting for a first attempt before new events get 503 with
-/// `Retry-After`: about a minute of work at the plugin rates measured on a
-/// 2-core machine, so a sender is slowed before the backlog grows unbounded.
-pub const DEFAULT_BACKLOG_HIGH_WATER: usize = 100_000;
+/// The most the database may grow to before new events get 503 with
+/// `Retry-After`: what the store can hold is the limit, not how far one
+/// plugin is behind. 8 GiB holds a million events of a few KiB with their
+/// deliveries several times over (a plugin down for days at a steady
+/// webhook rate), and keeps an outage from filling the disk the rest of the
+/// machine needs.
+pub const DEFAULT_STORE_MAX_BYTES: u64 = 8 << 30;
+
+/// The smallest database size limit accepted: the schema and a few of the
+/// largest bodies must fit.
+pub const MIN_STORE_MAX_BYTES: u64 = 16 << 20;
 
 /// The most worker threads: each is also a slot in the instance pool, which
 /// reserves address space for the largest memories a call may grow.
@@ -143,8 +150,8 @@ pub struct Config {
     pub busy_timeout: Duration,
     /// Retry schedule for failed deliveries.
     pub retry: RetryPolicy,
-    /// Backlog (deliveries waiting for a first attempt) at which new events get 503.
-    pub backlog_high_water: usize,
+    /// The most the database may grow to, in bytes; past it new events get 503.
+    pub store_max_bytes: u64,
     /// How long events whose deliveries all succeeded are kept.
     pub retention: Duration,
     /// Reload plugins when files in `plugins_dir` change.
@@ -182,7 +189,7 @@ impl Config {
             db_path: DEFAULT_DB_PATH.into(),
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             retry: RetryPolicy::default(),
-            backlog_high_water: DEFAULT_BACKLOG_HIGH_WATER,
+            store_max_bytes: DEFAULT_STORE_MAX_BYTES,
             retention: DEFAULT_RETENTION,
             watch: true,
             cache_dir: Some(DEFAULT_CACHE_DIR.into()),
@@ -214,7 +221,6 @@ impl Config {
                 self.connections.max_connections,
                 MAX_CONNECTIONS,
             ),
-            ("backlog_high_water", self.backlog_high_water, usize::MAX),
             (
                 "retry.max_attempts",
                 self.retry.max_attempts as usize,
@@ -261,6 +267,16 @@ impl Config {
                     ),
                 );
             }
+        }
+        if self.store_max_bytes < MIN_STORE_MAX_BYTES {
+            return fail(
+                "store_max_bytes",
+                format!(
+                    "must be at least {} MiB, got {} bytes",
+                    MIN_STORE_MAX_BYTES >> 20,
+                    self.store_max_bytes
+                ),
+            );
         }
         if self.retention.is_zero() {
             return fail("retention", "must be longer than zero".into());

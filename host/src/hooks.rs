@@ -57,7 +57,7 @@ impl Hooks {
     pub fn new(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.db_path, config.busy_timeout)
+            SqliteStore::open_capped(&config.db_path, config.busy_timeout, config.store_max_bytes)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         // One pool slot per worker: the workers can never exhaust it.
@@ -82,7 +82,6 @@ impl Hooks {
         let settings = DispatchSettings {
             workers: config.workers,
             queue_capacity: config.queue_capacity,
-            backlog_high_water: config.backlog_high_water,
             retry: config.retry.clone(),
             quarantine_after: config.quarantine_after,
             shutdown_grace: config.shutdown_grace,

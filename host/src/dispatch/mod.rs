@@ -16,7 +16,7 @@
 mod in_flight;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -59,8 +59,6 @@ pub struct DispatchSettings {
     pub workers: usize,
     /// Deliveries held in memory for the workers.
     pub queue_capacity: usize,
-    /// Backlog at which `accept` refuses new events.
-    pub backlog_high_water: usize,
     pub retry: RetryPolicy,
     /// Different events failing in a row that quarantine a plugin; 0 never.
     pub quarantine_after: u32,
@@ -94,11 +92,11 @@ pub enum Accepted {
     Duplicate,
 }
 
-/// Why an event could not be accepted now; the sender should retry.
+/// Why an event could not be accepted now; the sender should retry. How far
+/// behind plugins are is not a reason: deliveries wait in the store, and only
+/// a store that cannot take the event (full, busy, failing) refuses it.
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
-    #[error("dispatch backlog is over its high-water mark ({0} deliveries waiting)")]
-    Backlogged(usize),
     #[error("the host is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -115,8 +113,6 @@ struct DispatchState {
     queue: RwLock<Option<Sender<Due>>>,
     capacity: usize,
     in_flight: InFlight,
-    /// Deliveries waiting for a first attempt, as last counted plus since.
-    backlog: AtomicUsize,
     reports: broadcast::Sender<Report>,
     /// Set at shutdown: no new event is accepted, no queued call starts.
     stopping: AtomicBool,
@@ -168,7 +164,6 @@ struct Threads {
 #[derive(Debug)]
 pub struct Dispatcher {
     shared: Arc<DispatchState>,
-    high_water: usize,
     grace: Duration,
     threads: Mutex<Option<Threads>>,
 }
@@ -187,7 +182,6 @@ impl Dispatcher {
         let (queue, jobs) = crossbeam_channel::bounded::<Due>(capacity);
         let (reports, _) = broadcast::channel(REPORT_BUFFER);
         let shared = Arc::new(DispatchState {
-            backlog: AtomicUsize::new(store.outstanding().unwrap_or(0)),
             store,
             registry,
             runtime,
@@ -223,7 +217,6 @@ impl Dispatcher {
         });
         Self {
             shared,
-            high_water: settings.backlog_high_water,
             grace: settings.shutdown_grace,
             threads: Mutex::new(Some(Threads {
                 workers,
@@ -241,10 +234,6 @@ impl Dispatcher {
         if self.shared.stopping() {
             return Err(AcceptError::ShuttingDown);
         }
-        let backlog = self.shared.backlog.load(Ordering::Relaxed);
-        if backlog >= self.high_water {
-            return Err(AcceptError::Backlogged(backlog));
-        }
         let plugins = self.shared.registry.subscribed_names(event.event_type());
         let event = Arc::new(event);
         let ticket = self
@@ -254,7 +243,6 @@ impl Dispatcher {
         match ticket.await.map_err(|_| StoreError::Closed)?? {
             Appended::Duplicate => Ok(Accepted::Duplicate),
             Appended::New(ids) => {
-                self.shared.backlog.fetch_add(ids.len(), Ordering::Relaxed);
                 for (id, plugin) in ids.iter().zip(plugins) {
                     let due = Due {
                         id: *id,
@@ -366,8 +354,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"))
 }
 
-/// Find due deliveries for the plugins that can take them and refresh the
-/// backlog count, every [`POLL_INTERVAL`] until shutdown.
+/// Find due deliveries for the plugins that can take them, every
+/// [`POLL_INTERVAL`] until shutdown.
 fn poll_loop(shared: &DispatchState) {
     while !shared.stopping() {
         if let Err(panic) = contain(|| poll_once(shared)) {
@@ -399,9 +387,6 @@ fn poll_once(shared: &DispatchState) {
             Err(error) => tracing::warn!(%error, "could not read due deliveries"),
         }
         shared.in_flight.end_poll();
-    }
-    if let Ok(n) = shared.store.outstanding() {
-        shared.backlog.store(n, Ordering::Relaxed);
     }
 }
 

@@ -5,7 +5,6 @@
 //! `host-error` attempt; the worker goes on.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -68,12 +67,6 @@ impl Worker {
         let runnable = plugin.filter(|p| !p.health.is_quarantined());
         // Unloaded, quarantined or shutting down: it waits in the store.
         let plugin = runnable.filter(|_| !self.shared.stopping())?;
-        if due.attempts == 0 {
-            let _ = self
-                .shared
-                .backlog
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        }
         let attempt = due.attempts + 1;
         let outcome = match self.call(&plugin, event, attempt) {
             Ok(outcome) => outcome,

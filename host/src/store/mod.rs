@@ -129,6 +129,9 @@ pub struct Filter {
 pub enum StoreError {
     #[error("store busy: {0}")]
     Busy(String),
+    /// The database reached its size limit, or the disk is full.
+    #[error("store full: {0}")]
+    Full(String),
     #[error("store failed: {0}")]
     Failed(String),
     #[error("store closed")]

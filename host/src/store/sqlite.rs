@@ -68,7 +68,27 @@ impl SqliteStore {
     /// Open (or create) the database. `busy_timeout` is how long a write waits
     /// for a lock held by another connection before it fails as busy.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
+        Self::open_capped(path, busy_timeout, u64::MAX)
+    }
+
+    /// [`SqliteStore::open`], with writes that would grow the database past
+    /// `max_bytes` failing as [`StoreError::Full`].
+    pub fn open_capped(
+        path: &Path,
+        busy_timeout: Duration,
+        max_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let writer_conn = connect(path, busy_timeout)?;
+        let page_size: i64 = writer_conn
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .map_err(classify)?;
+        let page_size = u64::try_from(page_size).unwrap_or(4096);
+        // SQLite's own cap: a write past it fails with SQLITE_FULL, as on a
+        // full disk. The pragma takes a page count, at most 2^32 - 2.
+        let pages = (max_bytes / page_size.max(1)).clamp(1, u64::from(u32::MAX - 1));
+        writer_conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(classify)?;
         migrate(&writer_conn).map_err(classify)?;
         writer_conn.execute_batch(SCHEMA).map_err(classify)?;
         let reader = connect(path, busy_timeout)?;
@@ -154,6 +174,7 @@ fn classify(error: rusqlite::Error) -> StoreError {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
             StoreError::Busy(error.to_string())
         }
+        Some(ErrorCode::DiskFull) => StoreError::Full(error.to_string()),
         _ => StoreError::Failed(error.to_string()),
     }
 }
