@@ -14,7 +14,7 @@ use crate::event::Event;
 use crate::runtime::FailureKind;
 use crate::status::PluginStatus;
 
-pub use self::sqlite::{DEFAULT_DB_PATH, SqliteStore};
+pub use self::sqlite::{DEFAULT_DB_PATH, SCHEMA_VERSION, SqliteStore};
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]

@@ -1,4 +1,5 @@
--- stateset-hooks store, schema version 2 (2: plugin limits and counters as JSON). Open it with `sqlite3 stateset-hooks.db`.
+-- stateset-hooks store, schema version 2 (2: plugin limits and counters as JSON), as
+-- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
 -- Every event acknowledged with 200, exactly as it was signed.

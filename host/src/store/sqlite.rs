@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params, params_from_iter};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params, params_from_iter};
 use tokio::sync::oneshot;
 
 use super::{
@@ -33,7 +33,12 @@ const MAX_BATCH: usize = 1024;
 
 const SCHEMA: &str = include_str!("schema.sql");
 
-type Op = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<usize> + Send>;
+/// The schema version this build reads and writes (`PRAGMA user_version`,
+/// set by `schema.sql`). Older files are migrated at open; newer ones are
+/// refused, as this build cannot know what they mean.
+pub const SCHEMA_VERSION: i64 = 2;
+
+type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
 enum Write {
     Append {
@@ -79,6 +84,7 @@ impl SqliteStore {
         max_bytes: u64,
     ) -> Result<Self, StoreError> {
         let writer_conn = connect(path, busy_timeout)?;
+        migrate(&writer_conn, path)?;
         let page_size: i64 = writer_conn
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .map_err(classify)?;
@@ -89,8 +95,6 @@ impl SqliteStore {
         writer_conn
             .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
             .map_err(classify)?;
-        migrate(&writer_conn).map_err(classify)?;
-        writer_conn.execute_batch(SCHEMA).map_err(classify)?;
         let reader = connect(path, busy_timeout)?;
         let (writes, queue) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -120,7 +124,7 @@ impl SqliteStore {
     /// Run `op` in the writer's next transaction and wait for the commit.
     fn op(
         &self,
-        op: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<usize> + Send + 'static,
+        op: impl FnOnce(&Connection) -> rusqlite::Result<usize> + Send + 'static,
     ) -> Result<usize, StoreError> {
         let (reply, done) = mpsc::channel();
         self.write(Write::Op {
@@ -146,6 +150,8 @@ impl Drop for SqliteStore {
 }
 
 fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    create_private(path)
+        .map_err(|e| StoreError::Failed(format!("cannot create {}: {e}", path.display())))?;
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Failed(format!("cannot open {}: {e}", path.display())))?;
     conn.busy_timeout(busy_timeout).map_err(classify)?;
@@ -158,13 +164,44 @@ fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError
     Ok(conn)
 }
 
-/// Bring a database written by an earlier version up to `schema.sql`.
-/// Version 1 kept the plugin table's limits and counters as display text; it
-/// is a snapshot the server rewrites every second, so its rows are dropped.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+/// Create the database file readable and writable by its owner only (it
+/// holds every event body: customer data). SQLite gives its `-wal` and
+/// `-shm` files the same mode. An existing file is left as it is.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Bring a database written by an earlier version up to `schema.sql`
+/// ([`SCHEMA_VERSION`]), or refuse one written by a later version. Version 0
+/// is a new file. Version 1 kept the plugin table's limits and counters as
+/// display text; it is a snapshot the server rewrites every second, so its
+/// rows are dropped.
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(classify)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Failed(format!(
+            "{} has schema version {version}, newer than version {SCHEMA_VERSION} that this \
+             build of stateset-hooks knows: run a newer stateset-hooks on it, or use another --db",
+            path.display()
+        )));
+    }
     if version == 1 {
-        conn.execute("DELETE FROM plugins", [])?;
+        conn.execute("DELETE FROM plugins", []).map_err(classify)?;
+    }
+    conn.execute_batch(SCHEMA).map_err(classify)?;
+    if version != SCHEMA_VERSION {
+        tracing::info!(db = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
     Ok(())
 }
@@ -198,54 +235,64 @@ fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
                 "the store writer panicked: {panic}"
             )))
         });
-        match committed {
-            Ok(results) => {
-                for (write, result) in batch.into_iter().zip(results) {
-                    match (write, result) {
-                        (Write::Append { reply, .. }, Outcome::Appended(a)) => {
-                            let _ = reply.send(Ok(a));
-                        }
-                        (Write::Op { reply, .. }, Outcome::Count(n)) => {
-                            let _ = reply.send(Ok(n));
-                        }
-                        _ => unreachable!("results follow the batch"),
-                    }
-                }
-            }
+        let results = match committed {
+            Ok(results) => results,
             Err(error) => {
                 tracing::error!(cause = %error, writes = batch.len(), "store commit failed");
-                for write in batch {
-                    match write {
-                        Write::Append { reply, .. } => drop(reply.send(Err(error.clone()))),
-                        Write::Op { reply, .. } => drop(reply.send(Err(error.clone()))),
-                    }
-                }
+                vec![Err(error); batch.len()]
+            }
+        };
+        for (write, result) in batch.into_iter().zip(results) {
+            match write {
+                Write::Append { reply, .. } => drop(reply.send(result.map(|o| match o {
+                    Outcome::Appended(a) => a,
+                    Outcome::Count(_) => unreachable!("results follow the batch"),
+                }))),
+                Write::Op { reply, .. } => drop(reply.send(result.map(|o| match o {
+                    Outcome::Count(n) => n,
+                    Outcome::Appended(_) => unreachable!("results follow the batch"),
+                }))),
             }
         }
     }
 }
 
+#[derive(Clone)]
 enum Outcome {
     Appended(Appended),
     Count(usize),
 }
 
-/// One transaction for the whole batch: if any write fails, none is kept and
-/// every caller is told (an HTTP sender then gets 503 and retries).
-fn commit(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Outcome>, StoreError> {
+/// One transaction and one sync for the whole batch, each write in its own
+/// savepoint: a write that fails is rolled back alone and only its caller is
+/// told (an HTTP sender then gets 503 and retries); the others commit. If
+/// the transaction itself cannot begin or commit, every write fails.
+fn commit(
+    conn: &mut Connection,
+    batch: &mut [Write],
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
     let now = now_ms();
-    let tx = conn
+    let mut tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(classify)?;
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
-        results.push(match write {
+        // Dropped without `commit`, a savepoint rolls back to where it began.
+        let savepoint = tx.savepoint().map_err(classify)?;
+        let result = match write {
             Write::Append { event, plugins, .. } => {
-                Outcome::Appended(append(&tx, event, plugins, now).map_err(classify)?)
+                append(&savepoint, event, plugins, now).map(Outcome::Appended)
             }
             Write::Op { op, .. } => {
                 let op = op.take().expect("a batch runs once");
-                Outcome::Count(op(&tx).map_err(classify)?)
+                op(&savepoint).map(Outcome::Count)
+            }
+        };
+        results.push(match result {
+            Ok(outcome) => savepoint.commit().map(|()| outcome).map_err(classify),
+            Err(error) => {
+                tracing::warn!(cause = %error, "a store write failed alone; the rest of its batch goes on");
+                Err(classify(error))
             }
         });
     }
@@ -254,7 +301,7 @@ fn commit(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Outcome>, St
 }
 
 fn append(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     event: &Event,
     plugins: &[Arc<str>],
     now: i64,
@@ -618,6 +665,112 @@ impl Store for SqliteStore {
             vec!["store-writer".to_owned()]
         } else {
             Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn append_write(body: &str) -> (Write, oneshot::Receiver<Result<Appended, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        let event = Arc::new(Event::parse(body.as_bytes()).unwrap());
+        let plugins = vec![Arc::from("p")];
+        (
+            Write::Append {
+                event,
+                plugins,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    #[test]
+    fn one_failing_write_fails_alone_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(SqliteStore::open(&path, Duration::from_secs(5)).unwrap());
+        let mut conn = connect(&path, Duration::from_secs(5)).unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.key = 'evt_poison'
+             BEGIN SELECT RAISE(ABORT, 'poisoned on purpose'); END;",
+        )
+        .unwrap();
+        let mut batch = Vec::new();
+        for key in ["evt_a", "evt_poison", "evt_c"] {
+            batch.push(append_write(&format!(r#"{{"id":"{key}","type":"t","data":{{}}}}"#)).0);
+        }
+        let results = commit(&mut conn, &mut batch).unwrap();
+        assert!(matches!(
+            results[0],
+            Ok(Outcome::Appended(Appended::New(_)))
+        ));
+        assert!(matches!(&results[1], Err(StoreError::Failed(m)) if m.contains("poisoned")));
+        assert!(matches!(
+            results[2],
+            Ok(Outcome::Appended(Appended::New(_)))
+        ));
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM events ORDER BY key")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(keys, ["evt_a", "evt_c"]);
+        let deliveries: i64 = conn
+            .query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(deliveries, 2, "the failed write left nothing behind");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_naming_both_versions_and_an_older_one_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = dir.path().join("newer.db");
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch(&format!("PRAGMA user_version = {};", SCHEMA_VERSION + 1))
+            .unwrap();
+        let error = SqliteStore::open(&newer, Duration::from_secs(5)).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("schema version {}", SCHEMA_VERSION + 1))
+                && message.contains(&format!("newer than version {SCHEMA_VERSION}")),
+            "{message}"
+        );
+
+        let older = dir.path().join("older.db");
+        Connection::open(&older)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE plugins (name TEXT PRIMARY KEY, version TEXT, state TEXT NOT NULL,
+                     reason TEXT, subscriptions TEXT NOT NULL, limits TEXT NOT NULL,
+                     counters TEXT NOT NULL, updated_at INTEGER NOT NULL);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        drop(SqliteStore::open(&older, Duration::from_secs(5)).unwrap());
+        let version: i64 = Connection::open(&older)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn the_database_and_its_wal_are_private_to_their_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private.db");
+        let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+        store.purge_succeeded(0).unwrap(); // a write: the WAL exists
+        for file in [path.clone(), dir.path().join("private.db-wal")] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
         }
     }
 }
