@@ -19,3 +19,4 @@ mod plugins;
 mod quarantine;
 mod receiver;
 mod reload;
+mod untrusted_text;

@@ -13,6 +13,7 @@ use stateset_hooks::admin::{AdminFile, RELEASE_ROUTE};
 use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
 use stateset_hooks::status::Table;
 use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
+use stateset_hooks::text::escape_controls;
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -130,7 +131,11 @@ pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
             if format.json {
                 println!("{}", serde_json::to_string_pretty(&event)?);
             } else {
-                println!("event:    {} ({})", event.key, event.event_type);
+                let (key, event_type) = (
+                    escape_controls(&event.key),
+                    escape_controls(&event.event_type),
+                );
+                println!("event:    {key} ({event_type})");
                 println!("received: {}", event.received_at);
                 println!("body:     {}", event.body);
                 print_deliveries(&event.deliveries, false)?;
@@ -243,7 +248,7 @@ fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
     );
     for d in rows {
         let failure = match (d.last_failure_kind, &d.last_failure_message) {
-            (Some(kind), Some(message)) => format!("{kind}: {message}"),
+            (Some(kind), Some(message)) => format!("{kind}: {}", escape_controls(message)),
             _ => String::new(),
         };
         println!(
@@ -251,9 +256,9 @@ fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
             d.id,
             d.status.as_str(),
             d.attempts,
-            d.plugin,
-            d.event_type,
-            d.event_key
+            escape_controls(&d.plugin),
+            escape_controls(&d.event_type),
+            escape_controls(&d.event_key)
         );
     }
     Ok(())

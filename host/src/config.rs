@@ -64,6 +64,11 @@ pub const DEFAULT_CACHE_DIR: &str = "stateset-hooks-cache";
 /// How long events whose deliveries all succeeded are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The longest retention accepted, 100 years: past any real need, and far
+/// inside the millisecond timestamps the purge computes its cut-off in (a
+/// retention that overflowed them would purge everything at once).
+pub const MAX_RETENTION: Duration = Duration::from_secs(36_500 * 24 * 3600);
+
 /// How long a client has to send a request's headers once it sends the
 /// first byte: StateSet sends a few hundred bytes at once, so 10 s is generous
 /// on a slow network and holds a client that trickles them (slowloris) no
@@ -278,8 +283,15 @@ impl Config {
                 ),
             );
         }
-        if self.retention.is_zero() {
-            return fail("retention", "must be longer than zero".into());
+        if self.retention.is_zero() || self.retention > MAX_RETENTION {
+            return fail(
+                "retention",
+                format!(
+                    "must be longer than zero and at most {} days, got {} s",
+                    MAX_RETENTION.as_secs() / 86_400,
+                    self.retention.as_secs()
+                ),
+            );
         }
         if let Err(reason) = self.limits.validate() {
             return fail("limits", reason);
@@ -330,7 +342,7 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         type Change = fn(&mut Config);
-        let cases: [(&str, Change); 11] = [
+        let cases: [(&str, Change); 12] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),
@@ -338,6 +350,7 @@ mod tests {
             ("workers", |c| c.workers = MAX_WORKERS + 1),
             ("body_limit", |c| c.body_limit = 0),
             ("body_timeout", |c| c.body_timeout = Duration::ZERO),
+            ("retention", |c| c.retention = Duration::MAX),
             ("connections.idle_timeout", |c| {
                 c.connections.idle_timeout = Duration::from_secs(7200)
             }),

@@ -23,6 +23,7 @@
 //!
 //! From the leaves up; every import points down this list.
 //!
+//! - [`text`]: control characters in outside text escaped for logs and terminals.
 //! - `contain`: a panic in one unit of a long-lived thread's work, caught.
 //! - [`signature`]: HMAC-SHA256 of the raw body, constant-time; pure.
 //! - [`event`]: the envelope (`id`, `type`, `data`), known types, idempotency key.
@@ -61,6 +62,7 @@ pub mod server;
 pub mod signature;
 pub mod status;
 pub mod store;
+pub mod text;
 pub mod watch;
 
 pub use config::{Config, ConfigError};

@@ -15,6 +15,7 @@ use crate::registry::LoadedPlugin;
 use crate::retry::{Decision, RetryPolicy};
 use crate::runtime::{CallOutcome, Failure, FailureKind, NotRun};
 use crate::store::{Attempt, Due, Status, now_ms};
+use crate::text::escape_controls;
 
 pub(super) struct Worker {
     pub(super) shared: Arc<DispatchState>,
@@ -189,7 +190,7 @@ impl Worker {
             ),
             Err(failure) => tracing::warn!(
                 plugin = name, version, event = &*event_key, event_type, attempt,
-                kind = %failure.kind, micros, "plugin failed: {}", failure.message
+                kind = %failure.kind, micros, "plugin failed: {}", escape_controls(&failure.message)
             ),
         }
         if plugin
