@@ -269,6 +269,40 @@ async fn a_store_at_its_size_limit_gets_503() {
     server.stop().await;
 }
 
+/// A replay that lands while the delivery runs is not overwritten by that
+/// run's outcome: the delivery runs again after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_while_the_delivery_runs_runs_it_again_after() {
+    let plugins = PluginDir::new();
+    plugins.add("slow", "misbehave", Some(SLOW_MANIFEST));
+    let mut server = TestServer::start(config(&plugins)).await;
+    let body = busy_until("evt_running", now_ms() + 2000);
+    assert_eq!(server.send(&body).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the call is running
+    let replayed = server
+        .hooks
+        .store()
+        .replay_event("evt_running", None)
+        .unwrap();
+    assert_eq!(replayed, 1);
+    let runs: Vec<(String, Status)> = server
+        .reports(2)
+        .await
+        .iter()
+        .map(|r| (r.event_key.to_string(), r.status))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("evt_running".to_owned(), Status::Succeeded),
+            ("evt_running".to_owned(), Status::Succeeded)
+        ]
+    );
+    let stored = server.hooks.store().event("evt_running").unwrap().unwrap();
+    assert_eq!(stored.deliveries[0].status, Status::Succeeded);
+    server.stop().await;
+}
+
 /// Event keys each plugin logged handling (the fixture logs `misbehave ok "KEY"`).
 fn handled(host: &mut ServeProcess) -> Vec<(String, String)> {
     host.log()

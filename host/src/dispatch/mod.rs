@@ -248,6 +248,7 @@ impl Dispatcher {
                         id: *id,
                         plugin,
                         attempts: 0,
+                        replays: 0,
                         event: Ok(event.clone()),
                     };
                     if !self.shared.enqueue(due, false) {

@@ -88,6 +88,7 @@ impl Worker {
         }
         let record = Attempt {
             id: due.id,
+            replays: due.replays,
             plugin_version: plugin.version.clone(),
             status: status.0,
             next_attempt_at: status.1,
@@ -138,6 +139,7 @@ impl Worker {
         let failure = Failure::new(FailureKind::HostError, message);
         let record = Attempt {
             id: due.id,
+            replays: due.replays,
             plugin_version: version.clone(),
             status,
             next_attempt_at,

@@ -64,6 +64,8 @@ pub struct Due {
     pub plugin: Arc<str>,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// Times the delivery had been replayed when it was read.
+    pub replays: i64,
     /// The event, or why its stored row is not one (a file written by
     /// something else): such a delivery is recorded as a `host-error`.
     pub event: Result<Arc<Event>, Unreadable>,
@@ -80,6 +82,9 @@ pub struct Unreadable {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub id: DeliveryId,
+    /// The delivery's replay count when the attempt began: an attempt begun
+    /// before a replay is not recorded, so the replay runs after it.
+    pub replays: i64,
     pub plugin_version: Arc<str>,
     pub status: Status,
     /// When to try again (unix ms), for `Failed`.
@@ -160,6 +165,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<Due>, StoreError>;
 
     /// Record attempts (batched with other writes; blocks until committed).
+    /// An attempt on a delivery replayed since it began is not recorded: the
+    /// delivery stays pending and runs again.
     fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError>;
 
     /// Deliveries matching `filter`, newest first.

@@ -1,4 +1,4 @@
--- stateset-hooks store, schema version 2 (2: plugin limits and counters as JSON), as
+-- stateset-hooks store, schema version 3 (2: plugin limits and counters as JSON; 3: replay counts), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     plugin_version       TEXT,          -- short SHA-256 of the component that ran the last attempt
     created_at           INTEGER NOT NULL,
     updated_at           INTEGER NOT NULL,
+    -- times replayed: an attempt that began before a replay is not recorded
+    -- over it, so the replay runs after the attempt.
+    replays              INTEGER NOT NULL DEFAULT 0,
     UNIQUE (event_key, plugin)
 );
 
@@ -47,4 +50,4 @@ CREATE TABLE IF NOT EXISTS plugins (
     updated_at    INTEGER NOT NULL
 );
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

@@ -36,7 +36,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// The schema version this build reads and writes (`PRAGMA user_version`,
 /// set by `schema.sql`). Older files are migrated at open; newer ones are
 /// refused, as this build cannot know what they mean.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
@@ -200,6 +200,19 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         conn.execute("DELETE FROM plugins", []).map_err(classify)?;
     }
     conn.execute_batch(SCHEMA).map_err(classify)?;
+    // Version 3 counts replays; checked by column, not by number, so a
+    // migration cut short completes at the next open.
+    let has_replays: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'replays'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(classify)?;
+    if !has_replays {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0")
+            .map_err(classify)?;
+    }
     if version != SCHEMA_VERSION {
         tracing::info!(db = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
@@ -290,6 +303,9 @@ fn commit(
         };
         results.push(match result {
             Ok(outcome) => savepoint.commit().map(|()| outcome).map_err(classify),
+            // A full disk or an I/O error can make SQLite roll back the
+            // whole transaction: then every write of the batch is lost.
+            Err(error) if savepoint.is_autocommit() => return Err(classify(error)),
             Err(error) => {
                 tracing::warn!(cause = %error, "a store write failed alone; the rest of its batch goes on");
                 Err(classify(error))
@@ -376,6 +392,7 @@ fn due_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
         id: row.get(0)?,
         plugin: row.get::<_, String>(1)?.into(),
         attempts: row.get(2)?,
+        replays: row.get(5)?,
         event: event.map_err(|reason| Unreadable {
             key,
             reason: format!("the stored event is not deliverable: {reason}"),
@@ -430,7 +447,7 @@ impl Store for SqliteStore {
         }
         let placeholders = vec!["?"; plugins.len()].join(", ");
         let sql = format!(
-            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body FROM deliveries d
+            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays FROM deliveries d
              JOIN events e ON e.key = d.event_key
              WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?
                AND (d.attempts > 0 OR d.updated_at <= ?)
@@ -469,7 +486,7 @@ impl Store for SqliteStore {
                 "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                     last_failure_kind = ?4, last_failure_message = ?5, plugin_version = ?6,
                     updated_at = ?7
-                 WHERE id = ?1",
+                 WHERE id = ?1 AND replays = ?8",
             )?;
             let now = now_ms();
             for a in &attempts {
@@ -477,15 +494,22 @@ impl Store for SqliteStore {
                     Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
                     None => (None, None),
                 };
-                update.execute(params![
+                let updated = update.execute(params![
                     a.id,
                     a.status.as_str(),
                     a.next_attempt_at,
                     kind,
                     message,
                     &*a.plugin_version,
-                    now
+                    now,
+                    a.replays
                 ])?;
+                if updated == 0 {
+                    tracing::info!(
+                        delivery = a.id,
+                        "replayed while an attempt ran: that attempt is not recorded and the delivery runs again"
+                    );
+                }
             }
             Ok(attempts.len())
         })
@@ -565,7 +589,8 @@ impl Store for SqliteStore {
                 )?;
             }
             tx.execute(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?3, updated_at = ?3
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?3, updated_at = ?3,
+                     replays = replays + 1
                  WHERE event_key = ?1 AND (?2 IS NULL OR plugin = ?2)",
                 params![key, plugin, now],
             )
@@ -578,13 +603,15 @@ impl Store for SqliteStore {
             let now = now_ms();
             match ids {
                 None => tx.execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, updated_at = ?1
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, updated_at = ?1,
+                         replays = replays + 1
                      WHERE status = 'dead'",
                     [now],
                 ),
                 Some(ids) => {
                     let mut update = tx.prepare_cached(
-                        "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2, updated_at = ?2
+                        "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2, updated_at = ?2,
+                             replays = replays + 1
                          WHERE id = ?1 AND status = 'dead'",
                     )?;
                     let mut n = 0;
@@ -751,10 +778,23 @@ mod tests {
                 "CREATE TABLE plugins (name TEXT PRIMARY KEY, version TEXT, state TEXT NOT NULL,
                      reason TEXT, subscriptions TEXT NOT NULL, limits TEXT NOT NULL,
                      counters TEXT NOT NULL, updated_at INTEGER NOT NULL);
+                 CREATE TABLE events (key TEXT PRIMARY KEY, event_type TEXT NOT NULL,
+                     received_at INTEGER NOT NULL, body BLOB NOT NULL);
+                 CREATE TABLE deliveries (id INTEGER PRIMARY KEY, event_key TEXT NOT NULL,
+                     plugin TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                     next_attempt_at INTEGER NOT NULL, last_failure_kind TEXT,
+                     last_failure_message TEXT, plugin_version TEXT, created_at INTEGER NOT NULL,
+                     updated_at INTEGER NOT NULL, UNIQUE (event_key, plugin));
+                 INSERT INTO events VALUES ('evt_old', 't', 0, '{\"type\":\"t\",\"data\":{}}');
+                 INSERT INTO deliveries (event_key, plugin, status, next_attempt_at, created_at, updated_at)
+                     VALUES ('evt_old', 'p', 'pending', 0, 0, 0);
                  PRAGMA user_version = 1;",
             )
             .unwrap();
-        drop(SqliteStore::open(&older, Duration::from_secs(5)).unwrap());
+        let store = SqliteStore::open(&older, Duration::from_secs(5)).unwrap();
+        let due = store.due(1, 1, &[Arc::from("p")], 10).unwrap();
+        assert_eq!((due.len(), due[0].replays), (1, 0), "old rows read");
+        drop(store);
         let version: i64 = Connection::open(&older)
             .unwrap()
             .query_row("PRAGMA user_version", [], |row| row.get(0))
