@@ -114,3 +114,36 @@ async fn a_quarantined_plugins_deliveries_are_held_and_run_when_released() {
     assert_eq!(refused.status(), 401);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantined_plugin_is_probed_after_its_rest_and_a_success_releases_it() {
+    let plugins = PluginDir::new();
+    plugins.add("flaky", "misbehave", None);
+    let mut config = config(&plugins);
+    config.quarantine_after = 2;
+    config.quarantine_probe_after = Duration::from_secs(2);
+    let mut server = TestServer::start(config).await;
+
+    for id in ["evt_down_1", "evt_down_2"] {
+        assert_eq!(server.send(&rejected(id)).await.0, 200);
+    }
+    server.reports(2).await;
+    assert!(server.plugin("flaky").health.is_quarantined());
+    let held = event("evt_probe", "order.created", json!({}));
+    assert_eq!(server.send(&held).await.0, 200);
+
+    // Nobody releases it: after its rest, the held delivery is tried, and
+    // its success lifts the quarantine.
+    let report = &server.reports(1).await[0];
+    assert_eq!(
+        (&*report.event_key, report.status),
+        ("evt_probe", Status::Succeeded)
+    );
+    assert!(!server.plugin("flaky").health.is_quarantined());
+    let (status, _) = server
+        .send(&event("evt_after", "order.created", json!({})))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(&*server.reports(1).await[0].event_key, "evt_after");
+    server.stop().await;
+}

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::health::DEFAULT_QUARANTINE_AFTER;
+use crate::health::{DEFAULT_QUARANTINE_AFTER, DEFAULT_QUARANTINE_PROBE_AFTER};
 use crate::retry::RetryPolicy;
 use crate::runtime::LimitPolicy;
 use crate::signature::Secret;
@@ -145,6 +145,9 @@ pub struct Config {
     /// Different events failing in a row after which a plugin is
     /// quarantined (its deliveries held until released); 0 never.
     pub quarantine_after: u32,
+    /// How long a quarantined plugin rests before one held delivery is tried
+    /// as a probe; its success lifts the quarantine.
+    pub quarantine_probe_after: Duration,
     /// Plugin worker threads: also the most instances alive at once.
     pub workers: usize,
     /// Deliveries held in memory for the workers.
@@ -189,6 +192,7 @@ impl Config {
             plugins_dir: None,
             limits: LimitPolicy::default(),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
+            quarantine_probe_after: DEFAULT_QUARANTINE_PROBE_AFTER,
             workers: default_workers(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             db_path: DEFAULT_DB_PATH.into(),
@@ -255,6 +259,7 @@ impl Config {
             );
         }
         let timeouts = [
+            ("quarantine_probe_after", self.quarantine_probe_after),
             ("body_timeout", self.body_timeout),
             (
                 "connections.header_timeout",

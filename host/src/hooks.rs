@@ -84,6 +84,7 @@ impl Hooks {
             queue_capacity: config.queue_capacity,
             retry: config.retry.clone(),
             quarantine_after: config.quarantine_after,
+            quarantine_probe_after: config.quarantine_probe_after,
             shutdown_grace: config.shutdown_grace,
         };
         let dispatcher = Arc::new(Dispatcher::start(

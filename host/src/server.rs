@@ -179,6 +179,11 @@ async fn serve_connection(
                 return;
             }
             _ = closing.wait_for(|closing| *closing), if !graceful => {
+                // Nothing being handled: close now rather than wait out a
+                // half-sent request's header timeout.
+                if !matches!(*lock(&phase), Phase::Busy(_)) {
+                    return;
+                }
                 graceful = true;
                 conn.as_mut().graceful_shutdown();
             }

@@ -62,6 +62,8 @@ pub struct DispatchSettings {
     pub retry: RetryPolicy,
     /// Different events failing in a row that quarantine a plugin; 0 never.
     pub quarantine_after: u32,
+    /// How long a quarantined plugin rests before one delivery probes it.
+    pub quarantine_probe_after: Duration,
     /// How long `shutdown` lets running calls finish before cutting them.
     pub shutdown_grace: Duration,
 }
@@ -112,6 +114,7 @@ struct DispatchState {
     /// Taken at shutdown so workers stop.
     queue: RwLock<Option<Sender<Due>>>,
     capacity: usize,
+    probe_after: Duration,
     in_flight: InFlight,
     reports: broadcast::Sender<Report>,
     /// Set at shutdown: no new event is accepted, no queued call starts.
@@ -187,6 +190,7 @@ impl Dispatcher {
             runtime,
             queue: RwLock::new(Some(queue)),
             capacity,
+            probe_after: settings.quarantine_probe_after,
             in_flight: InFlight::default(),
             reports,
             stopping: AtomicBool::new(false),
@@ -387,7 +391,33 @@ fn poll_once(shared: &DispatchState) {
             }
             Err(error) => tracing::warn!(%error, "could not read due deliveries"),
         }
+        probe_quarantined(shared, now, fresh_after);
         shared.in_flight.end_poll();
+    }
+}
+
+/// Queue one held delivery of each quarantined plugin that has rested long
+/// enough, as its probe.
+fn probe_quarantined(shared: &DispatchState, now: i64, fresh_after: i64) {
+    for plugin in shared.registry.snapshot().iter() {
+        if !plugin.health.probe_due(now, shared.probe_after) {
+            continue;
+        }
+        let names = [plugin.name.clone()];
+        let Ok(Some(due)) = shared
+            .store
+            .due(now, fresh_after, &names, 1)
+            .map(|d| d.into_iter().next())
+        else {
+            continue;
+        };
+        let id = due.id;
+        if plugin.health.start_probe(id, now, shared.probe_after) {
+            tracing::info!(plugin = %plugin.name, delivery = id, "quarantined plugin rested: probing it with one delivery");
+            if !shared.enqueue(due, true) {
+                plugin.health.end_probe(id, now);
+            }
+        }
     }
 }
 

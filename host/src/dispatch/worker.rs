@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::{DispatchState, Recorded, Report};
 use crate::contain::contain;
 use crate::event::Event;
+use crate::health::Change;
 use crate::registry::LoadedPlugin;
 use crate::retry::{Decision, RetryPolicy};
 use crate::runtime::{CallOutcome, Failure, FailureKind, NotRun};
@@ -52,6 +53,9 @@ impl Worker {
                 }
                 None => self.shared.in_flight.release([due.id]),
             }
+            if let Some(plugin) = self.shared.registry.get(&due.plugin) {
+                plugin.health.end_probe(due.id, now_ms());
+            }
         }
     }
 
@@ -65,7 +69,7 @@ impl Worker {
             }
         };
         let plugin = self.shared.registry.get(&due.plugin);
-        let runnable = plugin.filter(|p| !p.health.is_quarantined());
+        let runnable = plugin.filter(|p| p.health.may_run(due.id));
         // Unloaded, quarantined or shutting down: it waits in the store.
         let plugin = runnable.filter(|_| !self.shared.stopping())?;
         let attempt = due.attempts + 1;
@@ -195,15 +199,24 @@ impl Worker {
                 kind = %failure.kind, micros, "plugin failed: {}", escape_controls(&failure.message)
             ),
         }
-        if plugin
-            .health
-            .record(&event_key, &outcome.result, self.quarantine_after)
-        {
+        let change =
+            plugin
+                .health
+                .record(&event_key, &outcome.result, self.quarantine_after, now_ms());
+        if change == Change::Released {
+            tracing::info!(
+                plugin = name,
+                version,
+                "plugin released from quarantine: a probe delivery succeeded"
+            );
+        }
+        if change == Change::Quarantined {
             tracing::error!(
                 plugin = name,
                 version,
                 "plugin quarantined after failing on {} different events in a row: its deliveries \
-                 are held in the store until it is released (`plugins release {name}`) or reloaded",
+                 are held in the store until it is released (`plugins release {name}`), reloaded, \
+                 or a probe after its rest succeeds",
                 self.quarantine_after
             );
         }
