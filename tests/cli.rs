@@ -33,7 +33,7 @@ fn serve_refuses_to_start_without_a_secret() {
 fn bad_options_are_refused_before_binding_naming_the_flag() {
     let plugins = PluginDir::new();
     let dir = plugins.path().to_str().unwrap();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--plugins", "/no/such/dir"],
             "--plugins: /no/such/dir is not a directory",
@@ -61,6 +61,18 @@ fn bad_options_are_refused_before_binding_naming_the_flag() {
         (
             &["--plugins", dir, "--max-timeout-ms", "500"],
             "--timeout-ms: defaults.timeout is 1000, above max.timeout (500)",
+        ),
+        (
+            &["--plugins", dir, "--max-connections", "0"],
+            "--max-connections: must be between 1 and",
+        ),
+        (
+            &["--plugins", dir, "--idle-timeout-ms", "0"],
+            "--idle-timeout-ms: must be between 1 ms and 3600 s",
+        ),
+        (
+            &["--plugins", dir, "--retention-days", "106751991167300"],
+            "--retention-days: must be longer than zero and at most 36500 days",
         ),
     ];
     for (flags, expected) in cases {

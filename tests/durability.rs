@@ -207,25 +207,99 @@ async fn a_store_that_cannot_write_gets_503_and_recovers() {
     server.stop().await;
 }
 
+/// A plugin far behind (here 100,001 deliveries held for one that is not
+/// loaded, written into the file directly) is its own problem: the store has
+/// room, so other events are accepted and delivered.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_backlog_over_the_high_water_mark_gets_503() {
+async fn a_plugin_far_behind_does_not_get_other_events_refused() {
     let plugins = PluginDir::new();
-    plugins.add("slow", "misbehave", Some("[limits]\ntimeout_ms = 400"));
+    plugins.add(
+        "other",
+        "misbehave",
+        Some(r#"subscriptions = ["payment.*"]"#),
+    );
+    let config = config(&plugins);
+    drop(SqliteStore::open(&config.db_path, Duration::from_secs(5)).unwrap());
+    rusqlite::Connection::open(&config.db_path)
+        .unwrap()
+        .execute_batch(
+            "BEGIN;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100001)
+             INSERT INTO events (key, event_type, received_at, body)
+                 SELECT 'evt_held_' || i, 'order.created', 0,
+                        CAST('{\"type\":\"order.created\",\"data\":{}}' AS BLOB) FROM n;
+             INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
+                 SELECT key, 'stuck', 'pending', 0, 0, 0, 0 FROM events;
+             COMMIT;",
+        )
+        .unwrap();
+    let mut server = TestServer::start(config).await;
+    let body = event("evt_pay", "payment.succeeded", json!({}));
+    assert_eq!(server.send(&body).await, (200, json!({ "received": true })));
+    let report = &server.reports(1).await[0];
+    assert_eq!((&*report.event_key, &*report.plugin), ("evt_pay", "other"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_at_its_size_limit_gets_503() {
+    let plugins = PluginDir::new();
     let mut config = config(&plugins);
-    config.backlog_high_water = 3;
+    config.store_max_bytes = stateset_hooks::config::MIN_STORE_MAX_BYTES;
     let server = TestServer::start(config).await;
-    let mut statuses = Vec::new();
-    for i in 0..10 {
+    let pad = "x".repeat(900 << 10);
+    let mut refused = None;
+    for i in 0..40 {
         let body = event(
-            &format!("evt_slow_{i}"),
+            &format!("evt_big_{i}"),
             "order.created",
-            json!({ "misbehave": "sleep-forever" }),
+            json!({ "pad": pad }),
         );
-        statuses.push(server.send(&body).await.0);
+        let (status, response) = server.send(&body).await;
+        if status != 200 {
+            refused = Some((i, status, response));
+            break;
+        }
     }
-    // One running, three waiting, the rest refused until the backlog drains.
-    assert!(statuses.starts_with(&[200, 200, 200]), "{statuses:?}");
-    assert!(statuses.contains(&503), "{statuses:?}");
+    let (i, status, response) = refused.expect("a 16 MiB store refuses forty 900 KiB events");
+    assert_eq!(status, 503, "{response}");
+    let error = response["error"].as_str().unwrap();
+    assert!(error.contains("store full"), "{error}");
+    assert!(i >= 10, "refused only once full: after {i} events");
+    server.stop().await;
+}
+
+/// A replay that lands while the delivery runs is not overwritten by that
+/// run's outcome: the delivery runs again after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_while_the_delivery_runs_runs_it_again_after() {
+    let plugins = PluginDir::new();
+    plugins.add("slow", "misbehave", Some(SLOW_MANIFEST));
+    let mut server = TestServer::start(config(&plugins)).await;
+    let body = busy_until("evt_running", now_ms() + 2000);
+    assert_eq!(server.send(&body).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the call is running
+    let replayed = server
+        .hooks
+        .store()
+        .replay_event("evt_running", None)
+        .unwrap();
+    assert_eq!(replayed, 1);
+    let runs: Vec<(String, Status)> = server
+        .reports(2)
+        .await
+        .iter()
+        .map(|r| (r.event_key.to_string(), r.status))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("evt_running".to_owned(), Status::Succeeded),
+            ("evt_running".to_owned(), Status::Succeeded)
+        ]
+    );
+    let stored = server.hooks.store().event("evt_running").unwrap().unwrap();
+    assert_eq!(stored.deliveries[0].status, Status::Succeeded);
     server.stop().await;
 }
 

@@ -8,11 +8,15 @@
 mod support;
 
 mod cli;
+mod connections;
+mod deliverable;
 mod durability;
 mod hostile;
 mod languages;
 mod lifecycle;
 mod limits;
 mod plugins;
+mod quarantine;
 mod receiver;
 mod reload;
+mod untrusted_text;

@@ -24,7 +24,7 @@ pub fn run(
         bail!("{reason} (--fuel, --memory-mib, --timeout-ms and their --max-* flags)");
     }
     let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
-    let event = Event::parse(body.into())
+    let event = Event::parse(&body)
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new(None, 1)?;
     // As the server would grant it, withholding the secret if one is set.

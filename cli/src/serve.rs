@@ -28,6 +28,21 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = config::DEFAULT_BODY_LIMIT)]
     body_limit: usize,
+    /// How long a request body may take to arrive once its headers are in,
+    /// in ms; a slower one gets 408 and the connection is closed.
+    #[arg(long, default_value_t = config::DEFAULT_BODY_TIMEOUT.as_millis() as u64)]
+    body_timeout_ms: u64,
+    /// How long a request's headers may take from its first byte, in ms;
+    /// then the connection is closed.
+    #[arg(long, default_value_t = config::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
+    header_timeout_ms: u64,
+    /// How long a connection may wait for its next request (new, or kept
+    /// alive after a response), in ms; then it is closed.
+    #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_millis() as u64)]
+    idle_timeout_ms: u64,
+    /// Connections served at once; more wait to be accepted until one closes.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// Plugin worker threads, also the most plugin instances alive at once
     /// [default: the number of cores].
     #[arg(long)]
@@ -35,10 +50,11 @@ pub struct ServeArgs {
     /// Deliveries held in memory for the workers (the rest wait in the store).
     #[arg(long, default_value_t = config::DEFAULT_QUEUE_CAPACITY)]
     queue_capacity: usize,
-    /// Deliveries waiting for a first attempt at which new events get 503
-    /// with Retry-After.
-    #[arg(long, default_value_t = config::DEFAULT_BACKLOG_HIGH_WATER)]
-    backlog_high_water: usize,
+    /// The most the database may grow to, in MiB; past it new events get 503
+    /// with Retry-After (however far behind plugins are, events are kept
+    /// until then).
+    #[arg(long, default_value_t = config::DEFAULT_STORE_MAX_BYTES >> 20)]
+    store_max_mib: u64,
     /// Attempts per delivery, the first included, before it is dead.
     #[arg(long, default_value_t = stateset_hooks::retry::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
@@ -114,10 +130,14 @@ fn flag(field: &str, reason: &str) -> &'static str {
     match field {
         "path" => "--path",
         "body_limit" => "--body-limit",
+        "body_timeout" => "--body-timeout-ms",
+        "connections.header_timeout" => "--header-timeout-ms",
+        "connections.idle_timeout" => "--idle-timeout-ms",
+        "connections.max_connections" => "--max-connections",
         "plugins_dir" => "--plugins",
         "workers" => "--workers",
         "queue_capacity" => "--queue-capacity",
-        "backlog_high_water" => "--backlog-high-water",
+        "store_max_bytes" => "--store-max-mib",
         "retry.max_attempts" => "--max-attempts",
         "retention" => "--retention-days",
         "plugin_env" => "--allow-plugin-env",
@@ -140,11 +160,15 @@ pub fn serve(
     let mut config = Config::new(secret);
     config.path = args.path;
     config.body_limit = args.body_limit;
+    config.body_timeout = Duration::from_millis(args.body_timeout_ms);
+    config.connections.header_timeout = Duration::from_millis(args.header_timeout_ms);
+    config.connections.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    config.connections.max_connections = args.max_connections;
     config.plugins_dir = Some(args.plugins);
     config.limits = args.limits.policy();
     config.plugin_env = args.allow_plugin_env.into_iter().collect();
     config.queue_capacity = args.queue_capacity;
-    config.backlog_high_water = args.backlog_high_water;
+    config.store_max_bytes = args.store_max_mib.saturating_mul(1 << 20);
     config.retry.max_attempts = args.max_attempts;
     config.retention = Duration::from_secs(args.retention_days.saturating_mul(24 * 3600));
     config.db_path = db.to_owned();

@@ -1,15 +1,19 @@
-//! The `events` and `dlq` commands: read and replay the store, also while
-//! the server runs (SQLite in WAL mode lets both at the file at once; the
-//! server's poller picks replayed deliveries up within its poll interval).
+//! The `events`, `dlq` and `plugins` commands: read and replay the store,
+//! also while the server runs (SQLite in WAL mode lets both at the file at
+//! once; the server's poller picks replayed deliveries up within its poll
+//! interval). `plugins release` alone asks the running server, over its
+//! token-protected admin route.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use stateset_hooks::admin::{AdminFile, RELEASE_ROUTE};
 use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
 use stateset_hooks::status::Table;
 use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
+use stateset_hooks::text::escape_controls;
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -71,6 +75,13 @@ pub enum PluginsCommand {
         #[command(flatten)]
         format: Format,
     },
+    /// Lift a plugin's quarantine in the running server: its held deliveries
+    /// run at once. Uses the address and token the server wrote beside the
+    /// database (`<db>.admin`, readable by its owner only).
+    Release {
+        /// The plugin's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -120,7 +131,11 @@ pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
             if format.json {
                 println!("{}", serde_json::to_string_pretty(&event)?);
             } else {
-                println!("event:    {} ({})", event.key, event.event_type);
+                let (key, event_type) = (
+                    escape_controls(&event.key),
+                    escape_controls(&event.event_type),
+                );
+                println!("event:    {key} ({event_type})");
                 println!("received: {}", event.received_at);
                 println!("body:     {}", event.body);
                 print_deliveries(&event.deliveries, false)?;
@@ -159,8 +174,11 @@ pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
+    let format = match command {
+        PluginsCommand::List { format } => format,
+        PluginsCommand::Release { name } => return release(db, &name),
+    };
     let store = open(db)?;
-    let PluginsCommand::List { format } = command;
     let rows = store.plugins()?;
     if format.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -178,6 +196,47 @@ pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn release(db: &Path, name: &str) -> anyhow::Result<ExitCode> {
+    let admin = AdminFile::read(db)?;
+    let url = format!(
+        "{}{}",
+        admin.url,
+        RELEASE_ROUTE.replace("{name}", &urlencode(name))
+    );
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&admin.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", admin.url))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "{status}: {}",
+                body["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        println!("{name} released: its held deliveries run now");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// A plugin name as one URL path segment.
+fn urlencode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(rows)?);
@@ -189,7 +248,7 @@ fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
     );
     for d in rows {
         let failure = match (d.last_failure_kind, &d.last_failure_message) {
-            (Some(kind), Some(message)) => format!("{kind}: {message}"),
+            (Some(kind), Some(message)) => format!("{kind}: {}", escape_controls(message)),
             _ => String::new(),
         };
         println!(
@@ -197,9 +256,9 @@ fn print_deliveries(rows: &[DeliveryRecord], json: bool) -> anyhow::Result<()> {
             d.id,
             d.status.as_str(),
             d.attempts,
-            d.plugin,
-            d.event_type,
-            d.event_key
+            escape_controls(&d.plugin),
+            escape_controls(&d.event_type),
+            escape_controls(&d.event_key)
         );
     }
     Ok(())

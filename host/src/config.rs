@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::health::DEFAULT_QUARANTINE_AFTER;
+use crate::health::{DEFAULT_QUARANTINE_AFTER, DEFAULT_QUARANTINE_PROBE_AFTER};
 use crate::manifest::EnvGrant;
 use crate::retry::RetryPolicy;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, LimitPolicy};
@@ -40,10 +40,17 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// million the store is the better place for waiting work.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 
-/// Deliveries waiting for a first attempt before new events get 503 with
-/// `Retry-After`: about a minute of work at the plugin rates measured on a
-/// 2-core machine, so a sender is slowed before the backlog grows unbounded.
-pub const DEFAULT_BACKLOG_HIGH_WATER: usize = 100_000;
+/// The most the database may grow to before new events get 503 with
+/// `Retry-After`: what the store can hold is the limit, not how far one
+/// plugin is behind. 8 GiB holds a million events of a few KiB with their
+/// deliveries several times over (a plugin down for days at a steady
+/// webhook rate), and keeps an outage from filling the disk the rest of the
+/// machine needs.
+pub const DEFAULT_STORE_MAX_BYTES: u64 = 8 << 30;
+
+/// The smallest database size limit accepted: the schema and a few of the
+/// largest bodies must fit.
+pub const MIN_STORE_MAX_BYTES: u64 = 16 << 20;
 
 /// The most worker threads: each is also a slot in the instance pool, which
 /// reserves address space for the largest memories a call may grow.
@@ -59,10 +66,67 @@ pub const DEFAULT_CACHE_DIR: &str = "stateset-hooks-cache";
 /// How long events whose deliveries all succeeded are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The longest retention accepted, 100 years: past any real need, and far
+/// inside the millisecond timestamps the purge computes its cut-off in (a
+/// retention that overflowed them would purge everything at once).
+pub const MAX_RETENTION: Duration = Duration::from_secs(36_500 * 24 * 3600);
+
+/// How long a client has to send a request's headers once it sends the
+/// first byte: StateSet sends a few hundred bytes at once, so 10 s is generous
+/// on a slow network and holds a client that trickles them (slowloris) no
+/// longer than that.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client has to send a whole body once its headers are in: the
+/// default 1 MiB limit at a slow 50 KiB/s takes 20 s; past 30 s it is
+/// trickling. Answered with 408.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection may wait for its next request (after opening, or
+/// after its last response): keep-alive spares a sender a handshake per
+/// webhook in a burst, and 30 s of silence means the burst is over.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections served at once; more wait in the listen backlog until one
+/// closes. Each is a socket and a task: 512 is half the common default limit
+/// of 1024 open files, leaving the rest for the database, plugins and cache.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// The most connections accepted as a setting: each holds a file
+/// descriptor, and past this the process limit is the real cap anyway.
+pub const MAX_CONNECTIONS: usize = 1 << 16;
+
+/// The longest header, body or idle timeout accepted: an hour already lets
+/// one client hold a connection for an hour; longer is a mistake.
+pub const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How long shutdown lets running plugin calls finish before cutting them:
 /// ten default call deadlines, well inside the 30 s most process managers
 /// wait between SIGTERM and SIGKILL.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What one client connection may take, enforced by [`crate::server::run`]
+/// (an app that serves the router itself applies its own; the body timeout
+/// is the route's and applies everywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From a request's first byte to the end of its headers.
+    pub header_timeout: Duration,
+    /// Waiting for a request's first byte, on a new or kept-alive connection.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
 
 /// How the host is set up. Build with [`Config::new`] and change fields.
 #[derive(Debug, Clone)]
@@ -72,6 +136,10 @@ pub struct Config {
     pub path: String,
     /// Largest body accepted, in bytes.
     pub body_limit: usize,
+    /// How long a body may take to arrive once the headers are in (then 408).
+    pub body_timeout: Duration,
+    /// Header and idle timeouts and the connection cap of `server::run`.
+    pub connections: ConnectionLimits,
     /// Directory of `*.wasm` plugins (with optional `NAME.toml` manifests).
     pub plugins_dir: Option<PathBuf>,
     /// Limits for every plugin call, and the most a manifest may raise them to.
@@ -80,8 +148,12 @@ pub struct Config {
     /// `{ env = "VAR" }`, besides its own `STATESET_PLUGIN_<NAME>_*`. Never
     /// the webhook secret.
     pub plugin_env: BTreeSet<String>,
-    /// Consecutive failures after which a plugin is quarantined; 0 never.
+    /// Different events failing in a row after which a plugin is
+    /// quarantined (its deliveries held until released); 0 never.
     pub quarantine_after: u32,
+    /// How long a quarantined plugin rests before one held delivery is tried
+    /// as a probe; its success lifts the quarantine.
+    pub quarantine_probe_after: Duration,
     /// Plugin worker threads: also the most instances alive at once.
     pub workers: usize,
     /// Deliveries held in memory for the workers.
@@ -92,8 +164,8 @@ pub struct Config {
     pub busy_timeout: Duration,
     /// Retry schedule for failed deliveries.
     pub retry: RetryPolicy,
-    /// Backlog (deliveries waiting for a first attempt) at which new events get 503.
-    pub backlog_high_water: usize,
+    /// The most the database may grow to, in bytes; past it new events get 503.
+    pub store_max_bytes: u64,
     /// How long events whose deliveries all succeeded are kept.
     pub retention: Duration,
     /// Reload plugins when files in `plugins_dir` change.
@@ -125,16 +197,19 @@ impl Config {
             secret,
             path: DEFAULT_PATH.to_owned(),
             body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            connections: ConnectionLimits::default(),
             plugins_dir: None,
             limits: LimitPolicy::default(),
             plugin_env: BTreeSet::new(),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
+            quarantine_probe_after: DEFAULT_QUARANTINE_PROBE_AFTER,
             workers: default_workers(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             db_path: DEFAULT_DB_PATH.into(),
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             retry: RetryPolicy::default(),
-            backlog_high_water: DEFAULT_BACKLOG_HIGH_WATER,
+            store_max_bytes: DEFAULT_STORE_MAX_BYTES,
             retention: DEFAULT_RETENTION,
             watch: true,
             cache_dir: Some(DEFAULT_CACHE_DIR.into()),
@@ -162,7 +237,11 @@ impl Config {
             ("body_limit", self.body_limit, MAX_BODY_LIMIT),
             ("workers", self.workers, MAX_WORKERS),
             ("queue_capacity", self.queue_capacity, MAX_QUEUE_CAPACITY),
-            ("backlog_high_water", self.backlog_high_water, usize::MAX),
+            (
+                "connections.max_connections",
+                self.connections.max_connections,
+                MAX_CONNECTIONS,
+            ),
             (
                 "retry.max_attempts",
                 self.retry.max_attempts as usize,
@@ -191,8 +270,45 @@ impl Config {
                 "must not be longer than retry.max_delay".into(),
             );
         }
-        if self.retention.is_zero() {
-            return fail("retention", "must be longer than zero".into());
+        let timeouts = [
+            ("quarantine_probe_after", self.quarantine_probe_after),
+            ("body_timeout", self.body_timeout),
+            (
+                "connections.header_timeout",
+                self.connections.header_timeout,
+            ),
+            ("connections.idle_timeout", self.connections.idle_timeout),
+        ];
+        for (field, value) in timeouts {
+            if value.is_zero() || value > MAX_CONNECTION_TIMEOUT {
+                return fail(
+                    field,
+                    format!(
+                        "must be between 1 ms and {} s, got {value:?}",
+                        MAX_CONNECTION_TIMEOUT.as_secs()
+                    ),
+                );
+            }
+        }
+        if self.store_max_bytes < MIN_STORE_MAX_BYTES {
+            return fail(
+                "store_max_bytes",
+                format!(
+                    "must be at least {} MiB, got {} bytes",
+                    MIN_STORE_MAX_BYTES >> 20,
+                    self.store_max_bytes
+                ),
+            );
+        }
+        if self.retention.is_zero() || self.retention > MAX_RETENTION {
+            return fail(
+                "retention",
+                format!(
+                    "must be longer than zero and at most {} days, got {} s",
+                    MAX_RETENTION.as_secs() / 86_400,
+                    self.retention.as_secs()
+                ),
+            );
         }
         if let Err(reason) = self.limits.validate() {
             return fail("limits", reason);
@@ -291,13 +407,21 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named() {
         type Change = fn(&mut Config);
-        let cases: [(&str, Change); 10] = [
+        let cases: [(&str, Change); 14] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),
             ("workers", |c| c.workers = 0),
             ("workers", |c| c.workers = MAX_WORKERS + 1),
             ("body_limit", |c| c.body_limit = 0),
+            ("body_timeout", |c| c.body_timeout = Duration::ZERO),
+            ("retention", |c| c.retention = Duration::MAX),
+            ("connections.idle_timeout", |c| {
+                c.connections.idle_timeout = Duration::from_secs(7200)
+            }),
+            ("connections.max_connections", |c| {
+                c.connections.max_connections = 0
+            }),
             ("limits", |c| c.limits.max.memory_bytes = 4 << 30),
             ("plugin_env", |c| {
                 c.plugin_env.insert(crate::signature::SECRET_ENV.into());

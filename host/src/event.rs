@@ -1,13 +1,15 @@
 //! The webhook envelope: parse a verified body into an [`Event`].
 //!
 //! Owns the envelope's shape (`id`, `type`, `created_at`, `data`), the event
-//! types StateSet documents, and the key an event is known by. It keeps the
-//! body's bytes so plugins receive exactly what the sender signed. It does not
-//! know signatures, HTTP or plugins.
+//! types StateSet documents, the key an event is known by, and what any body
+//! must be to be accepted at all: UTF-8 JSON nested at most [`MAX_DEPTH`]
+//! deep, all of it, unknown fields included. It keeps the body as validated
+//! text, so plugins receive exactly what the sender signed and handing it to
+//! one cannot fail. It does not know signatures, HTTP or plugins.
 
 use std::fmt;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -32,6 +34,12 @@ pub const KNOWN_EVENT_TYPES: [&str; 15] = [
     "return.completed",
 ];
 
+/// The deepest nesting of arrays and objects accepted anywhere in a body.
+/// StateSet events nest a few levels (`data`, `items`, an item, its fields);
+/// 64 leaves room for that and stays under the 128 levels `serde_json`
+/// parses by default, so every accepted body parses in a plugin that uses it.
+pub const MAX_DEPTH: usize = 64;
+
 /// One verified, parsed webhook event.
 #[derive(Clone)]
 pub struct Event {
@@ -39,7 +47,8 @@ pub struct Event {
     id: Option<String>,
     event_type: String,
     created_at: Option<String>,
-    body: Bytes,
+    /// The whole body, proven UTF-8 JSON within [`MAX_DEPTH`].
+    body: Arc<str>,
 }
 
 #[derive(Deserialize)]
@@ -55,9 +64,15 @@ struct Envelope<'a> {
 
 impl Event {
     /// Parse a body that has already passed signature verification.
-    pub fn parse(body: Bytes) -> Result<Self, EventError> {
+    pub fn parse(body: &[u8]) -> Result<Self, EventError> {
+        let body = std::str::from_utf8(body).map_err(|e| EventError::NotUtf8 {
+            offset: e.valid_up_to(),
+        })?;
+        check_depth(body)?;
+        // Unknown fields are skipped, but `serde_json` still checks their
+        // syntax: with the two checks above the whole body is proven.
         let envelope: Envelope<'_> =
-            serde_json::from_slice(&body).map_err(|e| EventError::NotJson(e.to_string()))?;
+            serde_json::from_str(body).map_err(|e| EventError::NotJson(e.to_string()))?;
         let serde_json::Value::String(event_type) = envelope.event_type else {
             return Err(EventError::TypeNotString);
         };
@@ -79,14 +94,14 @@ impl Event {
         };
         let key = match &id {
             Some(id) => id.clone(),
-            None => format!("sha256:{}", hex::encode(Sha256::digest(&body))),
+            None => format!("sha256:{}", hex::encode(Sha256::digest(body))),
         };
         Ok(Self {
             key,
             id,
             event_type,
             created_at,
-            body,
+            body: body.into(),
         })
     }
 
@@ -116,15 +131,39 @@ impl Event {
         KNOWN_EVENT_TYPES.contains(&self.event_type.as_str())
     }
 
-    /// The body exactly as received and signed.
-    pub fn body(&self) -> &Bytes {
+    /// The body exactly as received and signed: UTF-8 JSON, as parsing proved.
+    pub fn payload(&self) -> &str {
         &self.body
     }
+}
 
-    /// The body as text; parsing proved it is UTF-8 JSON.
-    pub fn payload(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("parsed JSON is UTF-8")
+/// Refuse nesting past [`MAX_DEPTH`] before a parser recurses into it. Counts
+/// brackets outside strings; syntax is the parser's job.
+fn check_depth(body: &str) -> Result<(), EventError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (offset, byte) in body.bytes().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(EventError::TooDeep { offset });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 impl fmt::Debug for Event {
@@ -142,6 +181,12 @@ impl fmt::Debug for Event {
 /// Why a verified body is not an event.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EventError {
+    #[error("body is not UTF-8: invalid byte at offset {offset}")]
+    NotUtf8 { offset: usize },
+    #[error(
+        "body nests arrays and objects deeper than {MAX_DEPTH} levels (at byte offset {offset})"
+    )]
+    TooDeep { offset: usize },
     #[error("body is not valid JSON: {0}")]
     NotJson(String),
     #[error("`type` must be a non-empty string")]
@@ -157,7 +202,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Event, EventError> {
-        Event::parse(Bytes::copy_from_slice(s.as_bytes()))
+        Event::parse(s.as_bytes())
     }
 
     #[test]
@@ -221,5 +266,36 @@ mod tests {
             parse(r#"{"type":"order.created","data":[1]}"#).unwrap_err(),
             EventError::DataNotObject
         );
+    }
+
+    #[test]
+    fn the_whole_body_must_be_utf8_json_of_bounded_depth() {
+        let bad_utf8 = b"{\"type\":\"order.created\",\"data\":{},\"extra\":\"\xff\"}";
+        assert_eq!(
+            Event::parse(bad_utf8).unwrap_err(),
+            EventError::NotUtf8 { offset: 43 }
+        );
+        let deep = |n: usize| {
+            format!(
+                r#"{{"type":"order.created","data":{{}},"extra":{}{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert!(parse(&deep(MAX_DEPTH - 1)).is_ok());
+        assert!(matches!(
+            parse(&deep(MAX_DEPTH)),
+            Err(EventError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            parse(&deep(100_000)),
+            Err(EventError::TooDeep { .. })
+        ));
+        // Brackets inside strings, escaped quotes included, are not nesting.
+        let text = format!(
+            r#"{{"type":"order.created","data":{{"note":"\"{}"}}}}"#,
+            "[".repeat(1000)
+        );
+        assert!(parse(&text).is_ok());
     }
 }

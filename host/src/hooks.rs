@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::config::Config;
+use crate::config::{Config, ConnectionLimits};
 use crate::dispatch::{DispatchSettings, Dispatcher, Report};
 use crate::housekeeping::Housekeeping;
 use crate::http::{self, Endpoint};
@@ -32,8 +32,11 @@ pub struct Hooks {
 #[derive(Debug)]
 struct Inner {
     path: String,
+    db_path: std::path::PathBuf,
     secret: Secret,
     body_limit: usize,
+    body_timeout: std::time::Duration,
+    connections: ConnectionLimits,
     dispatcher: Arc<Dispatcher>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
@@ -54,7 +57,7 @@ impl Hooks {
     pub fn new(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.db_path, config.busy_timeout)
+            SqliteStore::open_capped(&config.db_path, config.busy_timeout, config.store_max_bytes)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         // One pool slot per worker: the workers can never exhaust it.
@@ -84,9 +87,9 @@ impl Hooks {
         let settings = DispatchSettings {
             workers: config.workers,
             queue_capacity: config.queue_capacity,
-            backlog_high_water: config.backlog_high_water,
             retry: config.retry.clone(),
             quarantine_after: config.quarantine_after,
+            quarantine_probe_after: config.quarantine_probe_after,
             shutdown_grace: config.shutdown_grace,
         };
         let dispatcher = Arc::new(Dispatcher::start(
@@ -99,8 +102,11 @@ impl Hooks {
         Ok(Self {
             inner: Arc::new(Inner {
                 path: config.path,
+                db_path: config.db_path,
                 secret: config.secret,
                 body_limit: config.body_limit,
+                body_timeout: config.body_timeout,
+                connections: config.connections,
                 dispatcher,
                 registry,
                 runtime,
@@ -118,10 +124,33 @@ impl Hooks {
         let endpoint = Endpoint {
             secret: self.inner.secret.clone(),
             body_limit: self.inner.body_limit,
+            body_timeout: self.inner.body_timeout,
             dispatcher: self.inner.dispatcher.clone(),
             _keep_alive: self.inner.clone(),
         };
         http::router(&self.inner.path, Arc::new(endpoint))
+    }
+
+    /// Names of the host's long-lived threads that have ended while it runs
+    /// (a worker, the poller, the recorder, the store writer, a housekeeping
+    /// loop): empty when healthy. `/healthz` answers 503 naming them.
+    pub fn threads_gone(&self) -> Vec<String> {
+        let mut gone = self.inner.dispatcher.threads_gone();
+        gone.extend(self.store().threads_gone());
+        if let Some(housekeeping) = &*self.inner.housekeeping.lock().expect("housekeeping lock") {
+            gone.extend(housekeeping.threads_gone());
+        }
+        gone
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &std::path::Path {
+        &self.inner.db_path
+    }
+
+    /// What `server::run` allows each client connection.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        self.inner.connections
     }
 
     /// Every plugin report from now on.
@@ -152,7 +181,8 @@ impl Hooks {
         }
     }
 
-    /// Lift a plugin's quarantine. Returns false if no plugin has that name.
+    /// Lift a plugin's quarantine: its held deliveries run from the next
+    /// poll. Returns false if no plugin has that name.
     pub fn release(&self, name: &str) -> bool {
         let Some(plugin) = self.inner.registry.get(name) else {
             return false;

@@ -92,6 +92,17 @@ impl Housekeeping {
     }
 }
 
+impl Housekeeping {
+    /// Names of the loops that have ended before being stopped.
+    pub fn threads_gone(&self) -> Vec<String> {
+        self.threads
+            .iter()
+            .filter(|t| t.is_finished())
+            .map(|t| t.thread().name().unwrap_or("unnamed").to_owned())
+            .collect()
+    }
+}
+
 impl Drop for Housekeeping {
     fn drop(&mut self) {
         *self.stop.stopped.lock().expect("stop lock") = true;

@@ -29,6 +29,7 @@ const RETRY_AFTER_SECS: u64 = 5;
 pub(crate) struct Endpoint {
     pub secret: Secret,
     pub body_limit: usize,
+    pub body_timeout: std::time::Duration,
     pub dispatcher: Arc<Dispatcher>,
     /// Whatever must live as long as the route does (the host behind it):
     /// an app may drop its handle and keep only the router.
@@ -54,11 +55,15 @@ async fn receive(
     if content_length(&headers).is_some_and(|len| len > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
-    let body = axum::body::to_bytes(body, limit)
+    // A client that trickles its body holds a connection and a task: it
+    // gets the body timeout, counted from the end of the headers.
+    let timeout = endpoint.body_timeout;
+    let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| ApiError::BodyTimeout { timeout })?
         .map_err(|error| ApiError::from_body_error(error, limit))?;
     endpoint.secret.verify(&body, signature)?;
-    let event = Event::parse(body)?;
+    let event = Event::parse(&body)?;
     if !event.is_known_type() {
         tracing::info!(
             event = event.key(),
@@ -108,6 +113,8 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the body did not arrive within {timeout:?}")]
+    BodyTimeout { timeout: std::time::Duration },
     #[error("only POST is allowed here")]
     MethodNotAllowed,
     #[error("temporarily unable to accept events: {0}")]
@@ -132,6 +139,7 @@ impl ApiError {
             Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::Event(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

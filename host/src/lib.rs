@@ -23,6 +23,8 @@
 //!
 //! From the leaves up; every import points down this list.
 //!
+//! - [`text`]: control characters in outside text escaped for logs and terminals.
+//! - `contain`: a panic in one unit of a long-lived thread's work, caught.
 //! - [`signature`]: HMAC-SHA256 of the raw body, constant-time; pure.
 //! - [`event`]: the envelope (`id`, `type`, `data`), known types, idempotency key.
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
@@ -40,9 +42,12 @@
 //! - `http`: the webhook route and its status codes.
 //! - [`config`]: [`Config`], its defaults and its validation.
 //! - [`hooks`]: [`Hooks`], the composition root an app holds.
-//! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`.
+//! - [`admin`]: the token-protected release route and the file naming it.
+//! - [`server`]: serve [`Hooks`] on a listener, with `/healthz`, connection cap and timeouts.
 
+pub mod admin;
 pub mod config;
+mod contain;
 pub mod dispatch;
 pub mod event;
 pub mod health;
@@ -59,6 +64,7 @@ pub mod server;
 pub mod signature;
 pub mod status;
 pub mod store;
+pub mod text;
 pub mod watch;
 
 pub use config::{Config, ConfigError};

@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::Manifest;
-use crate::runtime::escape_controls;
+use crate::text::escape_controls;
 
 /// The largest component read: three times the largest interpreter-based
 /// component we build (CPython via componentize-py, about 18 MiB). A bigger

@@ -86,14 +86,15 @@ impl Registry {
         self.snapshot().iter().find(|p| &*p.name == name).cloned()
     }
 
-    /// Names of the plugins an event of this type goes to: serving and not
-    /// quarantined, or still loading.
+    /// Names of the plugins an event of this type goes to: serving (a
+    /// quarantined plugin's deliveries are held until it is released), or
+    /// still loading.
     pub fn subscribed_names(&self, event_type: &str) -> Vec<Arc<str>> {
         let state = self.read();
         let serving = state
             .serving
             .iter()
-            .filter(|p| p.manifest.subscribes_to(event_type) && !p.health.is_quarantined())
+            .filter(|p| p.manifest.subscribes_to(event_type))
             .map(|p| p.name.clone());
         let loading = state
             .loading

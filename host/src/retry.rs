@@ -1,8 +1,8 @@
 //! When a failed delivery is tried again, and when it is given up (dead).
 //!
 //! Which kinds retry: a failure that can pass by itself (`plugin-error`,
-//! `trap`, `timeout`, `load-error`: a dependency was down, the machine was
-//! loaded, the plugin was being replaced) retries with exponential backoff and
+//! `trap`, `timeout`, `load-error`, `host-error`: a dependency was down, the
+//! machine was loaded, the plugin was being replaced) retries with exponential backoff and
 //! jitter. A plugin that ran out of fuel, memory or stack on an event will do
 //! so again on the same event with the same limits, so those go straight to
 //! the dead-letter queue, to be replayed once the plugin or its limits change.
@@ -63,7 +63,8 @@ pub fn retries(kind: FailureKind) -> bool {
         FailureKind::PluginError
         | FailureKind::Trap
         | FailureKind::Timeout
-        | FailureKind::LoadError => true,
+        | FailureKind::LoadError
+        | FailureKind::HostError => true,
         FailureKind::OutOfFuel | FailureKind::OutOfMemory | FailureKind::StackOverflow => false,
     }
 }

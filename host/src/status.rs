@@ -14,6 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{FailureKind, Limits};
+use crate::text::escape_controls;
 
 /// Where a plugin stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -134,14 +135,14 @@ impl fmt::Display for Table<'_> {
             writeln!(
                 f,
                 "{:<16} {:<13} {:<12} {:<24} {:<60} {counters}",
-                row.name,
+                escape_controls(&row.name),
                 row.version.as_deref().unwrap_or("-"),
                 row.state,
-                row.subscriptions,
+                escape_controls(&row.subscriptions),
                 limits.as_deref().unwrap_or("-"),
             )?;
             if let Some(reason) = &row.reason {
-                writeln!(f, "{:<16} reason: {reason}", "")?;
+                writeln!(f, "{:<16} reason: {}", "", escape_controls(reason))?;
             }
         }
         Ok(())

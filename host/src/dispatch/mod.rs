@@ -16,7 +16,7 @@
 mod in_flight;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 
 use self::in_flight::InFlight;
 use self::worker::Worker;
+use crate::contain::contain;
 use crate::event::Event;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
@@ -58,11 +59,11 @@ pub struct DispatchSettings {
     pub workers: usize,
     /// Deliveries held in memory for the workers.
     pub queue_capacity: usize,
-    /// Backlog at which `accept` refuses new events.
-    pub backlog_high_water: usize,
     pub retry: RetryPolicy,
-    /// Consecutive failures that quarantine a plugin; 0 never.
+    /// Different events failing in a row that quarantine a plugin; 0 never.
     pub quarantine_after: u32,
+    /// How long a quarantined plugin rests before one delivery probes it.
+    pub quarantine_probe_after: Duration,
     /// How long `shutdown` lets running calls finish before cutting them.
     pub shutdown_grace: Duration,
 }
@@ -93,11 +94,11 @@ pub enum Accepted {
     Duplicate,
 }
 
-/// Why an event could not be accepted now; the sender should retry.
+/// Why an event could not be accepted now; the sender should retry. How far
+/// behind plugins are is not a reason: deliveries wait in the store, and only
+/// a store that cannot take the event (full, busy, failing) refuses it.
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
-    #[error("dispatch backlog is over its high-water mark ({0} deliveries waiting)")]
-    Backlogged(usize),
     #[error("the host is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -113,9 +114,8 @@ struct DispatchState {
     /// Taken at shutdown so workers stop.
     queue: RwLock<Option<Sender<Due>>>,
     capacity: usize,
+    probe_after: Duration,
     in_flight: InFlight,
-    /// Deliveries waiting for a first attempt, as last counted plus since.
-    backlog: AtomicUsize,
     reports: broadcast::Sender<Report>,
     /// Set at shutdown: no new event is accepted, no queued call starts.
     stopping: AtomicBool,
@@ -167,7 +167,6 @@ struct Threads {
 #[derive(Debug)]
 pub struct Dispatcher {
     shared: Arc<DispatchState>,
-    high_water: usize,
     grace: Duration,
     threads: Mutex<Option<Threads>>,
 }
@@ -186,12 +185,12 @@ impl Dispatcher {
         let (queue, jobs) = crossbeam_channel::bounded::<Due>(capacity);
         let (reports, _) = broadcast::channel(REPORT_BUFFER);
         let shared = Arc::new(DispatchState {
-            backlog: AtomicUsize::new(store.outstanding().unwrap_or(0)),
             store,
             registry,
             runtime,
             queue: RwLock::new(Some(queue)),
             capacity,
+            probe_after: settings.quarantine_probe_after,
             in_flight: InFlight::default(),
             reports,
             stopping: AtomicBool::new(false),
@@ -222,7 +221,6 @@ impl Dispatcher {
         });
         Self {
             shared,
-            high_water: settings.backlog_high_water,
             grace: settings.shutdown_grace,
             threads: Mutex::new(Some(Threads {
                 workers,
@@ -240,10 +238,6 @@ impl Dispatcher {
         if self.shared.stopping() {
             return Err(AcceptError::ShuttingDown);
         }
-        let backlog = self.shared.backlog.load(Ordering::Relaxed);
-        if backlog >= self.high_water {
-            return Err(AcceptError::Backlogged(backlog));
-        }
         let plugins = self.shared.registry.subscribed_names(event.event_type());
         let event = Arc::new(event);
         let ticket = self
@@ -253,13 +247,13 @@ impl Dispatcher {
         match ticket.await.map_err(|_| StoreError::Closed)?? {
             Appended::Duplicate => Ok(Accepted::Duplicate),
             Appended::New(ids) => {
-                self.shared.backlog.fetch_add(ids.len(), Ordering::Relaxed);
                 for (id, plugin) in ids.iter().zip(plugins) {
                     let due = Due {
                         id: *id,
                         plugin,
                         attempts: 0,
-                        event: event.clone(),
+                        replays: 0,
+                        event: Ok(event.clone()),
                     };
                     if !self.shared.enqueue(due, false) {
                         break;
@@ -268,6 +262,22 @@ impl Dispatcher {
                 Ok(Accepted::New(ids.len()))
             }
         }
+    }
+
+    /// Names of its threads that have ended while it runs: a worker, the
+    /// poller or the recorder gone means deliveries stop, so `/healthz` says so.
+    pub fn threads_gone(&self) -> Vec<String> {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(threads) = &*threads else {
+            return Vec::new(); // shut down: none is meant to run
+        };
+        threads
+            .workers
+            .iter()
+            .chain([&threads.poller, &threads.recorder])
+            .filter(|t| t.is_finished())
+            .map(|t| t.thread().name().unwrap_or("unnamed").to_owned())
+            .collect()
     }
 
     /// Listen to every report from now on.
@@ -349,35 +359,65 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"))
 }
 
-/// Find due deliveries for the plugins that can take them and refresh the
-/// backlog count, every [`POLL_INTERVAL`] until shutdown.
+/// Find due deliveries for the plugins that can take them, every
+/// [`POLL_INTERVAL`] until shutdown.
 fn poll_loop(shared: &DispatchState) {
     while !shared.stopping() {
-        let room = {
-            let queue = shared.queue.read().expect("queue lock");
-            queue.as_ref().map_or(0, |q| shared.capacity - q.len())
-        };
-        if room > 0 {
-            let active = shared.registry.active_names();
-            shared.in_flight.begin_poll();
-            let now = now_ms();
-            let fresh_after = now - FAST_PATH_GRACE.as_millis() as i64;
-            match shared.store.due(now, fresh_after, &active, room) {
-                Ok(due) => {
-                    for due in due {
-                        if !shared.enqueue(due, true) {
-                            break;
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "could not read due deliveries"),
-            }
+        if let Err(panic) = contain(|| poll_once(shared)) {
             shared.in_flight.end_poll();
-        }
-        if let Ok(n) = shared.store.outstanding() {
-            shared.backlog.store(n, Ordering::Relaxed);
+            tracing::error!(panic, "the poller panicked; it polls again next interval");
         }
         std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+fn poll_once(shared: &DispatchState) {
+    let room = {
+        let queue = shared.queue.read().expect("queue lock");
+        queue.as_ref().map_or(0, |q| shared.capacity - q.len())
+    };
+    if room > 0 {
+        let active = shared.registry.active_names();
+        shared.in_flight.begin_poll();
+        let now = now_ms();
+        let fresh_after = now - FAST_PATH_GRACE.as_millis() as i64;
+        match shared.store.due(now, fresh_after, &active, room) {
+            Ok(due) => {
+                for due in due {
+                    if !shared.enqueue(due, true) {
+                        break;
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not read due deliveries"),
+        }
+        probe_quarantined(shared, now, fresh_after);
+        shared.in_flight.end_poll();
+    }
+}
+
+/// Queue one held delivery of each quarantined plugin that has rested long
+/// enough, as its probe.
+fn probe_quarantined(shared: &DispatchState, now: i64, fresh_after: i64) {
+    for plugin in shared.registry.snapshot().iter() {
+        if !plugin.health.probe_due(now, shared.probe_after) {
+            continue;
+        }
+        let names = [plugin.name.clone()];
+        let Ok(Some(due)) = shared
+            .store
+            .due(now, fresh_after, &names, 1)
+            .map(|d| d.into_iter().next())
+        else {
+            continue;
+        };
+        let id = due.id;
+        if plugin.health.start_probe(id, now, shared.probe_after) {
+            tracing::info!(plugin = %plugin.name, delivery = id, "quarantined plugin rested: probing it with one delivery");
+            if !shared.enqueue(due, true) {
+                plugin.health.end_probe(id, now);
+            }
+        }
     }
 }
 
@@ -407,10 +447,13 @@ fn record_loop(shared: &DispatchState, records: &Receiver<Recorded>, closed: &Re
 fn write(shared: &DispatchState, batch: Vec<Recorded>) {
     let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
     let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    if let Err(error) = shared.store.record(attempts) {
+    let recorded = contain(|| shared.store.record(attempts))
+        .unwrap_or_else(|panic| Err(StoreError::Failed(format!("panic: {panic}"))));
+    if let Err(error) = recorded {
         // Left pending in the store: they run again (at least once).
         tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
     }
+    // Released whatever happened, so none is stuck in the queue's books.
     shared.in_flight.release(ids);
     for report in reports {
         let _ = shared.reports.send(report);

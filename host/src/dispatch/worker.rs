@@ -1,18 +1,22 @@
 //! One worker thread: take a due delivery, call its plugin in a fresh
 //! sandbox, decide what the outcome means (succeeded, retry, dead,
-//! quarantine) and hand the attempt to the recorder.
+//! quarantine) and hand the attempt to the recorder. A delivery the host
+//! itself fails (a panic, a stored event that is not one) is recorded as a
+//! `host-error` attempt; the worker goes on.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{DispatchState, Recorded, Report};
+use crate::contain::contain;
 use crate::event::Event;
+use crate::health::Change;
 use crate::registry::LoadedPlugin;
 use crate::retry::{Decision, RetryPolicy};
-use crate::runtime::{CallOutcome, NotRun};
+use crate::runtime::{CallOutcome, Failure, FailureKind, NotRun};
 use crate::store::{Attempt, Due, Status, now_ms};
+use crate::text::escape_controls;
 
 pub(super) struct Worker {
     pub(super) shared: Arc<DispatchState>,
@@ -37,68 +41,132 @@ impl Worker {
         let _alive = Alive(&self.shared);
         // Ends when the queue's sender is gone (shutdown) and the queue is empty.
         for due in self.jobs.iter() {
-            let plugin = self.shared.registry.get(&due.plugin);
-            let runnable = plugin.filter(|p| !p.health.is_quarantined());
-            let Some(plugin) = runnable.filter(|_| !self.shared.stopping()) else {
-                // Unloaded, quarantined or shutting down: it waits in the store.
-                self.shared.in_flight.release([due.id]);
-                continue;
-            };
-            if due.attempts == 0 {
-                let _ =
-                    self.shared
-                        .backlog
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-            }
-            let attempt = due.attempts + 1;
-            let outcome = match self.call(&plugin, &due.event, attempt) {
-                Ok(outcome) => outcome,
-                Err(not_run) => {
-                    // The host's doing, not the plugin's: not an attempt. It
-                    // stays due in the store and runs again (at the next
-                    // start, after a shutdown cut).
-                    tracing::warn!(plugin = %plugin.name, event = due.event.key(), "plugin call not run: {not_run}");
-                    self.shared.in_flight.release([due.id]);
-                    continue;
+            // A panic costs this delivery one attempt, recorded as the
+            // host's failure, never the worker.
+            let recorded = contain(|| self.handle(&due)).unwrap_or_else(|panic| {
+                tracing::error!(plugin = %due.plugin, delivery = due.id, panic, "the host panicked handling a delivery");
+                Some(self.host_error(&due, format!("the host panicked handling this delivery: {panic}")))
+            });
+            match recorded {
+                Some(recorded) => {
+                    let _ = self.record.send(recorded);
                 }
-            };
-            let (status, next_attempt_at) = match &outcome.result {
-                Ok(()) => (Status::Succeeded, now_ms()),
-                Err(failure) => match self.retry.after_failure(attempt, failure.kind) {
-                    Decision::RetryAfter(delay) => {
-                        (Status::Failed, now_ms() + delay.as_millis() as i64)
-                    }
-                    Decision::Dead => (Status::Dead, now_ms()),
-                },
-            };
-            if status == Status::Dead {
-                tracing::error!(
-                    plugin = %plugin.name, event = due.event.key(), attempts = attempt,
-                    "delivery is dead: in the dead-letter queue until replayed"
-                );
+                None => self.shared.in_flight.release([due.id]),
             }
-            let record = Attempt {
-                id: due.id,
-                plugin_version: plugin.version.clone(),
-                status,
-                next_attempt_at,
-                failure: outcome
-                    .result
-                    .as_ref()
-                    .err()
-                    .map(|f| (f.kind, f.message.clone())),
-            };
-            let report = Report {
-                event_key: due.event.key().into(),
-                event_type: due.event.event_type().into(),
-                plugin: plugin.name.clone(),
-                version: plugin.version.clone(),
-                attempt,
-                status,
-                outcome,
-            };
-            let _ = self.record.send((record, report));
+            if let Some(plugin) = self.shared.registry.get(&due.plugin) {
+                plugin.health.end_probe(due.id, now_ms());
+            }
         }
+    }
+
+    /// Run one delivery; `None` when it was not run and waits in the store.
+    fn handle(&self, due: &Due) -> Option<Recorded> {
+        let event = match &due.event {
+            Ok(event) => event,
+            Err(unreadable) => {
+                tracing::error!(plugin = %due.plugin, event = unreadable.key, "{}", unreadable.reason);
+                return Some(self.host_error(due, unreadable.reason.clone()));
+            }
+        };
+        let plugin = self.shared.registry.get(&due.plugin);
+        let runnable = plugin.filter(|p| p.health.may_run(due.id));
+        // Unloaded, quarantined or shutting down: it waits in the store.
+        let plugin = runnable.filter(|_| !self.shared.stopping())?;
+        let attempt = due.attempts + 1;
+        let outcome = match self.call(&plugin, event, attempt) {
+            Ok(outcome) => outcome,
+            Err(not_run) => {
+                // The host's doing, not the plugin's: not an attempt. It
+                // stays due in the store and runs again (at the next
+                // start, after a shutdown cut).
+                tracing::warn!(plugin = %plugin.name, event = event.key(), "plugin call not run: {not_run}");
+                return None;
+            }
+        };
+        let status = self.status_after(attempt, outcome.result.as_ref().err().map(|f| f.kind));
+        if status.0 == Status::Dead {
+            tracing::error!(
+                plugin = %plugin.name, event = event.key(), attempts = attempt,
+                "delivery is dead: in the dead-letter queue until replayed"
+            );
+        }
+        let record = Attempt {
+            id: due.id,
+            replays: due.replays,
+            plugin_version: plugin.version.clone(),
+            status: status.0,
+            next_attempt_at: status.1,
+            failure: outcome
+                .result
+                .as_ref()
+                .err()
+                .map(|f| (f.kind, f.message.clone())),
+        };
+        let report = Report {
+            event_key: event.key().into(),
+            event_type: event.event_type().into(),
+            plugin: plugin.name.clone(),
+            version: plugin.version.clone(),
+            attempt,
+            status: status.0,
+            outcome,
+        };
+        Some((record, report))
+    }
+
+    /// Where a delivery stands after attempt `attempt` ended with this failure
+    /// (none: it succeeded), and when it is due again.
+    fn status_after(&self, attempt: u32, failure: Option<FailureKind>) -> (Status, i64) {
+        let Some(kind) = failure else {
+            return (Status::Succeeded, now_ms());
+        };
+        match self.retry.after_failure(attempt, kind) {
+            Decision::RetryAfter(delay) => (Status::Failed, now_ms() + delay.as_millis() as i64),
+            Decision::Dead => (Status::Dead, now_ms()),
+        }
+    }
+
+    /// An attempt the host failed: recorded as `host-error` and retried like
+    /// any failure, never counted against the plugin's health.
+    fn host_error(&self, due: &Due, message: String) -> Recorded {
+        let attempt = due.attempts + 1;
+        let (status, next_attempt_at) = self.status_after(attempt, Some(FailureKind::HostError));
+        let version: Arc<str> = self
+            .shared
+            .registry
+            .get(&due.plugin)
+            .map_or_else(|| "".into(), |p| p.version.clone());
+        let (event_key, event_type): (Arc<str>, Arc<str>) = match &due.event {
+            Ok(event) => (event.key().into(), event.event_type().into()),
+            Err(unreadable) => (unreadable.key.as_str().into(), "".into()),
+        };
+        let failure = Failure::new(FailureKind::HostError, message);
+        let record = Attempt {
+            id: due.id,
+            replays: due.replays,
+            plugin_version: version.clone(),
+            status,
+            next_attempt_at,
+            failure: Some((failure.kind, failure.message.clone())),
+        };
+        let report = Report {
+            event_key,
+            event_type,
+            plugin: due.plugin.clone(),
+            version,
+            attempt,
+            status,
+            outcome: CallOutcome {
+                result: Err(failure),
+                fuel_used: 0,
+                elapsed: std::time::Duration::ZERO,
+                peak_memory_bytes: 0,
+                logs: Vec::new(),
+                dropped_output_bytes: 0,
+                dropped_output_lines: 0,
+            },
+        };
+        (record, report)
     }
 
     fn call(
@@ -129,14 +197,27 @@ impl Worker {
             ),
             Err(failure) => tracing::warn!(
                 plugin = name, version, event = &*event_key, event_type, attempt,
-                kind = %failure.kind, micros, "plugin failed: {}", failure.message
+                kind = %failure.kind, micros, "plugin failed: {}", escape_controls(&failure.message)
             ),
         }
-        if plugin.health.record(&outcome.result, self.quarantine_after) {
+        let change =
+            plugin
+                .health
+                .record(&event_key, &outcome.result, self.quarantine_after, now_ms());
+        if change == Change::Released {
+            tracing::info!(
+                plugin = name,
+                version,
+                "plugin released from quarantine: a probe delivery succeeded"
+            );
+        }
+        if change == Change::Quarantined {
             tracing::error!(
                 plugin = name,
                 version,
-                "plugin quarantined after failing {} times in a row: it gets no events until reloaded or released",
+                "plugin quarantined after failing on {} different events in a row: its deliveries \
+                 are held in the store until it is released (`plugins release {name}`), reloaded, \
+                 or a probe after its rest succeeds",
                 self.quarantine_after
             );
         }

@@ -30,11 +30,14 @@ pub enum FailureKind {
     PluginError,
     /// The component could not be instantiated for this call.
     LoadError,
+    /// The host failed, not the plugin: a panic while handling the delivery,
+    /// or a stored event that cannot be handed to a plugin.
+    HostError,
 }
 
 impl FailureKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [FailureKind; 7] = [
+    pub const ALL: [FailureKind; 8] = [
         Self::OutOfFuel,
         Self::Timeout,
         Self::OutOfMemory,
@@ -42,6 +45,7 @@ impl FailureKind {
         Self::Trap,
         Self::PluginError,
         Self::LoadError,
+        Self::HostError,
     ];
 
     /// This kind's position in [`FailureKind::ALL`].
@@ -64,6 +68,7 @@ impl FailureKind {
             Self::Trap => "trap",
             Self::PluginError => "plugin-error",
             Self::LoadError => "load-error",
+            Self::HostError => "host-error",
         }
     }
 }

@@ -39,9 +39,7 @@ pub use self::limits::{
     DEFAULT_MAX_TIMEOUT, DEFAULT_MEMORY_BYTES, DEFAULT_OUTPUT_BYTES, DEFAULT_TIMEOUT, EPOCH_TICK,
     LimitOverrides, LimitPolicy, Limits, MAX_WASM_STACK_BYTES, MemoryLimitExceeded,
 };
-pub use self::output::{
-    LINE_OVERHEAD_BYTES, LogLevel, LogLine, LogSource, MAX_LINES_PER_CALL, escape_controls,
-};
+pub use self::output::{LINE_OVERHEAD_BYTES, LogLevel, LogLine, LogSource, MAX_LINES_PER_CALL};
 
 /// The engine, the linker and the epoch ticker: one per host.
 pub struct Runtime {

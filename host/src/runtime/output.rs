@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+
+use crate::text::escape_controls;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
@@ -180,24 +182,6 @@ fn emit(tag: &CallTag, level: LogLevel, source: LogSource, message: &str) {
     }
 }
 
-/// `text` with control characters (newlines, escape sequences, ...) written
-/// as escapes, so text a plugin chose cannot forge a line of the host's log
-/// or drive the terminal that shows it. Other characters are kept as they are.
-pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return text.into();
-    }
-    let mut escaped = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() {
-            escaped.extend(c.escape_default());
-        } else {
-            escaped.push(c);
-        }
-    }
-    escaped.into()
-}
-
 /// The largest index `<= max` that is a char boundary of `s`.
 pub(crate) fn floor_char_boundary(s: &str, max: usize) -> usize {
     if max >= s.len() {
@@ -358,21 +342,5 @@ mod tests {
         }
         assert_eq!(out.finish().len(), MAX_LINES_PER_CALL);
         assert_eq!(out.dropped_lines(), 5);
-    }
-
-    #[test]
-    fn control_characters_are_escaped_and_the_rest_kept() {
-        assert_eq!(escape_controls("plain café"), "plain café");
-        assert_eq!(
-            escape_controls("ok\n2026 ERROR forged\u{1b}[2J\t"),
-            "ok\\n2026 ERROR forged\\u{1b}[2J\\t"
-        );
-    }
-
-    #[test]
-    fn cuts_on_char_boundaries() {
-        assert_eq!(floor_char_boundary("héllo", 2), 1);
-        assert_eq!(floor_char_boundary("héllo", 3), 3);
-        assert_eq!(floor_char_boundary("hi", 10), 2);
     }
 }

@@ -14,7 +14,7 @@ use crate::event::Event;
 use crate::runtime::FailureKind;
 use crate::status::PluginStatus;
 
-pub use self::sqlite::{DEFAULT_DB_PATH, SqliteStore};
+pub use self::sqlite::{DEFAULT_DB_PATH, SCHEMA_VERSION, SqliteStore};
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -64,13 +64,27 @@ pub struct Due {
     pub plugin: Arc<str>,
     /// Attempts made before this one.
     pub attempts: u32,
-    pub event: Arc<Event>,
+    /// Times the delivery had been replayed when it was read.
+    pub replays: i64,
+    /// The event, or why its stored row is not one (a file written by
+    /// something else): such a delivery is recorded as a `host-error`.
+    pub event: Result<Arc<Event>, Unreadable>,
+}
+
+/// A stored event that cannot be handed to a plugin.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub key: String,
+    pub reason: String,
 }
 
 /// The result of one attempt, to record.
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub id: DeliveryId,
+    /// The delivery's replay count when the attempt began: an attempt begun
+    /// before a replay is not recorded, so the replay runs after it.
+    pub replays: i64,
     pub plugin_version: Arc<str>,
     pub status: Status,
     /// When to try again (unix ms), for `Failed`.
@@ -120,6 +134,9 @@ pub struct Filter {
 pub enum StoreError {
     #[error("store busy: {0}")]
     Busy(String),
+    /// The database reached its size limit, or the disk is full.
+    #[error("store full: {0}")]
+    Full(String),
     #[error("store failed: {0}")]
     Failed(String),
     #[error("store closed")]
@@ -148,6 +165,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<Due>, StoreError>;
 
     /// Record attempts (batched with other writes; blocks until committed).
+    /// An attempt on a delivery replayed since it began is not recorded: the
+    /// delivery stays pending and runs again.
     fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError>;
 
     /// Deliveries matching `filter`, newest first.
@@ -175,6 +194,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;
+
+    /// Names of the store's own threads that have ended while it is open
+    /// (a store that needs none has none to lose).
+    fn threads_gone(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,4 +1,5 @@
--- stateset-hooks store, schema version 2 (2: plugin limits and counters as JSON). Open it with `sqlite3 stateset-hooks.db`.
+-- stateset-hooks store, schema version 3 (2: plugin limits and counters as JSON; 3: replay counts), as
+-- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
 -- Every event acknowledged with 200, exactly as it was signed.
@@ -19,11 +20,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     status               TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed', 'dead')),
     attempts             INTEGER NOT NULL DEFAULT 0,
     next_attempt_at      INTEGER NOT NULL,
-    last_failure_kind    TEXT,          -- out-of-fuel, timeout, out-of-memory, stack-overflow, trap, plugin-error, load-error
+    last_failure_kind    TEXT,          -- out-of-fuel, timeout, out-of-memory, stack-overflow, trap, plugin-error, load-error, host-error
     last_failure_message TEXT,
     plugin_version       TEXT,          -- short SHA-256 of the component that ran the last attempt
     created_at           INTEGER NOT NULL,
     updated_at           INTEGER NOT NULL,
+    -- times replayed: an attempt that began before a replay is not recorded
+    -- over it, so the replay runs after the attempt.
+    replays              INTEGER NOT NULL DEFAULT 0,
     UNIQUE (event_key, plugin)
 );
 
@@ -46,4 +50,4 @@ CREATE TABLE IF NOT EXISTS plugins (
     updated_at    INTEGER NOT NULL
 );
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

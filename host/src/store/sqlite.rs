@@ -12,14 +12,15 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params, params_from_iter};
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params, params_from_iter};
 use tokio::sync::oneshot;
 
 use super::{
     AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter, Status,
-    Store, StoreError, now_ms,
+    Store, StoreError, Unreadable, now_ms,
 };
+use crate::contain::contain;
 use crate::event::Event;
 use crate::runtime::FailureKind;
 use crate::status::{PluginState, PluginStatus};
@@ -32,7 +33,12 @@ const MAX_BATCH: usize = 1024;
 
 const SCHEMA: &str = include_str!("schema.sql");
 
-type Op = Box<dyn FnOnce(&Transaction<'_>) -> rusqlite::Result<usize> + Send>;
+/// The schema version this build reads and writes (`PRAGMA user_version`,
+/// set by `schema.sql`). Older files are migrated at open; newer ones are
+/// refused, as this build cannot know what they mean.
+pub const SCHEMA_VERSION: i64 = 3;
+
+type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
 enum Write {
     Append {
@@ -67,9 +73,28 @@ impl SqliteStore {
     /// Open (or create) the database. `busy_timeout` is how long a write waits
     /// for a lock held by another connection before it fails as busy.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
+        Self::open_capped(path, busy_timeout, u64::MAX)
+    }
+
+    /// [`SqliteStore::open`], with writes that would grow the database past
+    /// `max_bytes` failing as [`StoreError::Full`].
+    pub fn open_capped(
+        path: &Path,
+        busy_timeout: Duration,
+        max_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let writer_conn = connect(path, busy_timeout)?;
-        migrate(&writer_conn).map_err(classify)?;
-        writer_conn.execute_batch(SCHEMA).map_err(classify)?;
+        migrate(&writer_conn, path)?;
+        let page_size: i64 = writer_conn
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .map_err(classify)?;
+        let page_size = u64::try_from(page_size).unwrap_or(4096);
+        // SQLite's own cap: a write past it fails with SQLITE_FULL, as on a
+        // full disk. The pragma takes a page count, at most 2^32 - 2.
+        let pages = (max_bytes / page_size.max(1)).clamp(1, u64::from(u32::MAX - 1));
+        writer_conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(classify)?;
         let reader = connect(path, busy_timeout)?;
         let (writes, queue) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -99,7 +124,7 @@ impl SqliteStore {
     /// Run `op` in the writer's next transaction and wait for the commit.
     fn op(
         &self,
-        op: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<usize> + Send + 'static,
+        op: impl FnOnce(&Connection) -> rusqlite::Result<usize> + Send + 'static,
     ) -> Result<usize, StoreError> {
         let (reply, done) = mpsc::channel();
         self.write(Write::Op {
@@ -125,6 +150,8 @@ impl Drop for SqliteStore {
 }
 
 fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    create_private(path)
+        .map_err(|e| StoreError::Failed(format!("cannot create {}: {e}", path.display())))?;
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Failed(format!("cannot open {}: {e}", path.display())))?;
     conn.busy_timeout(busy_timeout).map_err(classify)?;
@@ -137,13 +164,57 @@ fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError
     Ok(conn)
 }
 
-/// Bring a database written by an earlier version up to `schema.sql`.
-/// Version 1 kept the plugin table's limits and counters as display text; it
-/// is a snapshot the server rewrites every second, so its rows are dropped.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+/// Create the database file readable and writable by its owner only (it
+/// holds every event body: customer data). SQLite gives its `-wal` and
+/// `-shm` files the same mode. An existing file is left as it is.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Bring a database written by an earlier version up to `schema.sql`
+/// ([`SCHEMA_VERSION`]), or refuse one written by a later version. Version 0
+/// is a new file. Version 1 kept the plugin table's limits and counters as
+/// display text; it is a snapshot the server rewrites every second, so its
+/// rows are dropped.
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(classify)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Failed(format!(
+            "{} has schema version {version}, newer than version {SCHEMA_VERSION} that this \
+             build of stateset-hooks knows: run a newer stateset-hooks on it, or use another --db",
+            path.display()
+        )));
+    }
     if version == 1 {
-        conn.execute("DELETE FROM plugins", [])?;
+        conn.execute("DELETE FROM plugins", []).map_err(classify)?;
+    }
+    conn.execute_batch(SCHEMA).map_err(classify)?;
+    // Version 3 counts replays; checked by column, not by number, so a
+    // migration cut short completes at the next open.
+    let has_replays: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'replays'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(classify)?;
+    if !has_replays {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0")
+            .map_err(classify)?;
+    }
+    if version != SCHEMA_VERSION {
+        tracing::info!(db = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
     Ok(())
 }
@@ -153,6 +224,7 @@ fn classify(error: rusqlite::Error) -> StoreError {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
             StoreError::Busy(error.to_string())
         }
+        Some(ErrorCode::DiskFull) => StoreError::Full(error.to_string()),
         _ => StoreError::Failed(error.to_string()),
     }
 }
@@ -168,54 +240,75 @@ fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        match commit(&mut conn, &mut batch) {
-            Ok(results) => {
-                for (write, result) in batch.into_iter().zip(results) {
-                    match (write, result) {
-                        (Write::Append { reply, .. }, Outcome::Appended(a)) => {
-                            let _ = reply.send(Ok(a));
-                        }
-                        (Write::Op { reply, .. }, Outcome::Count(n)) => {
-                            let _ = reply.send(Ok(n));
-                        }
-                        _ => unreachable!("results follow the batch"),
-                    }
-                }
-            }
+        // A panic loses this batch (its transaction rolls back as it
+        // unwinds), not the writer: every caller is told and the next batch
+        // runs.
+        let committed = contain(|| commit(&mut conn, &mut batch)).unwrap_or_else(|panic| {
+            Err(StoreError::Failed(format!(
+                "the store writer panicked: {panic}"
+            )))
+        });
+        let results = match committed {
+            Ok(results) => results,
             Err(error) => {
                 tracing::error!(cause = %error, writes = batch.len(), "store commit failed");
-                for write in batch {
-                    match write {
-                        Write::Append { reply, .. } => drop(reply.send(Err(error.clone()))),
-                        Write::Op { reply, .. } => drop(reply.send(Err(error.clone()))),
-                    }
-                }
+                vec![Err(error); batch.len()]
+            }
+        };
+        for (write, result) in batch.into_iter().zip(results) {
+            match write {
+                Write::Append { reply, .. } => drop(reply.send(result.map(|o| match o {
+                    Outcome::Appended(a) => a,
+                    Outcome::Count(_) => unreachable!("results follow the batch"),
+                }))),
+                Write::Op { reply, .. } => drop(reply.send(result.map(|o| match o {
+                    Outcome::Count(n) => n,
+                    Outcome::Appended(_) => unreachable!("results follow the batch"),
+                }))),
             }
         }
     }
 }
 
+#[derive(Clone)]
 enum Outcome {
     Appended(Appended),
     Count(usize),
 }
 
-/// One transaction for the whole batch: if any write fails, none is kept and
-/// every caller is told (an HTTP sender then gets 503 and retries).
-fn commit(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Outcome>, StoreError> {
+/// One transaction and one sync for the whole batch, each write in its own
+/// savepoint: a write that fails is rolled back alone and only its caller is
+/// told (an HTTP sender then gets 503 and retries); the others commit. If
+/// the transaction itself cannot begin or commit, every write fails.
+fn commit(
+    conn: &mut Connection,
+    batch: &mut [Write],
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
     let now = now_ms();
-    let tx = conn
+    let mut tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(classify)?;
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
-        results.push(match write {
+        // Dropped without `commit`, a savepoint rolls back to where it began.
+        let savepoint = tx.savepoint().map_err(classify)?;
+        let result = match write {
             Write::Append { event, plugins, .. } => {
-                Outcome::Appended(append(&tx, event, plugins, now).map_err(classify)?)
+                append(&savepoint, event, plugins, now).map(Outcome::Appended)
             }
             Write::Op { op, .. } => {
                 let op = op.take().expect("a batch runs once");
-                Outcome::Count(op(&tx).map_err(classify)?)
+                op(&savepoint).map(Outcome::Count)
+            }
+        };
+        results.push(match result {
+            Ok(outcome) => savepoint.commit().map(|()| outcome).map_err(classify),
+            // A full disk or an I/O error can make SQLite roll back the
+            // whole transaction: then every write of the batch is lost.
+            Err(error) if savepoint.is_autocommit() => return Err(classify(error)),
+            Err(error) => {
+                tracing::warn!(cause = %error, "a store write failed alone; the rest of its batch goes on");
+                Err(classify(error))
             }
         });
     }
@@ -224,7 +317,7 @@ fn commit(conn: &mut Connection, batch: &mut [Write]) -> Result<Vec<Outcome>, St
 }
 
 fn append(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     event: &Event,
     plugins: &[Arc<str>],
     now: i64,
@@ -238,7 +331,7 @@ fn append(
             event.key(),
             event.event_type(),
             now,
-            &event.body()[..]
+            event.payload().as_bytes()
         ])?;
     if inserted == 0 {
         return Ok(Appended::Duplicate);
@@ -281,6 +374,30 @@ fn json<T: serde::de::DeserializeOwned>(
 
 fn unreadable(idx: usize, reason: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, reason.into())
+}
+
+/// A due delivery. Its event is parsed again as it was on arrival; a body
+/// that does not parse (written by something other than this host) makes an
+/// [`Unreadable`] event, which is recorded, rather than an error that would
+/// stop every other due delivery.
+fn due_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
+    let key: String = row.get(3)?;
+    let event = match row.get_ref(4)? {
+        ValueRef::Blob(body) | ValueRef::Text(body) => {
+            Event::parse(body).map(Arc::new).map_err(|e| e.to_string())
+        }
+        other => Err(format!("body is stored as {}", other.data_type())),
+    };
+    Ok(Due {
+        id: row.get(0)?,
+        plugin: row.get::<_, String>(1)?.into(),
+        attempts: row.get(2)?,
+        replays: row.get(5)?,
+        event: event.map_err(|reason| Unreadable {
+            key,
+            reason: format!("the stored event is not deliverable: {reason}"),
+        }),
+    })
 }
 
 fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
@@ -330,14 +447,14 @@ impl Store for SqliteStore {
         }
         let placeholders = vec!["?"; plugins.len()].join(", ");
         let sql = format!(
-            "SELECT d.id, d.plugin, d.attempts, e.body FROM deliveries d
+            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays FROM deliveries d
              JOIN events e ON e.key = d.event_key
              WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?
                AND (d.attempts > 0 OR d.updated_at <= ?)
                AND d.plugin IN ({placeholders})
              ORDER BY d.next_attempt_at, d.id LIMIT ?"
         );
-        let rows = self.read(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
             let args = [now, fresh_after]
                 .into_iter()
@@ -350,29 +467,17 @@ impl Store for SqliteStore {
                 .chain(std::iter::once(rusqlite::types::Value::Integer(
                     limit as i64,
                 )));
-            stmt.query_map(params_from_iter(args), |row| {
-                Ok((
-                    row.get::<_, DeliveryId>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, u32>(2)?,
-                    row.get::<_, Vec<u8>>(3)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id, plugin, attempts, body)| {
-                // Stored bodies were parsed before they were stored.
-                let event = Event::parse(Bytes::from(body)).ok()?;
-                Some(Due {
-                    id,
-                    plugin: plugin.into(),
-                    attempts,
-                    event: Arc::new(event),
+            let rows = stmt.query_map(params_from_iter(args), due_row)?;
+            // One row that cannot be read must not hold back the others.
+            Ok(rows
+                .filter_map(|row| {
+                    row.inspect_err(
+                        |error| tracing::error!(%error, "unreadable delivery row skipped"),
+                    )
+                    .ok()
                 })
-            })
-            .collect())
+                .collect())
+        })
     }
 
     fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError> {
@@ -381,7 +486,7 @@ impl Store for SqliteStore {
                 "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                     last_failure_kind = ?4, last_failure_message = ?5, plugin_version = ?6,
                     updated_at = ?7
-                 WHERE id = ?1",
+                 WHERE id = ?1 AND replays = ?8",
             )?;
             let now = now_ms();
             for a in &attempts {
@@ -389,15 +494,22 @@ impl Store for SqliteStore {
                     Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
                     None => (None, None),
                 };
-                update.execute(params![
+                let updated = update.execute(params![
                     a.id,
                     a.status.as_str(),
                     a.next_attempt_at,
                     kind,
                     message,
                     &*a.plugin_version,
-                    now
+                    now,
+                    a.replays
                 ])?;
+                if updated == 0 {
+                    tracing::info!(
+                        delivery = a.id,
+                        "replayed while an attempt ran: that attempt is not recorded and the delivery runs again"
+                    );
+                }
             }
             Ok(attempts.len())
         })
@@ -477,7 +589,8 @@ impl Store for SqliteStore {
                 )?;
             }
             tx.execute(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?3, updated_at = ?3
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?3, updated_at = ?3,
+                     replays = replays + 1
                  WHERE event_key = ?1 AND (?2 IS NULL OR plugin = ?2)",
                 params![key, plugin, now],
             )
@@ -490,13 +603,15 @@ impl Store for SqliteStore {
             let now = now_ms();
             match ids {
                 None => tx.execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, updated_at = ?1
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?1, updated_at = ?1,
+                         replays = replays + 1
                      WHERE status = 'dead'",
                     [now],
                 ),
                 Some(ids) => {
                     let mut update = tx.prepare_cached(
-                        "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2, updated_at = ?2
+                        "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2, updated_at = ?2,
+                             replays = replays + 1
                          WHERE id = ?1 AND status = 'dead'",
                     )?;
                     let mut n = 0;
@@ -569,5 +684,133 @@ impl Store for SqliteStore {
             )
         })
         .map(|n| n as usize)
+    }
+
+    fn threads_gone(&self) -> Vec<String> {
+        let gone = self.writer.as_ref().is_some_and(|w| w.is_finished());
+        if gone {
+            vec!["store-writer".to_owned()]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn append_write(body: &str) -> (Write, oneshot::Receiver<Result<Appended, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        let event = Arc::new(Event::parse(body.as_bytes()).unwrap());
+        let plugins = vec![Arc::from("p")];
+        (
+            Write::Append {
+                event,
+                plugins,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    #[test]
+    fn one_failing_write_fails_alone_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(SqliteStore::open(&path, Duration::from_secs(5)).unwrap());
+        let mut conn = connect(&path, Duration::from_secs(5)).unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.key = 'evt_poison'
+             BEGIN SELECT RAISE(ABORT, 'poisoned on purpose'); END;",
+        )
+        .unwrap();
+        let mut batch = Vec::new();
+        for key in ["evt_a", "evt_poison", "evt_c"] {
+            batch.push(append_write(&format!(r#"{{"id":"{key}","type":"t","data":{{}}}}"#)).0);
+        }
+        let results = commit(&mut conn, &mut batch).unwrap();
+        assert!(matches!(
+            results[0],
+            Ok(Outcome::Appended(Appended::New(_)))
+        ));
+        assert!(matches!(&results[1], Err(StoreError::Failed(m)) if m.contains("poisoned")));
+        assert!(matches!(
+            results[2],
+            Ok(Outcome::Appended(Appended::New(_)))
+        ));
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM events ORDER BY key")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(keys, ["evt_a", "evt_c"]);
+        let deliveries: i64 = conn
+            .query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(deliveries, 2, "the failed write left nothing behind");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_naming_both_versions_and_an_older_one_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = dir.path().join("newer.db");
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch(&format!("PRAGMA user_version = {};", SCHEMA_VERSION + 1))
+            .unwrap();
+        let error = SqliteStore::open(&newer, Duration::from_secs(5)).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("schema version {}", SCHEMA_VERSION + 1))
+                && message.contains(&format!("newer than version {SCHEMA_VERSION}")),
+            "{message}"
+        );
+
+        let older = dir.path().join("older.db");
+        Connection::open(&older)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE plugins (name TEXT PRIMARY KEY, version TEXT, state TEXT NOT NULL,
+                     reason TEXT, subscriptions TEXT NOT NULL, limits TEXT NOT NULL,
+                     counters TEXT NOT NULL, updated_at INTEGER NOT NULL);
+                 CREATE TABLE events (key TEXT PRIMARY KEY, event_type TEXT NOT NULL,
+                     received_at INTEGER NOT NULL, body BLOB NOT NULL);
+                 CREATE TABLE deliveries (id INTEGER PRIMARY KEY, event_key TEXT NOT NULL,
+                     plugin TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                     next_attempt_at INTEGER NOT NULL, last_failure_kind TEXT,
+                     last_failure_message TEXT, plugin_version TEXT, created_at INTEGER NOT NULL,
+                     updated_at INTEGER NOT NULL, UNIQUE (event_key, plugin));
+                 INSERT INTO events VALUES ('evt_old', 't', 0, '{\"type\":\"t\",\"data\":{}}');
+                 INSERT INTO deliveries (event_key, plugin, status, next_attempt_at, created_at, updated_at)
+                     VALUES ('evt_old', 'p', 'pending', 0, 0, 0);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&older, Duration::from_secs(5)).unwrap();
+        let due = store.due(1, 1, &[Arc::from("p")], 10).unwrap();
+        assert_eq!((due.len(), due[0].replays), (1, 0), "old rows read");
+        drop(store);
+        let version: i64 = Connection::open(&older)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn the_database_and_its_wal_are_private_to_their_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private.db");
+        let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+        store.purge_succeeded(0).unwrap(); // a write: the WAL exists
+        for file in [path.clone(), dir.path().join("private.db-wal")] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
     }
 }
