@@ -161,3 +161,22 @@ async fn idle_connections_are_closed_and_past_the_cap_newcomers_wait() {
     );
     server.stop().await;
 }
+
+/// A connection that never sends a byte owes its first request within the
+/// header timeout, not the longer idle timeout: silent clients cannot hold
+/// the connection slots.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_is_cut_at_the_header_timeout() {
+    let plugins = PluginDir::new();
+    let mut config = short_timeouts(&plugins);
+    config.connections.idle_timeout = Duration::from_secs(60);
+    let server = TestServer::start(config).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let opened = Instant::now();
+    let (sent, closed) = read_to_close(&mut stream).await;
+    assert_eq!(sent, "");
+    let took = closed - opened;
+    assert!(took < Duration::from_secs(30), "held for {took:?}");
+    println!("silent connection dropped after {took:?} (header timeout 1 s, idle 60 s)");
+    server.stop().await;
+}

@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use stateset_hooks::manifest::EnvGrant;
 use stateset_hooks::runtime::Runtime;
 use stateset_hooks::signature::SECRET_ENV;
+use stateset_hooks::text::escape_controls;
 use stateset_hooks::{Event, Secret};
 
 use crate::serve::LimitArgs;
@@ -49,7 +50,11 @@ pub fn run(
     )?;
     let result = match &outcome.result {
         Ok(()) => "ok".to_owned(),
-        Err(failure) => format!("failed ({}): {}", failure.kind, failure.message),
+        Err(failure) => format!(
+            "failed ({}): {}",
+            failure.kind,
+            escape_controls(&failure.message)
+        ),
     };
     println!("plugin:      {} {}", loaded.name, loaded.version);
     println!("event:       {} {}", event.event_type(), event.key());
@@ -58,7 +63,8 @@ pub fn run(
     println!("time:        {:.3} ms", outcome.elapsed.as_secs_f64() * 1e3);
     println!("peak memory: {} KiB", outcome.peak_memory_bytes >> 10);
     for line in &outcome.logs {
-        println!("log {:?} {:?}: {}", line.level, line.source, line.message);
+        let message = escape_controls(&line.message);
+        println!("log {:?} {:?}: {message}", line.level, line.source);
     }
     Ok(if outcome.result.is_ok() {
         ExitCode::SUCCESS

@@ -76,7 +76,7 @@ pub struct ServeArgs {
     limits: LimitArgs,
     /// Let every plugin's manifest read this environment variable with
     /// `{ env = "VAR" }` (repeat for more). Plugin NAME reads its own
-    /// STATESET_PLUGIN_<NAME>_* without it; the webhook secret never.
+    /// STATESET_PLUGIN_<NAME>__* without it; the webhook secret never.
     #[arg(long, value_name = "VAR")]
     allow_plugin_env: Vec<String>,
 }

@@ -145,7 +145,7 @@ pub struct Config {
     /// Limits for every plugin call, and the most a manifest may raise them to.
     pub limits: LimitPolicy,
     /// Environment variables every plugin's manifest may read with
-    /// `{ env = "VAR" }`, besides its own `STATESET_PLUGIN_<NAME>_*`. Never
+    /// `{ env = "VAR" }`, besides its own `STATESET_PLUGIN_<NAME>__*`. Never
     /// the webhook secret.
     pub plugin_env: BTreeSet<String>,
     /// Different events failing in a row after which a plugin is
@@ -343,7 +343,7 @@ impl Config {
 
 impl Config {
     /// What plugins may read of the host's environment: each its own
-    /// `STATESET_PLUGIN_<NAME>_*` and [`Config::plugin_env`], never the
+    /// `STATESET_PLUGIN_<NAME>__*` and [`Config::plugin_env`], never the
     /// webhook secret.
     pub fn env_grant(&self) -> EnvGrant {
         EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone())

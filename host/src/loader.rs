@@ -21,12 +21,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
+use crate::contain::contain;
 use crate::health::Health;
 use crate::manifest::EnvGrant;
 use crate::plugin_file::{read_component, read_manifest};
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::{LimitPolicy, Runtime};
 use crate::store::{Filter, Status, Store};
+use crate::text::escape_controls;
 
 /// Components larger than this, and not in the compile cache, are compiled
 /// after the host starts serving (CPython and JavaScript engines are 10-20 MB
@@ -199,13 +201,7 @@ impl LoaderState {
                 Job::Load(name) => {
                     // A panic while loading one plugin (a bug, in the
                     // compiler say) fails that plugin, not the loader.
-                    let load = std::panic::AssertUnwindSafe(|| self.load(&name));
-                    if let Err(panic) = std::panic::catch_unwind(load) {
-                        let reason = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
+                    if let Err(reason) = contain(|| self.load(&name)) {
                         let path = self.dir.join(format!("{name}.wasm"));
                         let error = anyhow::anyhow!("the loader panicked: {reason}");
                         self.failed(&name, path, &error);
@@ -213,8 +209,11 @@ impl LoaderState {
                     let queue = self.queue.lock().expect("loader lock");
                     if !queue.jobs.iter().any(|job| matches!(job, Job::Load(_))) {
                         drop(queue);
-                        // Nothing left to load: every plugin's entry is in use.
-                        self.runtime.trim_cache();
+                        // Nothing left to load: what serves now is what the
+                        // cache must keep.
+                        let serving = self.registry.snapshot();
+                        self.runtime
+                            .trim_cache(serving.iter().map(|p| &p.prepared.compiled));
                     }
                 }
                 Job::Done(done) => {
@@ -271,7 +270,9 @@ impl LoaderState {
     }
 
     fn failed(&self, name: &str, path: PathBuf, error: &anyhow::Error) {
-        let reason = format!("{error:#}");
+        // The reason can carry the author's text (a config key, a variable
+        // name): escaped once here, for the log and `plugins list` alike.
+        let reason = escape_controls(&format!("{error:#}")).into_owned();
         let serving = self.registry.get(name).map(|p| p.version.to_string());
         tracing::error!(
             path = %path.display(), %reason, still_serving = ?serving,
@@ -315,11 +316,13 @@ impl Drop for Stopped<'_> {
 }
 
 /// The plugin a path belongs to: `NAME.wasm` or `NAME.toml`, not hidden
-/// (temporary files of an atomic deploy start with a dot).
+/// (temporary files of an atomic deploy start with a dot), and with no
+/// control characters (the name is in every log line about the plugin).
 pub(crate) fn plugin_name(path: &Path) -> Option<String> {
     let ext = path.extension()?.to_str()?;
     let stem = path.file_stem()?.to_str()?;
-    (matches!(ext, "wasm" | "toml") && !stem.starts_with('.')).then(|| stem.to_owned())
+    let named = !stem.starts_with('.') && !stem.chars().any(char::is_control);
+    (matches!(ext, "wasm" | "toml") && named).then(|| stem.to_owned())
 }
 
 /// Load one `NAME.wasm` and its optional `NAME.toml`: read, check the
@@ -382,5 +385,6 @@ mod tests {
         assert_eq!(plugin_name(Path::new("/p/.orders.wasm")), None);
         assert_eq!(plugin_name(Path::new("/p/stateset-hooks.db-wal")), None);
         assert_eq!(plugin_name(Path::new("/p/notes.txt")), None);
+        assert_eq!(plugin_name(Path::new("/p/a\nERROR forged.wasm")), None);
     }
 }

@@ -17,7 +17,7 @@
 //!
 //! [config]          # read by plugins built against WIT 0.2.0 with `config-get`
 //! refund_flag_cents = "50000"
-//! api_token = { env = "STATESET_PLUGIN_ORDERS_TOKEN" }   # from the host's environment
+//! api_token = { env = "STATESET_PLUGIN_ORDERS__TOKEN" }   # from the host's environment
 //! ```
 //!
 //! The manifest is the plugin author's, not the operator's: it may read only
@@ -33,27 +33,34 @@ use crate::runtime::{ConfigValues, LimitOverrides};
 use crate::signature::{SECRET_ENV, Secret};
 
 /// The start of the environment variables meant for plugins: plugin `NAME`
-/// may read `STATESET_PLUGIN_<NAME>_*` (its name upper-cased, every other
-/// character than a letter or digit as `_`), names an operator sets on
-/// purpose for that plugin, never ones the host, the system or another
-/// plugin uses.
+/// may read `STATESET_PLUGIN_<NAME>__*` (see [`plugin_env_prefix`]), names
+/// an operator sets on purpose for that plugin, never ones the host, the
+/// system or another plugin uses.
 pub const PLUGIN_ENV_PREFIX: &str = "STATESET_PLUGIN_";
 
 /// The prefix of the variables plugin `plugin` may read without a grant:
-/// `payments` gets `STATESET_PLUGIN_PAYMENTS_`.
-pub fn plugin_env_prefix(plugin: &str) -> String {
-    let name: String = plugin
-        .chars()
-        .map(|c| match c {
-            'a'..='z' | 'A'..='Z' | '0'..='9' => c.to_ascii_uppercase(),
-            _ => '_',
-        })
-        .collect();
-    format!("{PLUGIN_ENV_PREFIX}{name}_")
+/// `payments` gets `STATESET_PLUGIN_PAYMENTS__`, `low-stock`
+/// `STATESET_PLUGIN_LOW_STOCK__`. Only a name of lower-case letters and
+/// digits in `-`-separated words has one: for those the mapping is one to
+/// one and the double `_` ends the name, so no plugin's prefix starts
+/// another's (`orders` cannot read `orders-eu`'s variables).
+pub fn plugin_env_prefix(plugin: &str) -> Option<String> {
+    let canonical = plugin.split('-').all(|word| {
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    });
+    canonical.then(|| {
+        format!(
+            "{PLUGIN_ENV_PREFIX}{}__",
+            plugin.to_ascii_uppercase().replace('-', "_")
+        )
+    })
 }
 
 /// Which of the host's environment variables a manifest may read with
-/// `{ env = "VAR" }`: its own plugin's `STATESET_PLUGIN_<NAME>_*`, and those
+/// `{ env = "VAR" }`: its own plugin's `STATESET_PLUGIN_<NAME>__*`, and those
 /// the operator allows by name for every plugin. A variable holding a
 /// webhook secret is never readable, whatever its name. `Debug` shows names
 /// only.
@@ -89,8 +96,8 @@ impl EnvGrant {
     }
 
     fn allows(&self, plugin: &str, name: &str) -> bool {
-        name != SECRET_ENV
-            && (name.starts_with(&plugin_env_prefix(plugin)) || self.allow.contains(name))
+        let own = plugin_env_prefix(plugin).is_some_and(|prefix| name.starts_with(&prefix));
+        name != SECRET_ENV && (own || self.allow.contains(name))
     }
 }
 
@@ -153,11 +160,14 @@ impl Manifest {
             let value = match source {
                 ConfigSource::Value(value) => value.clone(),
                 ConfigSource::Env { env } if !grant.allows(plugin, env) => {
+                    let own = plugin_env_prefix(plugin).map_or_else(
+                        || "no variables of its own: its name is not lower-case words".into(),
+                        |prefix| format!("{prefix}*"),
+                    );
                     return Err(format!(
                         "config.{key}: environment variable {env} is not granted to plugins \
-                         (this one may read {}* and the variables the operator allows with \
-                         --allow-plugin-env)",
-                        plugin_env_prefix(plugin)
+                         (this one may read {own} and the variables the operator allows with \
+                         --allow-plugin-env)"
                     ));
                 }
                 ConfigSource::Env { env } => std::env::var(env)
@@ -215,6 +225,16 @@ impl TryFrom<Vec<String>> for Subscriptions {
     fn try_from(patterns: Vec<String>) -> Result<Self, Self::Error> {
         if let Some(bad) = patterns.iter().find(|p| p.trim().is_empty()) {
             return Err(format!("empty subscription pattern {bad:?}"));
+        }
+        // Event types are words joined by dots (`inventory.low_stock`); a
+        // pattern is shown in log lines, so it holds nothing else.
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '*');
+        if let Some(bad) = patterns.iter().find(|p| !p.chars().all(allowed)) {
+            return Err(format!(
+                "subscription pattern {:?} has characters other than letters, digits, \
+                 '.', '_', '-' and '*'",
+                bad.escape_debug().to_string()
+            ));
         }
         Ok(Self(patterns))
     }
@@ -299,19 +319,20 @@ mod tests {
         };
         // Its own prefix is granted: the variable is read, and found unset.
         let missing = refused(
-            "[config]\nmissing = { env = \"STATESET_PLUGIN_PAYMENTS_UNSET\" }",
+            "[config]\nmissing = { env = \"STATESET_PLUGIN_PAYMENTS__UNSET\" }",
             &grant,
         );
         assert_eq!(
             missing,
-            "config.missing: environment variable STATESET_PLUGIN_PAYMENTS_UNSET is not set"
+            "config.missing: environment variable STATESET_PLUGIN_PAYMENTS__UNSET is not set"
         );
         for name in [
             "HOME",
             SECRET_ENV,
             "PATHX",
-            "STATESET_PLUGIN_ORDERS_TOKEN",
-            "STATESET_PLUGIN_PAYMENTS",
+            "STATESET_PLUGIN_ORDERS__TOKEN",
+            "STATESET_PLUGIN_PAYMENTS_TOKEN",
+            "STATESET_PLUGIN_PAYMENTS_EU__TOKEN",
             "stateset_plugin_payments_x",
         ] {
             let err = refused(&format!("[config]\nk = {{ env = \"{name}\" }}"), &grant);
@@ -328,10 +349,25 @@ mod tests {
     }
 
     #[test]
-    fn each_plugin_has_its_own_prefix() {
-        assert_eq!(plugin_env_prefix("payments"), "STATESET_PLUGIN_PAYMENTS_");
-        assert_eq!(plugin_env_prefix("low-stock"), "STATESET_PLUGIN_LOW_STOCK_");
-        assert_eq!(plugin_env_prefix("v2.Ünï"), "STATESET_PLUGIN_V2__N__");
+    fn each_plugin_has_its_own_prefix_and_none_starts_another() {
+        let prefix = |name| plugin_env_prefix(name);
+        assert_eq!(prefix("payments").unwrap(), "STATESET_PLUGIN_PAYMENTS__");
+        assert_eq!(prefix("low-stock").unwrap(), "STATESET_PLUGIN_LOW_STOCK__");
+        for odd in [
+            "Payments",
+            "low_stock",
+            "a--b",
+            "-a",
+            "a-",
+            "ünï",
+            "v2.x",
+            "",
+        ] {
+            assert_eq!(prefix(odd), None, "{odd}");
+        }
+        let orders = prefix("orders").unwrap();
+        assert!(!prefix("orders-eu").unwrap().starts_with(&orders));
+        assert!(!"STATESET_PLUGIN_ORDERS_EU__TOKEN".starts_with(&orders));
     }
 
     #[test]
@@ -354,5 +390,11 @@ mod tests {
         assert!(err.to_string().contains("unknown field"), "{err}");
         let err = Manifest::parse(r#"subscriptions = [""]"#).unwrap_err();
         assert!(err.to_string().contains("empty subscription"), "{err}");
+        let err = Manifest::parse(r#"subscriptions = ["order.*\nERROR forged"]"#).unwrap_err();
+        assert!(
+            err.to_string().contains("has characters other than"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("*\nERROR"), "{err}");
     }
 }

@@ -2,8 +2,10 @@
 //! component, its manifest and every other file there are the plugin
 //! author's, and may be anything a file name can point at.
 //!
-//! Only regular files are read (a FIFO, socket, device or directory, or a
-//! symlink to one, is refused without being read), each under a size cap, and
+//! Only regular files are read: a symbolic link is not followed (it could
+//! lend one plugin another's manifest, or a file outside the directory), and
+//! a FIFO, socket, device or directory is refused without being read. Each
+//! file is read under a size cap, and
 //! a manifest that does not parse is reported by line, column and the
 //! parser's reason, never with the file's text. Owns the caps and the
 //! messages; what a loaded file becomes is `loader.rs`'s business.
@@ -29,7 +31,7 @@ const MAX_REASON_CHARS: usize = 200;
 /// Why a file in the plugin directory was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("{}: not a regular file (a directory, FIFO, socket or device); refused", .0.display())]
+    #[error("{}: not a regular file (a link, directory, FIFO, socket or device); refused", .0.display())]
     NotRegular(PathBuf),
     #[error("{}: larger than {max} bytes; refused", path.display())]
     TooLarge { path: PathBuf, max: u64 },
@@ -75,22 +77,27 @@ pub fn read_manifest(path: &Path) -> anyhow::Result<Manifest> {
     })
 }
 
-/// Read a regular file of at most `max` bytes. Opened without blocking, and
-/// checked on the open file, so a FIFO swapped in after a look at the path
-/// is still refused rather than waited on.
+/// Read a regular file of at most `max` bytes, not through a link. Opened
+/// without blocking or following a link, and checked on the open file, so a
+/// FIFO or link swapped in after a look at the path is still refused rather
+/// than waited on or followed.
 fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     let io = |source| FileError::Io {
         path: path.to_owned(),
         source,
     };
-    if !std::fs::metadata(path).map_err(io)?.is_file() {
+    if !std::fs::symlink_metadata(path).map_err(io)?.is_file() {
         return Err(FileError::NotRegular(path.to_owned()));
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
         .open(path)
-        .map_err(io)?;
+        .map_err(|e| match e.raw_os_error() {
+            // A link swapped in after the look above.
+            Some(libc::ELOOP) => FileError::NotRegular(path.to_owned()),
+            _ => io(e),
+        })?;
     let metadata = file.metadata().map_err(io)?;
     if !metadata.is_file() {
         return Err(FileError::NotRegular(path.to_owned()));
@@ -127,6 +134,10 @@ mod tests {
             Manifest::default()
         );
 
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "[config]\ntoken = \"theirs\"").unwrap();
+        let borrowed = dir.path().join("borrowed.toml");
+        std::os::unix::fs::symlink(&other, &borrowed).unwrap();
         let fifo = dir.path().join("fifo.toml");
         let made = std::process::Command::new("mkfifo").arg(&fifo).status();
         assert!(made.unwrap().success());
@@ -134,7 +145,7 @@ mod tests {
         std::os::unix::fs::symlink(&fifo, &link).unwrap();
         let device = dir.path().join("zero.wasm");
         std::os::unix::fs::symlink("/dev/zero", &device).unwrap();
-        for path in [&fifo, &link, &device, &dir.path().to_owned()] {
+        for path in [&borrowed, &fifo, &link, &device, &dir.path().to_owned()] {
             let err = read_capped(path, 10).unwrap_err();
             assert!(matches!(err, FileError::NotRegular(_)), "{err}");
         }

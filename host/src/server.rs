@@ -145,7 +145,10 @@ async fn serve_connection(
     mut closing: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let phase: Shared = Arc::new(Mutex::new(Phase::Waiting(Instant::now())));
+    // A new connection owes its first request head within the header
+    // timeout: one that never sends a byte cannot hold a slot for the
+    // (longer) idle timeout.
+    let phase: Shared = Arc::new(Mutex::new(Phase::Head(Instant::now())));
     let io = TokioIo::new(Watched {
         stream,
         phase: phase.clone(),

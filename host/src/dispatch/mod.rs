@@ -47,6 +47,10 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// start this much later.
 pub const FAST_PATH_GRACE: Duration = Duration::from_secs(1);
 
+/// How long the recorder waits after a batch of outcomes could not be
+/// written before it lets those deliveries run again.
+const RECORD_FAILURE_PAUSE: Duration = Duration::from_secs(1);
+
 /// After the grace period, how long cut calls get to return before shutdown
 /// leaves them behind. A cut call returns within an epoch tick, waiting in a
 /// host call or not; this bounds shutdown should one ever not.
@@ -450,8 +454,11 @@ fn write(shared: &DispatchState, batch: Vec<Recorded>) {
     let recorded = contain(|| shared.store.record(attempts))
         .unwrap_or_else(|panic| Err(StoreError::Failed(format!("panic: {panic}"))));
     if let Err(error) = recorded {
-        // Left pending in the store: they run again (at least once).
+        // Left pending in the store: they run again (at least once), but
+        // not at once: a store that cannot write (full, failing) is not
+        // hammered by the same calls every poll.
         tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
+        std::thread::sleep(RECORD_FAILURE_PAUSE);
     }
     // Released whatever happened, so none is stuck in the queue's books.
     shared.in_flight.release(ids);

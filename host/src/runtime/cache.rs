@@ -12,14 +12,13 @@
 //! An entry is native code the host will run, so the directory is guarded:
 //! created `0700`, and refused (the host compiles every start instead) when
 //! another user owns it or group or others may write to it. Its size is
-//! capped: past the cap, entries this process has not used are deleted,
-//! oldest first.
+//! capped: past the cap, entries no loaded plugin uses are deleted, oldest
+//! first.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -44,8 +43,6 @@ pub(crate) struct CompileCache {
     dir: PathBuf,
     max_bytes: u64,
     engine_hash: u64,
-    /// Entries this process read or wrote: the plugins it runs. Never evicted.
-    in_use: Mutex<HashSet<PathBuf>>,
 }
 
 /// Why a cache directory is not used.
@@ -87,18 +84,12 @@ impl CompileCache {
             dir: dir.to_owned(),
             max_bytes: config.max_bytes,
             engine_hash: hasher.finish(),
-            in_use: Mutex::default(),
         })
     }
 
-    fn mark_in_use(&self, path: &Path) {
-        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-        in_use.insert(path.to_owned());
-    }
-
-    /// Delete entries this process has not used, oldest first, until the
-    /// cache fits its cap.
-    pub(crate) fn evict(&self) {
+    /// Delete entries not in `in_use` (those of the plugins loaded now),
+    /// oldest first, until the cache fits its cap.
+    pub(crate) fn evict(&self, in_use: &HashSet<&Path>) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -114,12 +105,11 @@ impl CompileCache {
             .collect();
         let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
         files.sort();
-        let in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
         for (_, len, path) in files {
             if total <= self.max_bytes {
                 break;
             }
-            if in_use.contains(&path) {
+            if in_use.contains(path.as_path()) {
                 continue;
             }
             if std::fs::remove_file(&path).is_ok() {
@@ -129,7 +119,8 @@ impl CompileCache {
         }
     }
 
-    fn path(&self, component_bytes: &[u8]) -> PathBuf {
+    /// The entry for these bytes, whether it exists or not.
+    pub(crate) fn path(&self, component_bytes: &[u8]) -> PathBuf {
         let digest = hex::encode(Sha256::digest(component_bytes));
         self.dir
             .join(format!("{digest}-{:016x}.cwasm", self.engine_hash))
@@ -140,16 +131,15 @@ impl CompileCache {
         self.path(component_bytes).exists()
     }
 
-    /// The cached component for these bytes, if a sound entry exists.
-    pub(crate) fn get(&self, engine: &Engine, component_bytes: &[u8]) -> Option<Component> {
-        let path = self.path(component_bytes);
-        let file = std::fs::read(&path).ok()?;
-        self.mark_in_use(&path);
+    /// The component cached at `path` (see [`CompileCache::path`]), if a
+    /// sound entry exists.
+    pub(crate) fn get(&self, engine: &Engine, path: &Path) -> Option<Component> {
+        let file = std::fs::read(path).ok()?;
         let sound = file.len() > CHECKSUM_BYTES
             && Sha256::digest(&file[CHECKSUM_BYTES..])[..] == file[..CHECKSUM_BYTES];
         if !sound {
             tracing::warn!(path = %path.display(), "corrupt compile cache entry: compiling again");
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(path);
             return None;
         }
         // SAFETY: `deserialize` trusts its input to be wasmtime's own output.
@@ -162,29 +152,26 @@ impl CompileCache {
             Ok(component) => Some(component),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "unusable compile cache entry: compiling again");
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(path);
                 None
             }
         }
     }
 
-    /// Store a component this engine just compiled from `component_bytes`.
-    pub(crate) fn put(&self, component_bytes: &[u8], component: &Component) {
+    /// Store at `path` a component this engine just compiled.
+    pub(crate) fn put(&self, path: &Path, component: &Component) {
         let Ok(payload) = component.serialize() else {
             return;
         };
-        let path = self.path(component_bytes);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut file = Vec::with_capacity(CHECKSUM_BYTES + payload.len());
         file.extend_from_slice(&Sha256::digest(&payload));
         file.extend_from_slice(&payload);
         // Write then rename, so a reader never sees half an entry.
-        let written = std::fs::write(&tmp, &file).and_then(|()| std::fs::rename(&tmp, &path));
+        let written = std::fs::write(&tmp, &file).and_then(|()| std::fs::rename(&tmp, path));
         if let Err(error) = written {
             tracing::warn!(path = %path.display(), %error, "could not write compile cache entry");
             let _ = std::fs::remove_file(&tmp);
-            return;
         }
-        self.mark_in_use(&path);
     }
 }

@@ -18,6 +18,7 @@ mod failure;
 mod limits;
 mod output;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use self::cache::CompileCache;
 pub use self::cache::{CacheConfig, CacheError, DEFAULT_CACHE_MAX_BYTES};
 use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
+use crate::text::escape_controls;
 
 pub use self::failure::{Failure, FailureKind, NotRun};
 pub use self::limits::{
@@ -65,6 +67,8 @@ impl std::fmt::Debug for Runtime {
 #[derive(Clone)]
 pub struct Compiled {
     pre: v0_2_0::PluginPre<CallState>,
+    /// Its compile cache entry, kept while it is loaded.
+    cache_entry: Option<PathBuf>,
 }
 
 /// A plugin as the runtime runs it: its component, limits and configuration.
@@ -190,15 +194,20 @@ impl Runtime {
         if is_core_module(bytes) {
             return Err(CompileError::CoreModule);
         }
-        let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, bytes));
+        let cache_entry = self.cache.as_ref().map(|cache| cache.path(bytes));
+        let cached = self
+            .cache
+            .as_ref()
+            .zip(cache_entry.as_deref())
+            .and_then(|(cache, entry)| cache.get(&self.engine, entry));
         let component = match cached {
             Some(component) => component,
             None => {
                 let component =
                     Component::new(&self.engine, bytes).map_err(CompileError::Invalid)?;
                 self.compiled.fetch_add(1, Ordering::Relaxed);
-                if let Some(cache) = &self.cache {
-                    cache.put(bytes, &component);
+                if let Some((cache, entry)) = self.cache.as_ref().zip(cache_entry.as_deref()) {
+                    cache.put(entry, &component);
                 }
                 component
             }
@@ -208,7 +217,7 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(CompileError::WrongWorld)?;
         let pre = v0_2_0::PluginPre::new(pre).map_err(CompileError::WrongWorld)?;
-        Ok(Compiled { pre })
+        Ok(Compiled { pre, cache_entry })
     }
 
     /// Whether the compile cache holds these bytes' compiled code.
@@ -216,11 +225,15 @@ impl Runtime {
         self.cache.as_ref().is_some_and(|c| c.contains(bytes))
     }
 
-    /// Bring the compile cache under its cap, evicting entries no component
-    /// compiled or loaded by this runtime uses. Call it when loading is done.
-    pub fn trim_cache(&self) {
+    /// Bring the compile cache under its cap, evicting entries none of
+    /// `loaded` (the components loaded now) uses. Call it when loading is done.
+    pub fn trim_cache<'a>(&self, loaded: impl IntoIterator<Item = &'a Compiled>) {
         if let Some(cache) = &self.cache {
-            cache.evict();
+            let in_use = loaded
+                .into_iter()
+                .filter_map(|c| c.cache_entry.as_deref())
+                .collect();
+            cache.evict(&in_use);
         }
     }
 
@@ -300,7 +313,9 @@ impl Runtime {
                 return Err(NotRun::PoolExhausted);
             }
             Ended::Returned(Err(error)) => {
-                tracing::debug!(%plugin, %event, "plugin call failed: {error:?}");
+                let event = escape_controls(event);
+                let cause = escape_controls(&format!("{error:?}")).into_owned();
+                tracing::debug!(%plugin, %event, "plugin call failed: {cause}");
                 Err(Failure::from_wasmtime(&error))
             }
             Ended::Deadline => Err(Failure::from_wasmtime(&Trap::Interrupt.into())),
@@ -377,6 +392,7 @@ impl CallState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
         Self {
             wasi,
@@ -408,6 +424,11 @@ impl CallState {
         lock(&self.output).line(level, LogSource::Log, message);
     }
 }
+
+/// The most random bytes one `wasi:random` call returns. The call is
+/// synchronous host work that neither fuel nor the deadline can interrupt,
+/// so it is kept short: 64 KiB is far more than any key or nonce needs.
+const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
 /// Fuel a `host` import costs, on top of one unit per byte it is handed: the
 /// host's work per call (lifting the string, a lock, maybe a log record) is
