@@ -39,6 +39,7 @@ impl Fixture {
             compiled: self.compiled.clone(),
             limits: limits.clone(),
             config: Default::default(),
+            http: Default::default(),
         };
         self.runtime.call(
             &prepared,
@@ -339,6 +340,7 @@ fn table_growth_counts_against_the_memory_limit() {
                 ..Limits::default()
             },
             config: Default::default(),
+            http: Default::default(),
         };
         let key = Arc::from("evt_tables");
         runtime

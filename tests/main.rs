@@ -11,6 +11,7 @@ mod cli;
 mod connections;
 mod deliverable;
 mod durability;
+mod egress;
 mod hostile;
 mod languages;
 mod lifecycle;

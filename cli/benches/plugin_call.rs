@@ -41,6 +41,7 @@ fn plugin_calls(c: &mut Criterion) {
                 compiled: compiled.clone(),
                 limits: limits.clone(),
                 config: Default::default(),
+                http: Default::default(),
             };
             group.bench_function(format!("{name}/{metering}"), |b| {
                 b.iter(|| {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use stateset_hooks::loader::Grants;
 use stateset_hooks::manifest::EnvGrant;
 use stateset_hooks::runtime::Runtime;
 use stateset_hooks::signature::SECRET_ENV;
@@ -33,7 +34,12 @@ pub fn run(
     if let Some(secret) = std::env::var_os(SECRET_ENV) {
         env = env.withholding(Secret::new(secret.into_encoded_bytes())?);
     }
-    let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &policy, &env)
+    let grants = Grants {
+        limits: policy,
+        env,
+        allow_private_networks: false,
+    };
+    let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &grants)
         .with_context(|| format!("cannot load {}", plugin.display()))?;
     if !loaded.manifest.subscribes_to(event.event_type()) {
         eprintln!(

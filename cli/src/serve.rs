@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// STATESET_PLUGIN_<NAME>__* without it; the webhook secret never.
     #[arg(long, value_name = "VAR")]
     allow_plugin_env: Vec<String>,
+    /// Let a host a plugin's manifest names exactly in `[http]
+    /// allowed_hosts` resolve to a private address (loopback, 10/8,
+    /// 192.168/16, link-local, ...). Off: plugins reach public addresses only.
+    #[arg(long)]
+    allow_private_networks: bool,
 }
 
 /// Limits for each plugin call, and the most a plugin's manifest may ask for.
@@ -167,6 +172,7 @@ pub fn serve(
     config.plugins_dir = Some(args.plugins);
     config.limits = args.limits.policy();
     config.plugin_env = args.allow_plugin_env.into_iter().collect();
+    config.allow_private_networks = args.allow_private_networks;
     config.queue_capacity = args.queue_capacity;
     config.store_max_bytes = args.store_max_mib.saturating_mul(1 << 20);
     config.retry.max_attempts = args.max_attempts;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::health::{DEFAULT_QUARANTINE_AFTER, DEFAULT_QUARANTINE_PROBE_AFTER};
+use crate::loader::Grants;
 use crate::manifest::EnvGrant;
 use crate::retry::RetryPolicy;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, LimitPolicy};
@@ -148,6 +149,10 @@ pub struct Config {
     /// `{ env = "VAR" }`, besides its own `STATESET_PLUGIN_<NAME>__*`. Never
     /// the webhook secret.
     pub plugin_env: BTreeSet<String>,
+    /// Whether a host a manifest's `[http] allowed_hosts` names exactly may
+    /// resolve to a private address (loopback, RFC 1918, link-local, unique
+    /// local, ...). Off: plugins reach public addresses only.
+    pub allow_private_networks: bool,
     /// Different events failing in a row after which a plugin is
     /// quarantined (its deliveries held until released); 0 never.
     pub quarantine_after: u32,
@@ -202,6 +207,7 @@ impl Config {
             plugins_dir: None,
             limits: LimitPolicy::default(),
             plugin_env: BTreeSet::new(),
+            allow_private_networks: false,
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             quarantine_probe_after: DEFAULT_QUARANTINE_PROBE_AFTER,
             workers: default_workers(),
@@ -313,7 +319,7 @@ impl Config {
         if let Err(reason) = self.limits.validate() {
             return fail("limits", reason);
         }
-        if let Err(reason) = self.env_grant().validate() {
+        if let Err(reason) = self.grants().env.validate() {
             return fail("plugin_env", reason);
         }
         if let Some(dir) = &self.plugins_dir
@@ -342,11 +348,15 @@ impl Config {
 }
 
 impl Config {
-    /// What plugins may read of the host's environment: each its own
-    /// `STATESET_PLUGIN_<NAME>__*` and [`Config::plugin_env`], never the
-    /// webhook secret.
-    pub fn env_grant(&self) -> EnvGrant {
-        EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone())
+    /// What the operator grants every plugin: limits, each its own
+    /// `STATESET_PLUGIN_<NAME>__*` and [`Config::plugin_env`] (never the
+    /// webhook secret), and private networks or not.
+    pub fn grants(&self) -> Grants {
+        Grants {
+            limits: self.limits.clone(),
+            env: EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone()),
+            allow_private_networks: self.allow_private_networks,
+        }
     }
 }
 

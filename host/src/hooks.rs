@@ -73,8 +73,7 @@ impl Hooks {
                 dir.clone(),
                 runtime.clone(),
                 registry.clone(),
-                config.limits.clone(),
-                config.env_grant(),
+                config.grants(),
                 store.clone(),
             )?);
             // Watch first: a file deployed while the others load is queued too.

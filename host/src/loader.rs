@@ -40,6 +40,19 @@ pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
 /// enough to tell builds apart in a log line.
 const VERSION_HEX_DIGITS: usize = 12;
 
+/// What the operator grants every plugin; a manifest asking for more is
+/// refused at load.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    /// Default limits, and the most a manifest may raise them to.
+    pub limits: LimitPolicy,
+    /// The environment variables a manifest may read.
+    pub env: EnvGrant,
+    /// May a host a manifest's `[http] allowed_hosts` names exactly resolve
+    /// to a private address (loopback, RFC 1918, link-local, ...)?
+    pub allow_private_networks: bool,
+}
+
 /// Owns the loader thread. Dropping it stops the thread: a compile in
 /// progress runs to its end (it cannot be interrupted, and a large one takes
 /// seconds) but is not swapped in, and nothing queued is loaded. Dropping does
@@ -54,8 +67,7 @@ struct LoaderState {
     dir: PathBuf,
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
-    limits: LimitPolicy,
-    env: EnvGrant,
+    grants: Grants,
     store: Arc<dyn Store>,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -81,16 +93,14 @@ impl Loader {
         dir: PathBuf,
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
-        limits: LimitPolicy,
-        env: EnvGrant,
+        grants: Grants,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
         let shared = Arc::new(LoaderState {
             dir,
             runtime,
             registry,
-            limits,
-            env,
+            grants,
             store,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -242,7 +252,7 @@ impl LoaderState {
             }
             return;
         }
-        let loaded = load_file(&self.runtime, &path, &self.limits, &self.env);
+        let loaded = load_file(&self.runtime, &path, &self.grants);
         if self.stopping() {
             return; // the host is shutting down: swap nothing in
         }
@@ -326,13 +336,8 @@ pub(crate) fn plugin_name(path: &Path) -> Option<String> {
 }
 
 /// Load one `NAME.wasm` and its optional `NAME.toml`: read, check the
-/// manifest against `limits` and the environment `env` grants, compile.
-pub fn load_file(
-    runtime: &Runtime,
-    path: &Path,
-    limits: &LimitPolicy,
-    env: &EnvGrant,
-) -> anyhow::Result<LoadedPlugin> {
+/// manifest against what the operator `grants`, compile.
+pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Result<LoadedPlugin> {
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -340,8 +345,17 @@ pub fn load_file(
     let manifest_path = path.with_extension("toml");
     let manifest = read_manifest(&manifest_path)?;
     let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
-    let limits = limits.for_plugin(&manifest.limits).map_err(invalid)?;
-    let config = manifest.resolve_config(name, env).map_err(invalid)?;
+    let limits = grants
+        .limits
+        .for_plugin(&manifest.limits)
+        .map_err(invalid)?;
+    let config = manifest
+        .resolve_config(name, &grants.env)
+        .map_err(invalid)?;
+    let http = manifest
+        .http
+        .grant(grants.allow_private_networks)
+        .map_err(invalid)?;
     let bytes = read_component(path)?;
     let compiled = runtime.compile(&bytes)?;
     let name: Arc<str> = name.into();
@@ -356,6 +370,7 @@ pub fn load_file(
             compiled,
             limits,
             config: Arc::new(config),
+            http: Arc::new(http),
         },
     })
 }

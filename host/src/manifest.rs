@@ -15,6 +15,10 @@
 //! output_kib = 64
 //! error_kib = 4
 //!
+//! [http]            # outbound HTTP: nothing unless listed
+//! allowed_hosts = ["https://api.example.com", "https://*.myshop.example:8443"]
+//! timeout_ms = 5000
+//!
 //! [config]          # read by plugins built against WIT 0.2.0 with `config-get`
 //! refund_flag_cents = "50000"
 //! api_token = { env = "STATESET_PLUGIN_ORDERS__TOKEN" }   # from the host's environment
@@ -29,6 +33,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use crate::runtime::egress::HttpManifest;
 use crate::runtime::{ConfigValues, LimitOverrides};
 use crate::signature::{SECRET_ENV, Secret};
 
@@ -124,6 +129,9 @@ pub struct Manifest {
     /// Values the plugin reads with `config-get`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigSource>,
+    /// What the plugin may reach over HTTP; nothing without it.
+    #[serde(default)]
+    pub http: HttpManifest,
 }
 
 /// Where a configuration value comes from. `Debug` never shows a value.

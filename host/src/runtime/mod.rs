@@ -10,10 +10,12 @@
 //! A plugin sees the `host` interface and WASI with: no preopened directories,
 //! no environment variables or arguments, no sockets or name lookups, stdin
 //! closed, stdout/stderr captured into the host log. Clocks and random numbers
-//! work (the standard libraries need them).
+//! work (the standard libraries need them). `wasi:http/outgoing-handler`
+//! reaches only what the manifest's `[http]` section lists ([`egress`]).
 
 mod bindings;
 mod cache;
+pub mod egress;
 mod failure;
 mod limits;
 mod output;
@@ -27,10 +29,12 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreContextMut, Trap};
 
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use self::bindings::{v0_1_0, v0_2_0};
 use self::cache::CompileCache;
 pub use self::cache::{CacheConfig, CacheError, DEFAULT_CACHE_MAX_BYTES};
+use self::egress::{Egress, HttpGrant};
 use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
 use crate::text::escape_controls;
@@ -71,13 +75,15 @@ pub struct Compiled {
     cache_entry: Option<PathBuf>,
 }
 
-/// A plugin as the runtime runs it: its component, limits and configuration.
+/// A plugin as the runtime runs it: its component, limits, configuration
+/// and what it may reach over HTTP.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub name: Arc<str>,
     pub compiled: Compiled,
     pub limits: Limits,
     pub config: Arc<ConfigValues>,
+    pub http: Arc<HttpGrant>,
 }
 
 /// Configuration a plugin reads with `config-get`. `Debug` shows the keys
@@ -165,6 +171,7 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         add_host_to_linker(&mut linker)?;
         let cache = cache.and_then(|cache| match CompileCache::open(cache, &engine) {
             Ok(cache) => Some(cache),
@@ -275,11 +282,12 @@ impl Runtime {
             plugin: plugin.clone(),
             event: event.clone(),
         };
-        let output = Arc::new(Mutex::new(Output::new(tag, limits.output_bytes)));
-        let state = CallState::new(&output, limits, prepared.config.clone());
-        let mut store = Store::new(&self.engine, state);
+        let output = Arc::new(Mutex::new(Output::new(tag.clone(), limits.output_bytes)));
         let start = Instant::now();
         let deadline = start + limits.timeout;
+        let egress = Egress::new(prepared.http.clone(), deadline, tag);
+        let state = CallState::new(&output, limits, prepared.config.clone(), egress);
+        let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits, deadline, cancelled.clone());
         let fuel_before = store.get_fuel().unwrap_or(0);
 
@@ -378,6 +386,8 @@ fn lock(output: &Mutex<Output>) -> MutexGuard<'_, Output> {
 /// The data of one call's `Store`.
 pub(crate) struct CallState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    egress: Egress,
     table: ResourceTable,
     limiter: MemoryLimiter,
     output: Arc<Mutex<Output>>,
@@ -385,7 +395,12 @@ pub(crate) struct CallState {
 }
 
 impl CallState {
-    fn new(output: &Arc<Mutex<Output>>, limits: &Limits, config: Arc<ConfigValues>) -> Self {
+    fn new(
+        output: &Arc<Mutex<Output>>,
+        limits: &Limits,
+        config: Arc<ConfigValues>,
+        egress: Egress,
+    ) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(Capture::new(output.clone(), LogSource::Stdout))
             .stderr(Capture::new(output.clone(), LogSource::Stderr))
@@ -396,6 +411,8 @@ impl CallState {
             .build();
         Self {
             wasi,
+            http: WasiHttpCtx::new(),
+            egress,
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output: output.clone(),
@@ -409,6 +426,16 @@ impl WasiView for CallState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.egress,
         }
     }
 }

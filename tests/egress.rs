@@ -1,0 +1,203 @@
+//! Outbound HTTP from a real plugin to a real server on loopback: the
+//! allowlist, the address check, redirects, body caps, timeouts, the request
+//! budget and the idempotency key.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use axum::routing::get;
+use serde_json::json;
+use stateset_hooks::loader::{Grants, load_file};
+use stateset_hooks::runtime::{CallOutcome, FailureKind, Runtime};
+
+/// A server for plugins to call.
+async fn remote() -> SocketAddr {
+    let app = axum::Router::new()
+        .route("/ok", get(|| async { "hello" }))
+        .route(
+            "/echo-key",
+            get(|headers: axum::http::HeaderMap| async move {
+                let key = headers.get("idempotency-key").cloned();
+                key.map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned())
+            }),
+        )
+        .route(
+            "/redirect",
+            get(|| async { axum::response::Redirect::temporary("/ok") }),
+        )
+        .route("/big", get(|| async { "x".repeat(2 << 20) }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                "late"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+struct Caller {
+    runtime: Arc<Runtime>,
+    plugins: PluginDir,
+}
+
+impl Caller {
+    fn new() -> Self {
+        Self {
+            runtime: Arc::new(Runtime::new(None, 4).unwrap()),
+            plugins: PluginDir::new(),
+        }
+    }
+
+    /// Load the fixture under `manifest` and fetch `url` `times` times.
+    async fn fetch(
+        &self,
+        manifest: &str,
+        private: bool,
+        url: &str,
+        times: u64,
+    ) -> anyhow::Result<CallOutcome> {
+        self.plugins.add("fetcher", "misbehave", Some(manifest));
+        let grants = Grants {
+            allow_private_networks: private,
+            ..Grants::default()
+        };
+        let loaded = load_file(
+            &self.runtime,
+            &self.plugins.path().join("fetcher.wasm"),
+            &grants,
+        )?;
+        let payload = event(
+            "evt_http",
+            "order.created",
+            json!({ "misbehave": "fetch", "url": url, "times": times }),
+        );
+        let runtime = self.runtime.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let payload = String::from_utf8(payload).unwrap();
+            let key = Arc::from("evt_http");
+            runtime.call(&loaded.prepared, &key, "order.created", &payload)
+        })
+        .await
+        .unwrap()
+        .expect("not cancelled");
+        Ok(outcome)
+    }
+}
+
+fn lines(outcome: &CallOutcome) -> Vec<&str> {
+    outcome.logs.iter().map(|l| l.message.as_str()).collect()
+}
+
+fn error(outcome: &CallOutcome) -> String {
+    let failure = outcome.result.as_ref().unwrap_err();
+    assert_eq!(failure.kind, FailureKind::PluginError, "{failure:?}");
+    failure.message.clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listed_host_is_reached_within_its_bounds() {
+    let addr = remote().await;
+    let base = format!("http://127.0.0.1:{}", addr.port());
+    let caller = Caller::new();
+    let manifest = format!(
+        "[http]\nallowed_hosts = [\"{base}\"]\ntimeout_ms = 300\nmax_requests = 2\nmax_response_kib = 1024\n"
+    );
+    let fetch = |path: &str, times: u64| {
+        let url = format!("{base}{path}");
+        let manifest = manifest.clone();
+        let caller = &caller;
+        async move { caller.fetch(&manifest, true, &url, times).await.unwrap() }
+    };
+
+    let ok = fetch("/ok", 1).await;
+    assert_eq!(ok.result, Ok(()));
+    assert_eq!(lines(&ok), ["fetched 200 5 bytes: hello"]);
+
+    // The delivery's identity rides along, for the API to dedupe on.
+    let key = fetch("/echo-key", 1).await;
+    assert_eq!(lines(&key), ["fetched 200 16 bytes: evt_http:fetcher"]);
+
+    // Not followed: the plugin sees the 3xx and must ask again.
+    let redirect = fetch("/redirect", 1).await;
+    assert_eq!(redirect.result, Ok(()));
+    assert!(
+        lines(&redirect)[0].starts_with("fetched 307 "),
+        "{redirect:?}"
+    );
+
+    let big = fetch("/big", 1).await;
+    assert!(error(&big).contains("HttpResponseBodySize"), "{big:?}");
+
+    // The request's own timeout comes before the call's 1 s deadline.
+    let started = Instant::now();
+    let slow = fetch("/slow", 1).await;
+    let message = error(&slow);
+    assert!(message.contains("Timeout"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let budget = fetch("/ok", 3).await;
+    assert_eq!(lines(&budget).len(), 2);
+    assert!(error(&budget).contains("HttpRequestDenied"), "{budget:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn everything_else_is_denied() {
+    let addr = remote().await;
+    let port = addr.port();
+    let caller = Caller::new();
+    let listed = |host: &str| format!("[http]\nallowed_hosts = [\"http://{host}:{port}\"]\n");
+
+    // Not listed (another port, no [http] at all): denied by the allowlist.
+    let other = caller
+        .fetch(
+            &listed("127.0.0.1"),
+            true,
+            &format!("http://127.0.0.1:{}/ok", port - 1),
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(error(&other).contains("HttpRequestDenied"), "{other:?}");
+    let none = caller
+        .fetch("", true, &format!("http://127.0.0.1:{port}/ok"), 1)
+        .await
+        .unwrap();
+    assert!(error(&none).contains("HttpRequestDenied"), "{none:?}");
+
+    // Listed, but a private address the operator did not allow: by IP and
+    // by a name that resolves to one.
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!("http://{host}:{port}/ok");
+        let denied = caller.fetch(&listed(host), false, &url, 1).await.unwrap();
+        assert!(
+            error(&denied).contains("DestinationIpProhibited"),
+            "{host}: {denied:?}"
+        );
+    }
+
+    // Malformed entries refuse the manifest at load.
+    for entry in [
+        "*",
+        "https://*",
+        "https://api.example.com/v1",
+        "https://a.*.example.com",
+    ] {
+        let manifest = format!("[http]\nallowed_hosts = [\"{entry}\"]\n");
+        let refused = caller.fetch(&manifest, true, "http://x/", 1).await;
+        let reason = format!("{:#}", refused.unwrap_err());
+        assert!(
+            reason.contains("http.allowed_hosts entry"),
+            "{entry}: {reason}"
+        );
+    }
+}
