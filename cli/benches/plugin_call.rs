@@ -1,7 +1,9 @@
 //! Plugin dispatch: a fresh isolated instance plus one `on-event` call, with
 //! every limit on, for a do-nothing component and for the `orders` plugin on a
 //! realistic order, fuel metering on and off; plus the host's checks on the
-//! request path (signature, envelope).
+//! request path (signature, envelope); and one outbound HTTP call made by a
+//! plugin against the same request made directly with reqwest, to the same
+//! server on loopback.
 //!
 //! `cargo bench -p stateset-hooks-cli --bench plugin_call`
 
@@ -13,6 +15,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use stateset_hooks::runtime::egress::{AllowedHost, HttpGrant};
 use stateset_hooks::runtime::{Limits, Prepared, Runtime};
 use stateset_hooks::{Event, Secret};
 
@@ -69,5 +72,68 @@ fn request_path(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, plugin_calls, request_path);
+fn outbound(c: &mut Criterion) {
+    let server = tokio::runtime::Runtime::new().unwrap();
+    let listener = server
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/ok", axum::routing::get(|| async { "hello" }));
+    server.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = format!("http://127.0.0.1:{}/ok", addr.port());
+
+    let runtime = Runtime::new(None, 1).unwrap();
+    let fixture = runtime
+        .compile(&std::fs::read(support::wasm("misbehave")).unwrap())
+        .unwrap();
+    let grant = HttpGrant {
+        allowed: vec![AllowedHost::parse(&format!("http://127.0.0.1:{}", addr.port())).unwrap()],
+        allow_private: true,
+        ..HttpGrant::default()
+    };
+    let call = |data: serde_json::Value| {
+        let payload =
+            String::from_utf8(support::event("evt_bench", "order.created", data)).unwrap();
+        let prepared = Prepared {
+            name: "fetcher".into(),
+            compiled: fixture.clone(),
+            limits: Limits::default(),
+            config: Default::default(),
+            http: Arc::new(grant.clone()),
+        };
+        (prepared, payload)
+    };
+    let key: Arc<str> = "evt_bench".into();
+    let mut group = c.benchmark_group("outbound");
+    for (name, data) in [
+        ("plugin-call-without-fetch", serde_json::json!({})),
+        (
+            "plugin-call-with-one-fetch",
+            serde_json::json!({ "misbehave": "fetch", "url": url }),
+        ),
+    ] {
+        let (prepared, payload) = call(data);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let outcome = runtime
+                    .call(&prepared, &key, "order.created", &payload)
+                    .unwrap();
+                assert_eq!(outcome.result, Ok(()), "{outcome:?}");
+                black_box(outcome)
+            })
+        });
+    }
+    let client = reqwest::Client::new();
+    group.bench_function("direct-reqwest-get", |b| {
+        b.iter(|| {
+            server.block_on(async {
+                let response = client.get(&url).send().await.unwrap();
+                black_box(response.bytes().await.unwrap())
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, plugin_calls, request_path, outbound);
 criterion_main!(benches);
