@@ -10,12 +10,12 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 process.chdir(here);
 
-// The StarlingMonkey engine imports wasi:http (for fetch) unless told not to, and
-// the host does not link wasi:http: loading fails with "component imports
-// instance `wasi:http/types@0.2.10`, but a matching implementation was not found
-// in the linker". Keep stdio (console.log/error reach the host's per-call
-// output), clocks and random, which the host provides. Add 'stdio', 'random'
-// and 'clocks' to get a component that imports nothing but the host interface.
+// The StarlingMonkey engine imports wasi:http (for fetch) unless told not to.
+// This plugin makes no outbound calls, so it leaves it out; the host does link
+// wasi:http, under the manifest's [http] rules. Keep stdio (console.log/error
+// reach the host's per-call output), clocks and random, which the host
+// provides. Add 'stdio', 'random' and 'clocks' to get a component that imports
+// nothing but the host interface.
 const DISABLE_FEATURES = ['http', 'fetch-event'];
 
 await rm('wit', { recursive: true, force: true });
