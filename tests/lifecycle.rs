@@ -2,7 +2,6 @@
 //! the field named, the instance pool is sized from the workers, and shutdown
 //! is graceful (in-process, and on SIGTERM to the binary).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -129,23 +128,12 @@ fn delivery(plugins: &PluginDir, key: &str) -> (Status, u32) {
     (delivery.status, delivery.attempts)
 }
 
-fn send_blocking(host: &ServeProcess, body: Vec<u8>) {
-    let status = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-        .args(["-H", &format!("X-StateSet-Signature: {}", sign(&body))])
-        .args(["--data-binary", &String::from_utf8(body).unwrap()])
-        .arg(host.url())
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&status.stdout), "200");
-}
-
 #[test]
 fn sigterm_during_a_call_within_the_grace_period_records_it() {
     let plugins = PluginDir::new();
     plugins.add("slow", "misbehave", Some(SLOW_MANIFEST));
     let mut host = ServeProcess::start(&plugins, Some("info"));
-    send_blocking(&host, busy_until("evt_finish", now_ms() + 3000));
+    host.send_blocking(busy_until("evt_finish", now_ms() + 3000));
     std::thread::sleep(STARTED);
     assert!(host.stop().success());
     assert_eq!(delivery(&plugins, "evt_finish"), (Status::Succeeded, 1));
@@ -160,7 +148,7 @@ fn sigterm_cuts_a_call_at_the_grace_period_and_the_next_start_runs_it() {
     // Far longer than the grace period: the call is still running when
     // the grace period ends, and only a cut lets the host exit before it.
     let until = now_ms() + 6000;
-    send_blocking(&host, busy_until("evt_cut", until));
+    host.send_blocking(busy_until("evt_cut", until));
     std::thread::sleep(STARTED);
     assert!(host.stop().success());
     assert!(now_ms() < until, "exited only when the call had ended");
@@ -204,7 +192,7 @@ fn sigterm_cuts_a_call_waiting_in_a_host_call() {
         "order.created",
         serde_json::json!({ "misbehave": "sleep-forever" }),
     );
-    send_blocking(&host, body);
+    host.send_blocking(body);
     std::thread::sleep(STARTED);
     let signalled = Instant::now();
     assert!(host.stop().success());

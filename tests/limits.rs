@@ -40,6 +40,7 @@ impl Fixture {
             limits: limits.clone(),
             config: Default::default(),
             http: Default::default(),
+            kv_quota: 0,
         };
         self.runtime.call(
             &prepared,
@@ -341,6 +342,7 @@ fn table_growth_counts_against_the_memory_limit() {
             },
             config: Default::default(),
             http: Default::default(),
+            kv_quota: 0,
         };
         let key = Arc::from("evt_tables");
         runtime

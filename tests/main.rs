@@ -13,6 +13,7 @@ mod deliverable;
 mod durability;
 mod egress;
 mod hostile;
+mod kv;
 mod languages;
 mod lifecycle;
 mod limits;

@@ -45,6 +45,7 @@ fn plugin_calls(c: &mut Criterion) {
                 limits: limits.clone(),
                 config: Default::default(),
                 http: Default::default(),
+                kv_quota: 0,
             };
             group.bench_function(format!("{name}/{metering}"), |b| {
                 b.iter(|| {
@@ -100,6 +101,7 @@ fn outbound(c: &mut Criterion) {
             limits: Limits::default(),
             config: Default::default(),
             http: Arc::new(grant.clone()),
+            kv_quota: 0,
         };
         (prepared, payload)
     };

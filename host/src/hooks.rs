@@ -66,6 +66,7 @@ impl Hooks {
             max_bytes: config.cache_max_bytes,
         });
         let runtime = Arc::new(Runtime::new(cache.as_ref(), config.workers)?);
+        runtime.use_kv(store.clone());
         let registry = Arc::new(Registry::default());
         let (mut loader, mut watcher) = (None, None);
         if let Some(dir) = &config.plugins_dir {

@@ -356,6 +356,7 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
         .http
         .grant(grants.allow_private_networks)
         .map_err(invalid)?;
+    let kv_quota = manifest.kv.quota().map_err(invalid)?;
     let bytes = read_component(path)?;
     let compiled = runtime.compile(&bytes)?;
     let name: Arc<str> = name.into();
@@ -371,6 +372,7 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
             limits,
             config: Arc::new(config),
             http: Arc::new(http),
+            kv_quota,
         },
     })
 }

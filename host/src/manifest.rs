@@ -34,6 +34,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::runtime::egress::HttpManifest;
+use crate::runtime::kv::KvManifest;
 use crate::runtime::{ConfigValues, LimitOverrides};
 use crate::signature::{SECRET_ENV, Secret};
 
@@ -132,6 +133,9 @@ pub struct Manifest {
     /// What the plugin may reach over HTTP; nothing without it.
     #[serde(default)]
     pub http: HttpManifest,
+    /// Its key-value state's quota.
+    #[serde(default)]
+    pub kv: KvManifest,
 }
 
 /// Where a configuration value comes from. `Debug` never shows a value.

@@ -342,6 +342,25 @@ impl ServeProcess {
     }
 
     /// SIGTERM, then wait for a clean exit; the exit status.
+    /// POST `body`, signed, from outside the test's runtime (curl), and
+    /// expect 200.
+    pub fn send_blocking(&self, body: Vec<u8>) {
+        let status = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args(["-H", &format!("X-StateSet-Signature: {}", sign(&body))])
+            .args(["--data-binary", &String::from_utf8(body).unwrap()])
+            .arg(self.url())
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&status.stdout), "200");
+    }
+
+    /// SIGKILL: no shutdown, no last writes.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();

@@ -101,6 +101,8 @@ impl Worker {
                 .as_ref()
                 .err()
                 .map(|f| (f.kind, f.message.clone())),
+            plugin: plugin.name.clone(),
+            kv: outcome.kv_writes.clone(),
         };
         let report = Report {
             event_key: event.key().into(),
@@ -148,6 +150,8 @@ impl Worker {
             status,
             next_attempt_at,
             failure: Some((failure.kind, failure.message.clone())),
+            plugin: due.plugin.clone(),
+            kv: Vec::new(),
         };
         let report = Report {
             event_key,
@@ -164,6 +168,7 @@ impl Worker {
                 logs: Vec::new(),
                 dropped_output_bytes: 0,
                 dropped_output_lines: 0,
+                kv_writes: Vec::new(),
             },
         };
         (record, report)

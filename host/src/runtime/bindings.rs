@@ -30,3 +30,13 @@ pub mod v0_2_0 {
         exports: { default: async },
     });
 }
+
+/// `stateset:webhooks@0.3.0`: 0.2.0 plus `host.delivery-key` and the `kv`
+/// interface.
+pub mod v0_3_0 {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit/v0.3.0",
+        exports: { default: async },
+    });
+}

@@ -17,6 +17,7 @@ mod bindings;
 mod cache;
 pub mod egress;
 mod failure;
+pub mod kv;
 mod limits;
 mod output;
 
@@ -25,16 +26,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, LinkerInstance, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreContextMut, Trap};
 
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use self::bindings::{v0_1_0, v0_2_0};
+use self::bindings::{v0_1_0, v0_2_0, v0_3_0};
 use self::cache::CompileCache;
 pub use self::cache::{CacheConfig, CacheError, DEFAULT_CACHE_MAX_BYTES};
 use self::egress::{Egress, HttpGrant};
+use self::kv::{KvOp, KvRead, KvSession};
 use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
 use crate::text::escape_controls;
@@ -58,6 +60,8 @@ pub struct Runtime {
     slots: Slots,
     /// Set once at shutdown: every running call is cut, no new one starts.
     cancel: tokio::sync::watch::Sender<bool>,
+    /// Where plugins' committed key-value state is read (the store).
+    kv: std::sync::OnceLock<Arc<dyn KvRead>>,
     _ticker: EpochTicker,
 }
 
@@ -84,6 +88,8 @@ pub struct Prepared {
     pub limits: Limits,
     pub config: Arc<ConfigValues>,
     pub http: Arc<HttpGrant>,
+    /// Bytes its key-value state may hold.
+    pub kv_quota: u64,
 }
 
 /// Configuration a plugin reads with `config-get`. `Debug` shows the keys
@@ -141,6 +147,8 @@ pub struct CallOutcome {
     pub dropped_output_bytes: usize,
     /// Lines past the limit or the line cap, dropped.
     pub dropped_output_lines: usize,
+    /// The key-value writes of a successful call, to commit with its record.
+    pub kv_writes: Vec<KvOp>,
 }
 
 impl Runtime {
@@ -191,6 +199,7 @@ impl Runtime {
             compiled: AtomicU64::new(0),
             slots: Slots::new(concurrent_calls),
             cancel: tokio::sync::watch::Sender::new(false),
+            kv: std::sync::OnceLock::new(),
             _ticker: ticker,
         })
     }
@@ -225,6 +234,12 @@ impl Runtime {
             .map_err(CompileError::WrongWorld)?;
         let pre = v0_2_0::PluginPre::new(pre).map_err(CompileError::WrongWorld)?;
         Ok(Compiled { pre, cache_entry })
+    }
+
+    /// Read plugins' committed key-value state from `reader` (set once, by
+    /// the host, to its store). Without it, `kv` calls fail in the plugin.
+    pub fn use_kv(&self, reader: Arc<dyn KvRead>) {
+        let _ = self.kv.set(reader);
     }
 
     /// Whether the compile cache holds these bytes' compiled code.
@@ -286,7 +301,9 @@ impl Runtime {
         let start = Instant::now();
         let deadline = start + limits.timeout;
         let egress = Egress::new(prepared.http.clone(), deadline, tag);
-        let state = CallState::new(&output, limits, prepared.config.clone(), egress);
+        let kv = KvSession::new(plugin.clone(), self.kv.get().cloned(), prepared.kv_quota);
+        let mut state = CallState::new(&output, limits, prepared.config.clone(), egress, kv);
+        state.delivery_key = format!("{event}:{plugin}");
         let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits, deadline, cancelled.clone());
         let fuel_before = store.get_fuel().unwrap_or(0);
@@ -330,8 +347,13 @@ impl Runtime {
             Ended::Cancelled => return Err(NotRun::Cancelled),
         };
         let fuel_used = fuel_before.saturating_sub(store.get_fuel().unwrap_or(0));
-        let peak_memory_bytes = store.data().limiter.peak();
-        drop(store);
+        let state = store.into_data();
+        let peak_memory_bytes = state.limiter.peak();
+        // A call's writes leave only with its success.
+        let kv_writes = match &result {
+            Ok(()) => state.kv.into_ops(),
+            Err(_) => Vec::new(),
+        };
         let mut output = lock(&output);
         let logs = output.finish();
         Ok(CallOutcome {
@@ -342,6 +364,7 @@ impl Runtime {
             logs,
             dropped_output_bytes: output.dropped_bytes(),
             dropped_output_lines: output.dropped_lines(),
+            kv_writes,
         })
     }
 }
@@ -388,6 +411,8 @@ pub(crate) struct CallState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     egress: Egress,
+    kv: KvSession,
+    delivery_key: String,
     table: ResourceTable,
     limiter: MemoryLimiter,
     output: Arc<Mutex<Output>>,
@@ -400,6 +425,7 @@ impl CallState {
         limits: &Limits,
         config: Arc<ConfigValues>,
         egress: Egress,
+        kv: KvSession,
     ) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(Capture::new(output.clone(), LogSource::Stdout))
@@ -413,6 +439,8 @@ impl CallState {
             wasi,
             http: WasiHttpCtx::new(),
             egress,
+            kv,
+            delivery_key: String::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output: output.clone(),
@@ -508,11 +536,79 @@ fn add_host_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     define_log!(host, v0_1_0::stateset::webhooks::host::LogLevel)?;
     let mut host = linker.instance("stateset:webhooks/host@0.2.0")?;
     define_log!(host, v0_2_0::stateset::webhooks::host::LogLevel)?;
+    define_config_get(&mut host)?;
+    let mut host = linker.instance("stateset:webhooks/host@0.3.0")?;
+    define_log!(host, v0_3_0::stateset::webhooks::host::LogLevel)?;
+    define_config_get(&mut host)?;
+    host.func_wrap(
+        "delivery-key",
+        |mut store: StoreContextMut<'_, CallState>, (): ()| {
+            charge(&mut store, HOST_CALL_FUEL)?;
+            Ok((store.data().delivery_key.clone(),))
+        },
+    )?;
+    add_kv_to_linker(linker)
+}
+
+fn define_config_get(host: &mut LinkerInstance<'_, CallState>) -> wasmtime::Result<()> {
     host.func_wrap(
         "config-get",
         |mut store: StoreContextMut<'_, CallState>, (key,): (String,)| {
             charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
             Ok((store.data().config.get(&key).map(str::to_owned),))
+        },
+    )
+}
+
+/// `stateset:webhooks/kv@0.3.0`, on the call's [`KvSession`]. Each call
+/// costs fuel like the `host` imports; a failure of the store is a trap (the
+/// host's problem, not an answer the plugin should act on).
+fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    type Ctx<'a> = StoreContextMut<'a, CallState>;
+    let host_error = |message: String| wasmtime::Error::msg(format!("kv: {message}"));
+    let mut kv = linker.instance("stateset:webhooks/kv@0.3.0")?;
+    kv.func_wrap("get", move |mut store: Ctx<'_>, (key,): (String,)| {
+        charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+        Ok((store.data().kv.get(&key).map_err(host_error)?,))
+    })?;
+    kv.func_wrap(
+        "set",
+        |mut store: Ctx<'_>, (key, value, ttl_ms): (String, Vec<u8>, Option<u64>)| {
+            charge(
+                &mut store,
+                HOST_CALL_FUEL + (key.len() + value.len()) as u64,
+            )?;
+            let expires_at = ttl_ms.map(kv::expires_at);
+            Ok((store.data_mut().kv.set(key, value, expires_at),))
+        },
+    )?;
+    kv.func_wrap("delete", move |mut store: Ctx<'_>, (key,): (String,)| {
+        charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+        // A key past the cap names nothing stored: deleting it is a no-op.
+        let _ = store.data_mut().kv.delete(key);
+        Ok(())
+    })?;
+    kv.func_wrap(
+        "keys",
+        move |mut store: Ctx<'_>, (prefix, limit): (String, u32)| {
+            charge(&mut store, HOST_CALL_FUEL + prefix.len() as u64)?;
+            let limit = (limit as usize).min(kv::MAX_OPS_PER_CALL);
+            Ok((store.data().kv.keys(&prefix, limit).map_err(host_error)?,))
+        },
+    )?;
+    kv.func_wrap(
+        "increment",
+        |mut store: Ctx<'_>, (key, delta): (String, i64)| {
+            charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+            Ok((store.data_mut().kv.increment(key, delta),))
+        },
+    )?;
+    kv.func_wrap(
+        "compare-and-swap",
+        |mut store: Ctx<'_>, (key, expected, new): (String, Option<Vec<u8>>, Vec<u8>)| {
+            let bytes = key.len() + expected.as_ref().map_or(0, Vec::len) + new.len();
+            charge(&mut store, HOST_CALL_FUEL + bytes as u64)?;
+            Ok((store.data_mut().kv.compare_and_swap(key, expected, new),))
         },
     )?;
     Ok(())

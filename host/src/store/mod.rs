@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::event::Event;
 use crate::runtime::FailureKind;
+use crate::runtime::kv::{KvOp, KvRead};
 use crate::status::PluginStatus;
 
 pub use self::sqlite::{DEFAULT_DB_PATH, SCHEMA_VERSION, SqliteStore};
@@ -90,6 +91,12 @@ pub struct Attempt {
     /// When to try again (unix ms), for `Failed`.
     pub next_attempt_at: i64,
     pub failure: Option<(FailureKind, String)>,
+    /// The plugin that ran it, whose key-value state `kv` writes.
+    pub plugin: Arc<str>,
+    /// A successful call's key-value writes: committed with this record, or
+    /// (a compare-and-swap that no longer holds) not at all, the delivery
+    /// then failed and due again.
+    pub kv: Vec<KvOp>,
 }
 
 /// One delivery as stored.
@@ -148,7 +155,7 @@ pub enum StoreError {
 pub type AppendTicket = tokio::sync::oneshot::Receiver<Result<Appended, StoreError>>;
 
 /// What the host needs from storage.
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// Store `event` with one pending delivery per plugin unless its key is
     /// already stored. The ticket resolves after the write is synced to disk;
     /// concurrent appends share one transaction and one sync.

@@ -1,4 +1,5 @@
--- stateset-hooks store, schema version 3 (2: plugin limits and counters as JSON; 3: replay counts), as
+-- stateset-hooks store, schema version 4 (2: plugin limits and counters as JSON; 3: replay counts;
+-- 4: plugins' key-value state), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -50,4 +51,14 @@ CREATE TABLE IF NOT EXISTS plugins (
     updated_at    INTEGER NOT NULL
 );
 
-PRAGMA user_version = 3;
+-- Each plugin's key-value state (WIT `kv`, 0.3.0). Written only with the
+-- record of a delivery that succeeded, in the same transaction.
+CREATE TABLE IF NOT EXISTS plugin_kv (
+    plugin     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      BLOB NOT NULL,
+    expires_at INTEGER,                 -- unix ms after which it is gone; NULL never
+    PRIMARY KEY (plugin, key)
+);
+
+PRAGMA user_version = 4;

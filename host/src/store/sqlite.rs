@@ -23,6 +23,7 @@ use super::{
 use crate::contain::contain;
 use crate::event::Event;
 use crate::runtime::FailureKind;
+use crate::runtime::kv::{KvOp, KvRead, parse_integer};
 use crate::status::{PluginState, PluginStatus};
 
 /// Where the database goes unless configured: the working directory.
@@ -36,7 +37,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// The schema version this build reads and writes (`PRAGMA user_version`,
 /// set by `schema.sql`). Older files are migrated at open; newer ones are
 /// refused, as this build cannot know what they mean.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
@@ -217,6 +218,112 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         tracing::info!(db = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
     Ok(())
+}
+
+/// How soon a delivery whose key-value writes no longer applied runs again.
+const KV_CONFLICT_RETRY: Duration = Duration::from_millis(100);
+
+/// Apply a successful call's key-value writes in order; `Err` inside is a
+/// conflict (a compare-and-swap that no longer holds, an increment of what
+/// is no longer an integer), after which the caller rolls them all back.
+fn apply_kv(
+    tx: &Connection,
+    plugin: &str,
+    ops: &[KvOp],
+    now: i64,
+) -> rusqlite::Result<Result<(), String>> {
+    let current = |key: &str| -> rusqlite::Result<Option<Vec<u8>>> {
+        tx.prepare_cached(
+            "SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2
+               AND (expires_at IS NULL OR expires_at > ?3)",
+        )?
+        .query_row(params![plugin, key, now], |row| row.get(0))
+        .optional()
+    };
+    let put = |key: &str, value: &[u8], expires_at: Option<i64>| -> rusqlite::Result<usize> {
+        tx.prepare_cached(
+            "INSERT INTO plugin_kv (plugin, key, value, expires_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value,
+                 expires_at = excluded.expires_at",
+        )?
+        .execute(params![plugin, key, value, expires_at])
+    };
+    for op in ops {
+        match op {
+            KvOp::Set {
+                key,
+                value,
+                expires_at,
+            } => {
+                put(key, value, *expires_at)?;
+            }
+            KvOp::Delete { key } => {
+                tx.prepare_cached("DELETE FROM plugin_kv WHERE plugin = ?1 AND key = ?2")?
+                    .execute(params![plugin, key])?;
+            }
+            KvOp::Increment { key, delta } => {
+                let n = match current(key)? {
+                    None => 0,
+                    Some(bytes) => match parse_integer(key, &bytes) {
+                        Ok(n) => n,
+                        Err(conflict) => return Ok(Err(format!("kv conflict: {conflict}"))),
+                    },
+                };
+                let Some(sum) = n.checked_add(*delta) else {
+                    return Ok(Err(format!("kv conflict: key {key:?} would overflow")));
+                };
+                put(key, sum.to_string().as_bytes(), None)?;
+            }
+            KvOp::CompareAndSwap { key, expected, new } => {
+                if current(key)? != *expected {
+                    return Ok(Err(format!(
+                        "kv conflict: key {key:?} changed since the call read it"
+                    )));
+                }
+                put(key, new, None)?;
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+impl KvRead for SqliteStore {
+    fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2
+                   AND (expires_at IS NULL OR expires_at > ?3)",
+            )?
+            .query_row(params![plugin, key, now_ms()], |row| row.get(0))
+            .optional()
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key FROM plugin_kv WHERE plugin = ?1 AND substr(key, 1, length(?2)) = ?2
+                   AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key LIMIT ?4",
+            )?;
+            stmt.query_map(params![plugin, prefix, now_ms(), limit as i64], |row| {
+                row.get(0)
+            })?
+            .collect()
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM plugin_kv WHERE plugin = ?1",
+            )?
+            .query_row(params![plugin], |row| row.get::<_, i64>(0))
+        })
+        .map(|n| n as u64)
+        .map_err(|e| e.to_string())
+    }
 }
 
 fn classify(error: rusqlite::Error) -> StoreError {
@@ -494,6 +601,7 @@ impl Store for SqliteStore {
                     Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
                     None => (None, None),
                 };
+                tx.execute_batch("SAVEPOINT attempt")?;
                 let updated = update.execute(params![
                     a.id,
                     a.status.as_str(),
@@ -509,7 +617,25 @@ impl Store for SqliteStore {
                         delivery = a.id,
                         "replayed while an attempt ran: that attempt is not recorded and the delivery runs again"
                     );
+                } else if a.status == Status::Succeeded
+                    && let Err(conflict) = apply_kv(tx, &a.plugin, &a.kv, now)?
+                {
+                    // Its state changed under it: nothing of it is kept, and
+                    // it runs again on the state as it now is.
+                    tx.execute_batch("ROLLBACK TO attempt")?;
+                    tracing::warn!(delivery = a.id, plugin = %a.plugin, "{conflict}: the delivery runs again");
+                    update.execute(params![
+                        a.id,
+                        Status::Failed.as_str(),
+                        now + KV_CONFLICT_RETRY.as_millis() as i64,
+                        FailureKind::HostError.as_str(),
+                        conflict,
+                        &*a.plugin_version,
+                        now,
+                        a.replays
+                    ])?;
                 }
+                tx.execute_batch("RELEASE attempt")?;
             }
             Ok(attempts.len())
         })
@@ -753,6 +879,78 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM deliveries", [], |row| row.get(0))
             .unwrap();
         assert_eq!(deliveries, 2, "the failed write left nothing behind");
+    }
+
+    #[test]
+    fn kv_writes_commit_with_a_success_and_a_conflict_keeps_none_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+        let conn = connect(&path, Duration::from_secs(5)).unwrap();
+        let mut ids = Vec::new();
+        for key in ["evt_1", "evt_2", "evt_3"] {
+            let body = format!(r#"{{"id":"{key}","type":"t","data":{{}}}}"#);
+            let event = Event::parse(body.as_bytes()).unwrap();
+            match append(&conn, &event, &["p".into()], now_ms()).unwrap() {
+                Appended::New(new) => ids.extend(new),
+                Appended::Duplicate => unreachable!(),
+            }
+        }
+        let attempt = |id, status, kv| Attempt {
+            id,
+            replays: 0,
+            plugin_version: "v".into(),
+            status,
+            next_attempt_at: now_ms(),
+            failure: None,
+            plugin: "p".into(),
+            kv,
+        };
+        let set = |key: &str, value: &str| KvOp::Set {
+            key: key.into(),
+            value: value.into(),
+            expires_at: None,
+        };
+        let b_absent = KvOp::CompareAndSwap {
+            key: "b".into(),
+            expected: None,
+            new: b"y".to_vec(),
+        };
+        store
+            .record(vec![
+                attempt(
+                    ids[0],
+                    Status::Succeeded,
+                    vec![
+                        set("b", "x"),
+                        KvOp::Increment {
+                            key: "n".into(),
+                            delta: 2,
+                        },
+                    ],
+                ),
+                // Failed calls carry no writes; if one did, it would not apply.
+                attempt(ids[1], Status::Failed, vec![set("c", "never")]),
+                // Read "b" absent, but evt_1 set it first: nothing of it stays.
+                attempt(ids[2], Status::Succeeded, vec![set("a", "1"), b_absent]),
+            ])
+            .unwrap();
+        assert_eq!(store.kv_get("p", "b").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(store.kv_get("p", "n").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.kv_get("p", "c").unwrap(), None);
+        assert_eq!(store.kv_get("p", "a").unwrap(), None);
+        assert_eq!(store.kv_get("other", "b").unwrap(), None);
+        assert_eq!(store.kv_keys("p", "", 10).unwrap(), ["b", "n"]);
+        let conflicted = &store.event("evt_3").unwrap().unwrap().deliveries[0];
+        assert_eq!(conflicted.status, Status::Failed);
+        assert_eq!(conflicted.last_failure_kind, Some(FailureKind::HostError));
+        assert!(
+            conflicted
+                .last_failure_message
+                .as_deref()
+                .unwrap()
+                .contains("kv conflict")
+        );
     }
 
     #[test]

@@ -1,0 +1,322 @@
+//! A plugin's key-value state as one call sees it (WIT `kv`, version 0.3.0).
+//!
+//! Reads go to the committed state through [`KvRead`] (the store implements
+//! it) overlaid with the call's own writes; writes are only recorded, as
+//! [`KvOp`]s, and leave with the call's outcome. The dispatcher hands them to
+//! the store with the delivery's record, which applies them in the same
+//! transaction (increments as additions, compare-and-swaps checked again), so
+//! a failed or repeated call leaves nothing behind. Owns the caps; knows
+//! nothing of SQL.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Longest key: keys are names, not data.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Largest value.
+pub const MAX_VALUE_BYTES: usize = 64 << 10;
+/// Writes one call may make.
+pub const MAX_OPS_PER_CALL: usize = 1_000;
+/// Default total of a plugin's keys and values, and the most a manifest may
+/// ask for (`[kv] quota_kib`).
+pub const DEFAULT_KV_QUOTA_BYTES: u64 = 1 << 20;
+pub const MAX_KV_QUOTA_BYTES: u64 = 64 << 20;
+
+/// One write, applied when the delivery commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOp {
+    Set {
+        key: String,
+        value: Vec<u8>,
+        /// Unix ms after which the key is gone.
+        expires_at: Option<i64>,
+    },
+    Delete {
+        key: String,
+    },
+    /// Add to the decimal integer under `key` (absent: 0).
+    Increment {
+        key: String,
+        delta: i64,
+    },
+    /// Set `new` if the key still holds `expected`, else the delivery fails.
+    CompareAndSwap {
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    },
+}
+
+/// The committed state, read by plugin name. Errors are messages.
+pub trait KvRead: Send + Sync {
+    fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String>;
+    /// Keys of `plugin` starting with `prefix`, in order, at most `limit`.
+    fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String>;
+    /// Bytes of `plugin`'s keys and values.
+    fn kv_usage(&self, plugin: &str) -> Result<u64, String>;
+}
+
+/// A manifest's `[kv]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvManifest {
+    pub quota_kib: Option<u64>,
+}
+
+impl KvManifest {
+    /// The plugin's quota in bytes, refused above the maximum.
+    pub fn quota(&self) -> Result<u64, String> {
+        match self.quota_kib.map(|kib| kib << 10) {
+            Some(bytes) if bytes > MAX_KV_QUOTA_BYTES => Err(format!(
+                "kv.quota_kib = {} is above the maximum, {}",
+                bytes >> 10,
+                MAX_KV_QUOTA_BYTES >> 10
+            )),
+            Some(bytes) => Ok(bytes),
+            None => Ok(DEFAULT_KV_QUOTA_BYTES),
+        }
+    }
+}
+
+/// One call's view of its plugin's state.
+pub(crate) struct KvSession {
+    plugin: Arc<str>,
+    reader: Option<Arc<dyn KvRead>>,
+    quota: u64,
+    /// What this call wrote: `None` is deleted.
+    overlay: BTreeMap<String, Option<Vec<u8>>>,
+    ops: Vec<KvOp>,
+    /// Committed usage when first needed, plus what this call added.
+    usage: Option<u64>,
+}
+
+impl KvSession {
+    pub(crate) fn new(plugin: Arc<str>, reader: Option<Arc<dyn KvRead>>, quota: u64) -> Self {
+        Self {
+            plugin,
+            reader,
+            quota,
+            overlay: BTreeMap::new(),
+            ops: Vec::new(),
+            usage: None,
+        }
+    }
+
+    /// The writes, for the outcome.
+    pub(crate) fn into_ops(self) -> Vec<KvOp> {
+        self.ops
+    }
+
+    fn reader(&self) -> Result<&dyn KvRead, String> {
+        self.reader
+            .as_deref()
+            .ok_or_else(|| "no key-value store in this host".to_owned())
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.overlay.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => self.reader()?.kv_get(&self.plugin, key),
+        }
+    }
+
+    pub(crate) fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        let committed = self
+            .reader()?
+            .kv_keys(&self.plugin, prefix, limit + self.overlay.len())?;
+        let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
+        for (key, value) in self.overlay.range(prefix.to_owned()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            match value {
+                Some(_) => keys.insert(key.clone()),
+                None => keys.remove(key),
+            };
+        }
+        Ok(keys.into_iter().take(limit).collect())
+    }
+
+    pub(crate) fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        expires_at: Option<i64>,
+    ) -> Result<(), String> {
+        self.write_check(&key, value.len())?;
+        self.overlay.insert(key.clone(), Some(value.clone()));
+        self.ops.push(KvOp::Set {
+            key,
+            value,
+            expires_at,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn delete(&mut self, key: String) -> Result<(), String> {
+        self.write_check(&key, 0)?;
+        self.overlay.insert(key.clone(), None);
+        self.ops.push(KvOp::Delete { key });
+        Ok(())
+    }
+
+    pub(crate) fn increment(&mut self, key: String, delta: i64) -> Result<i64, String> {
+        let current = match self.get(&key)? {
+            None => 0,
+            Some(bytes) => parse_integer(&key, &bytes)?,
+        };
+        let new = current
+            .checked_add(delta)
+            .ok_or_else(|| format!("kv key {key:?}: {current} + {delta} overflows"))?;
+        let text = new.to_string().into_bytes();
+        self.write_check(&key, text.len())?;
+        self.overlay.insert(key.clone(), Some(text));
+        self.ops.push(KvOp::Increment { key, delta });
+        Ok(new)
+    }
+
+    pub(crate) fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    ) -> Result<bool, String> {
+        if self.get(&key)? != expected {
+            return Ok(false);
+        }
+        self.write_check(&key, new.len())?;
+        self.overlay.insert(key.clone(), Some(new.clone()));
+        self.ops.push(KvOp::CompareAndSwap { key, expected, new });
+        Ok(true)
+    }
+
+    /// Refuse a write past a cap, counting it against the quota if not.
+    fn write_check(&mut self, key: &str, value_bytes: usize) -> Result<(), String> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(format!("kv keys are 1 to {MAX_KEY_BYTES} bytes"));
+        }
+        if value_bytes > MAX_VALUE_BYTES {
+            return Err(format!("kv values are at most {MAX_VALUE_BYTES} bytes"));
+        }
+        if self.ops.len() >= MAX_OPS_PER_CALL {
+            return Err(format!("at most {MAX_OPS_PER_CALL} kv writes per call"));
+        }
+        let usage = match self.usage {
+            Some(usage) => usage,
+            None => self.reader()?.kv_usage(&self.plugin)?,
+        };
+        // Counted as if every write added a key: a bound, not a ledger.
+        let after = usage + (key.len() + value_bytes) as u64;
+        if after > self.quota {
+            return Err(format!(
+                "kv quota of {} bytes reached (set [kv] quota_kib in the manifest)",
+                self.quota
+            ));
+        }
+        self.usage = Some(after);
+        Ok(())
+    }
+}
+
+/// When a key set now with `ttl_ms` is gone (unix ms).
+pub(crate) fn expires_at(ttl_ms: u64) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    now.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+}
+
+/// The integer stored under `key` (decimal text).
+pub fn parse_integer(key: &str, bytes: &[u8]) -> Result<i64, String> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| format!("kv key {key:?} does not hold a decimal integer"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Committed state for the tests, one plugin's.
+    #[derive(Default)]
+    struct Committed(Mutex<BTreeMap<String, Vec<u8>>>);
+
+    impl KvRead for Committed {
+        fn kv_get(&self, _: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+            Ok(self.0.lock().unwrap().get(key).cloned())
+        }
+        fn kv_keys(&self, _: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+            let map = self.0.lock().unwrap();
+            Ok(map
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .take(limit)
+                .cloned()
+                .collect())
+        }
+        fn kv_usage(&self, _: &str) -> Result<u64, String> {
+            let map = self.0.lock().unwrap();
+            Ok(map.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
+        }
+    }
+
+    fn session(committed: &[(&str, &str)], quota: u64) -> KvSession {
+        let store = Committed::default();
+        for (k, v) in committed {
+            store
+                .0
+                .lock()
+                .unwrap()
+                .insert((*k).into(), v.as_bytes().to_vec());
+        }
+        KvSession::new("p".into(), Some(Arc::new(store)), quota)
+    }
+
+    #[test]
+    fn reads_see_committed_state_plus_own_writes() {
+        let mut kv = session(&[("a", "1"), ("b", "2"), ("c", "3")], 1 << 20);
+        kv.set("d".into(), b"4".to_vec(), None).unwrap();
+        kv.delete("b".into()).unwrap();
+        assert_eq!(kv.get("a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(kv.get("b").unwrap(), None);
+        assert_eq!(kv.keys("", 10).unwrap(), ["a", "c", "d"]);
+        assert_eq!(kv.keys("", 2).unwrap(), ["a", "c"]);
+        assert_eq!(kv.increment("a".into(), 41).unwrap(), 42);
+        assert_eq!(kv.increment("new".into(), -2).unwrap(), -2);
+        assert!(kv.increment("d".into(), 1).is_ok());
+        assert!(
+            !kv.compare_and_swap("c".into(), Some(b"9".to_vec()), b"x".to_vec())
+                .unwrap()
+        );
+        assert!(
+            kv.compare_and_swap("c".into(), Some(b"3".to_vec()), b"x".to_vec())
+                .unwrap()
+        );
+        assert!(
+            kv.compare_and_swap("z".into(), None, b"y".to_vec())
+                .unwrap()
+        );
+        assert_eq!(kv.into_ops().len(), 7);
+    }
+
+    #[test]
+    fn caps_and_quota() {
+        let mut kv = session(&[("k", "vvvv")], 20);
+        assert!(kv.set("x".repeat(MAX_KEY_BYTES + 1), vec![], None).is_err());
+        assert!(
+            kv.set("big".into(), vec![0; MAX_VALUE_BYTES + 1], None)
+                .is_err()
+        );
+        kv.set("a".into(), vec![0; 10], None).unwrap(); // 5 + 11 = 16
+        let err = kv.set("b".into(), vec![0; 10], None).unwrap_err();
+        assert!(err.contains("quota"), "{err}");
+        let mut text = session(&[("name", "bob")], 1 << 20);
+        assert!(
+            text.increment("name".into(), 1)
+                .unwrap_err()
+                .contains("decimal")
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! Per-plugin key-value state (WIT 0.3.0 `kv`) through the real server:
+//! writes commit with the delivery, so a counter fed N events ends at exactly
+//! N however many attempts fail or the host is killed; plugins do not see
+//! one another's keys; quotas hold.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use serde_json::json;
+use stateset_hooks::runtime::kv::KvRead;
+
+fn counted(store: &dyn KvRead, plugin: &str) -> i64 {
+    store
+        .kv_get(plugin, "count")
+        .unwrap()
+        .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+}
+
+const COUNTER: &str = "subscriptions = [\"order.*\"]\n";
+
+/// N events, a third of them failing their first attempts after counting:
+/// the count ends at exactly N.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_counter_counts_each_event_once_whatever_fails() {
+    const EVENTS: usize = 12;
+    let plugins = PluginDir::new();
+    plugins.add("counter", "misbehave", Some(COUNTER));
+    let mut config = config(&plugins);
+    config.workers = 2;
+    config.retry.max_attempts = 10;
+    config.retry.base_delay = Duration::from_millis(50);
+    config.retry.max_delay = Duration::from_millis(200);
+    config.retry.jitter = 0.0;
+    let mut server = TestServer::start(config).await;
+    let fail_until = now_ms() + 700;
+    for i in 0..EVENTS {
+        let flaky = if i % 3 == 0 { fail_until } else { 0 };
+        let body = event(
+            &format!("evt_count_{i}"),
+            "order.created",
+            json!({ "misbehave": "count", "fail_until_ms": flaky }),
+        );
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+    let (mut succeeded, mut failed) = (0, 0);
+    while succeeded < EVENTS {
+        let report = server.reports(1).await.remove(0);
+        match report.outcome.result {
+            Ok(()) => succeeded += 1,
+            Err(_) => {
+                failed += 1;
+                assert!(report.outcome.kv_writes.is_empty(), "{report:?}");
+            }
+        }
+    }
+    assert!(failed >= EVENTS / 3, "some attempts failed: {failed}");
+    assert_eq!(
+        counted(server.hooks.store().as_ref(), "counter"),
+        EVENTS as i64
+    );
+    server.stop().await;
+}
+
+/// Killed with SIGKILL mid-stream and started again: every event counted
+/// exactly once.
+#[test]
+fn a_counter_survives_sigkill_exactly() {
+    const EVENTS: usize = 30;
+    let plugins = PluginDir::new();
+    plugins.add("counter", "misbehave", Some(COUNTER));
+    let mut host = ServeProcess::start_with(&plugins, Some("info"), &["--workers", "1"]);
+    for i in 0..EVENTS {
+        let body = event(
+            &format!("evt_kill_{i}"),
+            "order.created",
+            json!({ "misbehave": "count", "ms": 100 }),
+        );
+        host.send_blocking(body);
+    }
+    // Three seconds of work, one worker: killed mid-stream without warning.
+    host.kill();
+    let before = counted(&ServeProcess::store(&plugins), "counter");
+    assert!(
+        before < EVENTS as i64,
+        "all counted before the kill: {before}"
+    );
+    let mut host = ServeProcess::start(&plugins, Some("info"));
+    let store = ServeProcess::store(&plugins);
+    let deadline = Instant::now() + REPORT_TIMEOUT;
+    while counted(&store, "counter") < EVENTS as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "counted {}",
+            counted(&store, "counter")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(counted(&store, "counter"), EVENTS as i64);
+    host.stop();
+}
+
+/// One plugin's keys are its own, and its quota holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_plugin_sees_only_its_own_keys_within_its_quota() {
+    let plugins = PluginDir::new();
+    plugins
+        .add(
+            "writer",
+            "misbehave",
+            Some("subscriptions = [\"order.created\"]\n[kv]\nquota_kib = 4\n"),
+        )
+        .add(
+            "reader",
+            "misbehave",
+            Some("subscriptions = [\"order.updated\"]\n"),
+        );
+    let mut server = TestServer::start(config(&plugins)).await;
+    let set = |id: &str, bytes: u64| {
+        event(
+            id,
+            "order.created",
+            json!({ "misbehave": "kv-set", "key": "secret", "bytes": bytes }),
+        )
+    };
+    assert_eq!(server.send(&set("evt_set", 100)).await.0, 200);
+    let report = server.reports(1).await.remove(0);
+    assert_eq!(report.outcome.result, Ok(()));
+    let get = event(
+        "evt_get",
+        "order.updated",
+        json!({ "misbehave": "kv-get", "key": "secret" }),
+    );
+    assert_eq!(server.send(&get).await.0, 200);
+    let report = server.reports(1).await.remove(0);
+    assert_eq!(messages(&report), ["get secret: none"]);
+    let store = server.hooks.store().clone();
+    assert_eq!(
+        store.kv_get("writer", "secret").unwrap().map(|v| v.len()),
+        Some(100)
+    );
+
+    assert_eq!(server.send(&set("evt_big", 8 << 10)).await.0, 200);
+    let report = server.reports(1).await.remove(0);
+    let failure = report.outcome.result.unwrap_err();
+    assert!(failure.message.contains("kv quota"), "{failure:?}");
+    assert_eq!(
+        store.kv_get("writer", "secret").unwrap().map(|v| v.len()),
+        Some(100)
+    );
+    server.stop().await;
+}
