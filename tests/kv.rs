@@ -98,6 +98,21 @@ fn a_counter_survives_sigkill_exactly() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(counted(&store, "counter"), EVENTS as i64);
     host.stop();
+
+    // What an operator sees.
+    let db = plugins.path().join("stateset-hooks.db");
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(BIN)
+            .arg("--db")
+            .arg(&db)
+            .arg("kv")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(cli(&["list", "counter"]), "count\t2 bytes\n");
+    assert_eq!(cli(&["get", "counter", "count"]), format!("{EVENTS}\n"));
 }
 
 /// One plugin's keys are its own, and its quota holds.

@@ -70,6 +70,9 @@ enum Command {
     /// The plugins the server has loaded (works while the server runs).
     #[command(subcommand)]
     Plugins(store_commands::PluginsCommand),
+    /// Plugins' key-value state, as committed (works while the server runs).
+    #[command(subcommand)]
+    Kv(store_commands::KvCommand),
     /// Run one plugin on one event locally and print its result, fuel used,
     /// time and peak memory: no server, no secret needed.
     Run {
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::Events(command) => store_commands::events(&cli.db, command),
         Command::Dlq(command) => store_commands::dlq(&cli.db, command),
         Command::Plugins(command) => store_commands::plugins(&cli.db, command),
+        Command::Kv(command) => store_commands::kv(&cli.db, command),
         Command::Sign { file } => sign(&file),
         Command::Send { url, file } => send(&url, &file),
         Command::Run {

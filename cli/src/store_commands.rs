@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use stateset_hooks::admin::{AdminFile, RELEASE_ROUTE};
 use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
+use stateset_hooks::runtime::kv::KvRead;
 use stateset_hooks::status::Table;
 use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
 use stateset_hooks::text::escape_controls;
@@ -82,6 +83,20 @@ pub enum PluginsCommand {
         /// The plugin's name.
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// A plugin's keys (starting with PREFIX), with their sizes.
+    List {
+        plugin: String,
+        prefix: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// One key's value, as stored (control characters escaped).
+    Get { plugin: String, key: String },
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +209,40 @@ pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
         println!("(saved {age} s ago: the server may not be running)");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn kv(db: &Path, command: KvCommand) -> anyhow::Result<ExitCode> {
+    let store = open(db)?;
+    let failed = |e: String| anyhow::anyhow!("{e}");
+    match command {
+        KvCommand::List {
+            plugin,
+            prefix,
+            limit,
+        } => {
+            let keys = store
+                .kv_keys(&plugin, prefix.as_deref().unwrap_or(""), limit)
+                .map_err(failed)?;
+            for key in keys {
+                let size = store
+                    .kv_get(&plugin, &key)
+                    .map_err(failed)?
+                    .map_or(0, |v| v.len());
+                println!("{}\t{size} bytes", escape_controls(&key));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::Get { plugin, key } => match store.kv_get(&plugin, &key).map_err(failed)? {
+            Some(value) => {
+                println!("{}", escape_controls(&String::from_utf8_lossy(&value)));
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("{plugin} has no key {}", escape_controls(&key));
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
 }
 
 fn release(db: &Path, name: &str) -> anyhow::Result<ExitCode> {
