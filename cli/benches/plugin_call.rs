@@ -3,7 +3,7 @@
 //! realistic order, fuel metering on and off; plus the host's checks on the
 //! request path (signature, envelope); and one outbound HTTP call made by a
 //! plugin against the same request made directly with reqwest, to the same
-//! server on loopback.
+//! server on loopback; and a key-value get plus set inside a call.
 //!
 //! `cargo bench -p stateset-hooks-cli --bench plugin_call`
 
@@ -101,17 +101,26 @@ fn outbound(c: &mut Criterion) {
             limits: Limits::default(),
             config: Default::default(),
             http: Arc::new(grant.clone()),
-            kv_quota: 0,
+            kv_quota: 1 << 20,
         };
         (prepared, payload)
     };
     let key: Arc<str> = "evt_bench".into();
     let mut group = c.benchmark_group("outbound");
+    // State for the kv case, in a real store.
+    let state = tempfile::tempdir().unwrap();
+    let kv_db = state.path().join("kv.db");
+    let store = stateset_hooks::store::SqliteStore::open(&kv_db, std::time::Duration::from_secs(5));
+    runtime.use_kv(Arc::new(store.unwrap()));
     for (name, data) in [
         ("plugin-call-without-fetch", serde_json::json!({})),
         (
             "plugin-call-with-one-fetch",
             serde_json::json!({ "misbehave": "fetch", "url": url }),
+        ),
+        (
+            "plugin-call-with-kv-get-set",
+            serde_json::json!({ "misbehave": "kv-get-set" }),
         ),
     ] {
         let (prepared, payload) = call(data);
