@@ -196,3 +196,51 @@ async fn everything_else_is_denied() {
         );
     }
 }
+
+/// The `low-stock` sample acts: with `purchase_url` configured and allowed,
+/// it POSTs its suggestion, and the delivery's idempotency key comes along.
+#[tokio::test(flavor = "multi_thread")]
+async fn low_stock_posts_its_suggestion_with_the_delivery_key() {
+    type Received = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+    let received: Received = Arc::default();
+    let app = axum::Router::new().route(
+        "/purchases",
+        axum::routing::post({
+            let received = received.clone();
+            move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
+                let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                received.lock().unwrap().push((key, body.0));
+                axum::http::StatusCode::CREATED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let plugins = PluginDir::new();
+    let manifest = format!(
+        "subscriptions = [\"inventory.low_stock\"]\n\
+         [config]\npurchase_url = \"http://127.0.0.1:{port}/purchases\"\n\
+         [http]\nallowed_hosts = [\"http://127.0.0.1:{port}\"]\n"
+    );
+    plugins.add("low-stock", "low-stock", Some(&manifest));
+    let mut config = config(&plugins);
+    config.allow_private_networks = true;
+    let mut server = TestServer::start(config).await;
+    assert_eq!(
+        server.send(&example_event("inventory.low_stock")).await.0,
+        200
+    );
+    let report = server.reports(1).await.remove(0);
+    assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+    let sent = format!("suggestion sent to http://127.0.0.1:{port}/purchases: 201");
+    assert_eq!(messages(&report).last(), Some(&sent.as_str()));
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1);
+    let (key, body) = &received[0];
+    assert_eq!(key, &format!("{}:low-stock", report.event_key));
+    assert_eq!(body["sku"], "BTL-STEEL-750");
+    assert!(body["units"].as_u64().unwrap() > 0, "{body}");
+    server.stop().await;
+}

@@ -5,10 +5,16 @@
 //! `low_stock_threshold` (or `threshold`, else 0), and optionally `reorder_point`,
 //! `target_stock` (or `max_stock_level`), `lead_time_days`,
 //! `daily_sales_velocity` (average units sold per day), `reorder_quantity` (or
-//! `case_pack`), `min_order_quantity` and `warehouse_id` (or `location`). It
-//! only suggests; nothing is ordered. Nothing to configure.
+//! `case_pack`), `min_order_quantity` and `warehouse_id` (or `location`).
+//!
+//! With `purchase_url` in its manifest's `[config]` (and that host in
+//! `[http] allowed_hosts`), it also POSTs the suggestion there as JSON
+//! (`sku`, `units`, `warehouse`, `event`); the host adds the delivery's
+//! `Idempotency-Key`, so a repeated delivery is one purchase suggestion. A
+//! failed POST fails the delivery, which is retried. Without it, nothing
+//! leaves the plugin.
 
-use stateset_hooks_sdk::{Event, InventoryLevel, debug, export_plugin, info, warn};
+use stateset_hooks_sdk::{Event, InventoryLevel, config, debug, export_plugin, http, info, warn};
 
 /// Units to order so that stock is back at its target once the order lands.
 ///
@@ -76,6 +82,25 @@ impl stateset_hooks_sdk::Plugin for LowStock {
         } else {
             info(&line)
         }
+        let Some(url) = config("purchase_url") else {
+            debug("no purchase_url in [config]: the suggestion is not sent");
+            return Ok(());
+        };
+        let suggestion = serde_json::json!({
+            "sku": sku,
+            "units": units,
+            "warehouse": s.warehouse_id.as_deref().or(s.location.as_deref()),
+            "event": event.id,
+        });
+        let response = http::post_json(&url, &suggestion)?;
+        if !response.is_success() {
+            return Err(format!(
+                "{url} answered {}: {}",
+                response.status,
+                response.text()
+            ));
+        }
+        info(&format!("suggestion sent to {url}: {}", response.status));
         Ok(())
     }
 }

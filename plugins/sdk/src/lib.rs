@@ -27,9 +27,11 @@
 //!   out of the way, not rejected.
 //! - [`trace`], [`debug`], [`info`], [`warn`], [`error`]: the host log.
 //! - [`config`]: values from the manifest's `[config]`.
+//! - [`http`]: outbound requests to the hosts the manifest's `[http]` allows.
 //!
 //! Built against WIT `stateset:webhooks@0.2.0`.
 
+pub mod http;
 pub mod models;
 
 use serde::de::DeserializeOwned;

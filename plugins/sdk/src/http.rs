@@ -1,0 +1,151 @@
+//! Outbound HTTP from a plugin, through `wasi:http`: blocking calls that
+//! return the status and the whole body.
+//!
+//! The host lets a plugin reach only the hosts its manifest lists in
+//! `[http] allowed_hosts`, bounds each request (time, body sizes, requests per
+//! event) and adds `Idempotency-Key: EVENT_KEY:PLUGIN`, the same on every
+//! attempt of a delivery: a delivery runs at least once, so the receiving
+//! API can drop a repeat. An error names the `wasi:http` error code
+//! (`HttpRequestDenied`, `DestinationIpProhibited`, `ConnectionReadTimeout`,
+//! `HttpResponseBodySize`, ...).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wasip2::http::outgoing_handler;
+use wasip2::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme, http_error_code};
+use wasip2::io::streams::StreamError;
+
+/// A response: its status and whole body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as `T`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| format!("response is not the JSON expected: {e}"))
+    }
+
+    /// The body as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// GET `url`.
+pub fn get(url: &str) -> Result<Response, String> {
+    send(Method::Get, url, &[], &[])
+}
+
+/// POST `body` as JSON to `url`.
+pub fn post_json(url: &str, body: &impl Serialize) -> Result<Response, String> {
+    let body = serde_json::to_vec(body).map_err(|e| format!("cannot encode the body: {e}"))?;
+    send(
+        Method::Post,
+        url,
+        &[("content-type", b"application/json")],
+        &body,
+    )
+}
+
+fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> Result<Response, String> {
+    let failed = |what: String| {
+        format!(
+            "{method_name} {url} failed: {what}",
+            method_name = name(&method)
+        )
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| failed("not an absolute URL".into()))?;
+    let scheme = match scheme {
+        "https" => Scheme::Https,
+        "http" => Scheme::Http,
+        other => return Err(failed(format!("unsupported scheme {other:?}"))),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let fields = Fields::new();
+    for (name, value) in headers {
+        fields
+            .append(name, value)
+            .map_err(|e| failed(format!("header {name}: {e:?}")))?;
+    }
+    let request = OutgoingRequest::new(fields);
+    let invalid = |part: &str| failed(format!("invalid {part}"));
+    request
+        .set_method(&method)
+        .map_err(|()| invalid("method"))?;
+    request
+        .set_scheme(Some(&scheme))
+        .map_err(|()| invalid("scheme"))?;
+    request
+        .set_authority(Some(authority))
+        .map_err(|()| invalid("host"))?;
+    let path = if path.is_empty() { "/" } else { path };
+    request
+        .set_path_with_query(Some(path))
+        .map_err(|()| invalid("path"))?;
+    let outgoing = request.body().map_err(|()| invalid("body"))?;
+    if !body.is_empty() {
+        let stream = outgoing.write().map_err(|()| invalid("body"))?;
+        for chunk in body.chunks(4096) {
+            stream
+                .blocking_write_and_flush(chunk)
+                .map_err(|e| failed(stream_error(e)))?;
+        }
+    }
+    OutgoingBody::finish(outgoing, None).map_err(|e| failed(format!("{e:?}")))?;
+    let pending = outgoing_handler::handle(request, None).map_err(|e| failed(format!("{e:?}")))?;
+    pending.subscribe().block();
+    let response = pending
+        .get()
+        .ok_or_else(|| failed("no response".into()))?
+        .map_err(|()| failed("response taken twice".into()))?
+        .map_err(|e| failed(format!("{e:?}")))?;
+    let status = response.status();
+    let incoming = response.consume().map_err(|()| invalid("response body"))?;
+    let stream = incoming.stream().map_err(|()| invalid("response body"))?;
+    let mut bytes = Vec::new();
+    loop {
+        match stream.blocking_read(64 << 10) {
+            Ok(chunk) => bytes.extend(chunk),
+            Err(StreamError::Closed) => break,
+            Err(error) => return Err(failed(stream_error(error))),
+        }
+    }
+    Ok(Response {
+        status,
+        body: bytes,
+    })
+}
+
+fn stream_error(error: StreamError) -> String {
+    match error {
+        StreamError::Closed => "closed".into(),
+        StreamError::LastOperationFailed(error) => match http_error_code(&error) {
+            Some(code) => format!("{code:?}"),
+            None => error.to_debug_string(),
+        },
+    }
+}
+
+fn name(method: &Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Post => "POST",
+        _ => "request",
+    }
+}
