@@ -3,7 +3,7 @@
 //! One [`Runtime`] holds the `Engine` and a `Linker` built once. A component is
 //! compiled and pre-instantiated once ([`Runtime::compile`]); every call gets a
 //! fresh `Store` with its own limits, so nothing leaks from one event to the
-//! next. This module knows nothing of HTTP, plugin directories or storage.
+//! next. This module knows nothing of the HTTP server, plugin directories or SQL.
 //!
 //! # Capabilities
 //!
