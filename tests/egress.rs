@@ -197,50 +197,85 @@ async fn everything_else_is_denied() {
     }
 }
 
+type Received = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// A service the samples post to: it keeps each JSON body with its
+/// `Idempotency-Key` and answers 201.
+async fn receiver() -> (u16, Received) {
+    let received: Received = Arc::default();
+    let keep = received.clone();
+    let handler = move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
+        let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+        keep.lock().unwrap().push((key, body.0));
+        axum::http::StatusCode::CREATED
+    };
+    let app = axum::Router::new().route("/{*path}", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, received)
+}
+
+/// Run `sample` under `manifest` (private networks allowed, for loopback) on
+/// the example `event_type`: its report, and what the receiver got.
+async fn act(
+    sample: &str,
+    manifest: &str,
+    event_type: &str,
+    received: &Received,
+) -> (stateset_hooks::Report, Vec<(String, serde_json::Value)>) {
+    let plugins = PluginDir::new();
+    plugins.add(sample, sample, Some(manifest));
+    let mut config = config(&plugins);
+    config.allow_private_networks = true;
+    let mut server = TestServer::start(config).await;
+    assert_eq!(server.send(&example_event(event_type)).await.0, 200);
+    let report = server.reports(1).await.remove(0);
+    assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+    server.stop().await;
+    let got = received.lock().unwrap().clone();
+    (report, got)
+}
+
 /// The `low-stock` sample acts: with `purchase_url` configured and allowed,
 /// it POSTs its suggestion, and the delivery's idempotency key comes along.
 #[tokio::test(flavor = "multi_thread")]
 async fn low_stock_posts_its_suggestion_with_the_delivery_key() {
-    type Received = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
-    let received: Received = Arc::default();
-    let app = axum::Router::new().route(
-        "/purchases",
-        axum::routing::post({
-            let received = received.clone();
-            move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
-                let key = headers["idempotency-key"].to_str().unwrap().to_owned();
-                received.lock().unwrap().push((key, body.0));
-                axum::http::StatusCode::CREATED
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-    let plugins = PluginDir::new();
+    let (port, received) = receiver().await;
     let manifest = format!(
         "subscriptions = [\"inventory.low_stock\"]\n\
          [config]\npurchase_url = \"http://127.0.0.1:{port}/purchases\"\n\
          [http]\nallowed_hosts = [\"http://127.0.0.1:{port}\"]\n"
     );
-    plugins.add("low-stock", "low-stock", Some(&manifest));
-    let mut config = config(&plugins);
-    config.allow_private_networks = true;
-    let mut server = TestServer::start(config).await;
-    assert_eq!(
-        server.send(&example_event("inventory.low_stock")).await.0,
-        200
-    );
-    let report = server.reports(1).await.remove(0);
-    assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+    let (report, received) = act("low-stock", &manifest, "inventory.low_stock", &received).await;
     let sent = format!("suggestion sent to http://127.0.0.1:{port}/purchases: 201");
     assert_eq!(messages(&report).last(), Some(&sent.as_str()));
-    let received = received.lock().unwrap().clone();
     assert_eq!(received.len(), 1);
     let (key, body) = &received[0];
     assert_eq!(key, &format!("{}:low-stock", report.event_key));
     assert_eq!(body["sku"], "BTL-STEEL-750");
     assert!(body["units"].as_u64().unwrap() > 0, "{body}");
-    server.stop().await;
+}
+
+/// The `payments` sample acts: a flagged refund goes to `fraud_review_url`.
+#[tokio::test(flavor = "multi_thread")]
+async fn payments_posts_a_flagged_refund_for_review() {
+    let (port, received) = receiver().await;
+    let manifest = format!(
+        "subscriptions = [\"payment.*\"]\n\
+         [config]\nrefund_flag_cents = \"100\"\n\
+         fraud_review_url = \"http://127.0.0.1:{port}/reviews\"\n\
+         [http]\nallowed_hosts = [\"http://127.0.0.1:{port}\"]\n"
+    );
+    let (report, received) = act("payments", &manifest, "payment.refunded", &received).await;
+    assert!(
+        messages(&report)[1].starts_with("FLAG: large refund"),
+        "{report:#?}"
+    );
+    let sent = format!("flagged refund sent to http://127.0.0.1:{port}/reviews: 201");
+    assert_eq!(messages(&report).last(), Some(&sent.as_str()));
+    assert_eq!(received.len(), 1);
+    let (key, body) = &received[0];
+    assert_eq!(key, &format!("{}:payments", report.event_key));
+    assert!(body["refunded_cents"].as_u64().unwrap() > 100, "{body}");
 }

@@ -92,14 +92,7 @@ impl stateset_hooks_sdk::Plugin for LowStock {
             "warehouse": s.warehouse_id.as_deref().or(s.location.as_deref()),
             "event": event.id,
         });
-        let response = http::post_json(&url, &suggestion)?;
-        if !response.is_success() {
-            return Err(format!(
-                "{url} answered {}: {}",
-                response.status,
-                response.text()
-            ));
-        }
+        let response = http::post_json(&url, &suggestion)?.error_for_status()?;
         info(&format!("suggestion sent to {url}: {}", response.status));
         Ok(())
     }

@@ -18,6 +18,8 @@ use wasip2::io::streams::StreamError;
 /// A response: its status and whole body.
 #[derive(Debug, Clone)]
 pub struct Response {
+    /// The URL asked for.
+    pub url: String,
     pub status: u16,
     pub body: Vec<u8>,
 }
@@ -26,6 +28,18 @@ impl Response {
     /// Whether the status is 2xx.
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
+    }
+
+    /// The response if its status is 2xx, else an error naming the URL,
+    /// the status and the body's start: `?` it to fail (and retry) the
+    /// delivery on an answer that is not a success.
+    pub fn error_for_status(self) -> Result<Self, String> {
+        if self.is_success() {
+            return Ok(self);
+        }
+        let text = self.text();
+        let start: String = text.chars().take(200).collect();
+        Err(format!("{} answered {}: {start}", self.url, self.status))
     }
 
     /// The body as `T`.
@@ -127,6 +141,7 @@ fn send(
         }
     }
     Ok(Response {
+        url: url.to_owned(),
         status,
         body: bytes,
     })
