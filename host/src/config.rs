@@ -416,8 +416,8 @@ mod tests {
 
     #[test]
     fn each_bad_setting_is_named() {
-        type Change = fn(&mut Config);
-        let cases: [(&str, Change); 14] = [
+        type Edit = fn(&mut Config);
+        let cases: [(&str, Edit); 14] = [
             ("path", |c| c.path = "webhooks".into()),
             ("path", |c| c.path = "/hooks/{id}".into()),
             ("path", |c| c.path = "/healthz".into()),
