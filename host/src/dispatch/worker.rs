@@ -151,7 +151,7 @@ impl Worker {
             next_attempt_at,
             failure: Some((failure.kind, failure.message.clone())),
             plugin: due.plugin.clone(),
-            kv: Vec::new(),
+            kv: Arc::default(),
         };
         let report = Report {
             event_key,
@@ -168,7 +168,7 @@ impl Worker {
                 logs: Vec::new(),
                 dropped_output_bytes: 0,
                 dropped_output_lines: 0,
-                kv_writes: Vec::new(),
+                kv_writes: Arc::default(),
             },
         };
         (record, report)

@@ -148,7 +148,7 @@ pub struct CallOutcome {
     /// Lines past the limit or the line cap, dropped.
     pub dropped_output_lines: usize,
     /// The key-value writes of a successful call, to commit with its record.
-    pub kv_writes: Vec<KvOp>,
+    pub kv_writes: Arc<[KvOp]>,
 }
 
 impl Runtime {
@@ -302,8 +302,7 @@ impl Runtime {
         let deadline = start + limits.timeout;
         let egress = Egress::new(prepared.http.clone(), deadline, tag);
         let kv = KvSession::new(plugin.clone(), self.kv.get().cloned(), prepared.kv_quota);
-        let mut state = CallState::new(&output, limits, prepared.config.clone(), egress, kv);
-        state.delivery_key = format!("{event}:{plugin}");
+        let state = CallState::new(&output, limits, prepared.config.clone(), egress, kv);
         let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits, deadline, cancelled.clone());
         let fuel_before = store.get_fuel().unwrap_or(0);
@@ -351,8 +350,8 @@ impl Runtime {
         let peak_memory_bytes = state.limiter.peak();
         // A call's writes leave only with its success.
         let kv_writes = match &result {
-            Ok(()) => state.kv.into_ops(),
-            Err(_) => Vec::new(),
+            Ok(()) => state.kv.into_ops().into(),
+            Err(_) => Arc::default(),
         };
         let mut output = lock(&output);
         let logs = output.finish();
@@ -412,7 +411,6 @@ pub(crate) struct CallState {
     http: WasiHttpCtx,
     egress: Egress,
     kv: KvSession,
-    delivery_key: String,
     table: ResourceTable,
     limiter: MemoryLimiter,
     output: Arc<Mutex<Output>>,
@@ -440,7 +438,6 @@ impl CallState {
             http: WasiHttpCtx::new(),
             egress,
             kv,
-            delivery_key: String::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output: output.clone(),
@@ -544,7 +541,7 @@ fn add_host_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
         "delivery-key",
         |mut store: StoreContextMut<'_, CallState>, (): ()| {
             charge(&mut store, HOST_CALL_FUEL)?;
-            Ok((store.data().delivery_key.clone(),))
+            Ok((store.data().egress.tag.delivery_key(),))
         },
     )?;
     add_kv_to_linker(linker)

@@ -58,6 +58,14 @@ pub(crate) struct CallTag {
     pub event: Arc<str>,
 }
 
+impl CallTag {
+    /// The delivery's identity, `EVENT_KEY:PLUGIN`: the same on every attempt
+    /// (WIT `host.delivery-key`, and the `Idempotency-Key` of outbound calls).
+    pub(crate) fn delivery_key(&self) -> String {
+        format!("{}:{}", self.event, self.plugin)
+    }
+}
+
 /// The output of one call, shared by the `host.log` import and both stdio streams.
 #[derive(Debug)]
 pub(crate) struct Output {

@@ -96,7 +96,7 @@ pub struct Attempt {
     /// A successful call's key-value writes: committed with this record, or
     /// (a compare-and-swap that no longer holds) not at all, the delivery
     /// then failed and due again.
-    pub kv: Vec<KvOp>,
+    pub kv: Arc<[KvOp]>,
 }
 
 /// One delivery as stored.

@@ -896,7 +896,7 @@ mod tests {
                 Appended::Duplicate => unreachable!(),
             }
         }
-        let attempt = |id, status, kv| Attempt {
+        let attempt = |id, status, kv: Vec<KvOp>| Attempt {
             id,
             replays: 0,
             plugin_version: "v".into(),
@@ -904,7 +904,7 @@ mod tests {
             next_attempt_at: now_ms(),
             failure: None,
             plugin: "p".into(),
-            kv,
+            kv: kv.into(),
         };
         let set = |key: &str, value: &str| KvOp::Set {
             key: key.into(),

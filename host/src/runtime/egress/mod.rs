@@ -157,7 +157,7 @@ pub(crate) struct Egress {
     grant: Arc<HttpGrant>,
     deadline: Instant,
     requests_left: u32,
-    tag: CallTag,
+    pub(crate) tag: CallTag,
 }
 
 impl Egress {
@@ -241,7 +241,7 @@ impl WasiHttpHooks for Egress {
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
         let admitted = self.admit(&request);
-        let key = format!("{}:{}", self.tag.event, self.tag.plugin);
+        let key = self.tag.delivery_key();
         if let Ok(value) = HeaderValue::from_str(&key) {
             request
                 .headers_mut()
