@@ -34,14 +34,7 @@ impl Fixture {
 
     fn try_call(&self, limits: &Limits, data: serde_json::Value) -> Result<CallOutcome, NotRun> {
         let payload = String::from_utf8(event("evt_limit", "order.created", data)).unwrap();
-        let prepared = Prepared {
-            name: "misbehave".into(),
-            compiled: self.compiled.clone(),
-            limits: limits.clone(),
-            config: Default::default(),
-            http: Default::default(),
-            kv_quota: 0,
-        };
+        let prepared = Prepared::new("misbehave", self.compiled.clone(), limits.clone());
         self.runtime.call(
             &prepared,
             &Arc::from("evt_limit"),
@@ -333,17 +326,14 @@ fn table_growth_counts_against_the_memory_limit() {
     let runtime = Runtime::new(None, 1).unwrap();
     let compiled = runtime.compile(&table_grow_component()).unwrap();
     let call = |memory_mib: usize| {
-        let prepared = Prepared {
-            name: "tables".into(),
-            compiled: compiled.clone(),
-            limits: Limits {
+        let prepared = Prepared::new(
+            "tables",
+            compiled.clone(),
+            Limits {
                 memory_bytes: memory_mib << 20,
                 ..Limits::default()
             },
-            config: Default::default(),
-            http: Default::default(),
-            kv_quota: 0,
-        };
+        );
         let key = Arc::from("evt_tables");
         runtime
             .call(&prepared, &key, "order.created", "{}")

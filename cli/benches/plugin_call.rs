@@ -39,14 +39,7 @@ fn plugin_calls(c: &mut Criterion) {
     let mut group = c.benchmark_group("plugin_call");
     for (name, compiled) in [("do-nothing", &nothing), ("orders", &orders)] {
         for (metering, limits) in [("fuel-on", &fuel_on), ("fuel-off", &fuel_off)] {
-            let prepared = Prepared {
-                name: plugin.clone(),
-                compiled: compiled.clone(),
-                limits: limits.clone(),
-                config: Default::default(),
-                http: Default::default(),
-                kv_quota: 0,
-            };
+            let prepared = Prepared::new(plugin.clone(), compiled.clone(), limits.clone());
             group.bench_function(format!("{name}/{metering}"), |b| {
                 b.iter(|| {
                     let outcome = runtime
@@ -96,12 +89,9 @@ fn outbound(c: &mut Criterion) {
         let payload =
             String::from_utf8(support::event("evt_bench", "order.created", data)).unwrap();
         let prepared = Prepared {
-            name: "fetcher".into(),
-            compiled: fixture.clone(),
-            limits: Limits::default(),
-            config: Default::default(),
             http: Arc::new(grant.clone()),
             kv_quota: 1 << 20,
+            ..Prepared::new("fetcher", fixture.clone(), Limits::default())
         };
         (prepared, payload)
     };

@@ -92,6 +92,21 @@ pub struct Prepared {
     pub kv_quota: u64,
 }
 
+impl Prepared {
+    /// `compiled` under `limits`, granted nothing else: no configuration, no
+    /// outbound HTTP, no key-value quota.
+    pub fn new(name: impl Into<Arc<str>>, compiled: Compiled, limits: Limits) -> Self {
+        Self {
+            name: name.into(),
+            compiled,
+            limits,
+            config: Arc::default(),
+            http: Arc::default(),
+            kv_quota: 0,
+        }
+    }
+}
+
 /// Configuration a plugin reads with `config-get`. `Debug` shows the keys
 /// only: values may be secrets.
 #[derive(Clone, Default, PartialEq, Eq)]
