@@ -54,7 +54,8 @@ async fn every_hostile_plugin_is_contained() {
     let mut server = TestServer::start(config).await;
 
     // What `orders` says about this order when nothing misbehaves.
-    let expected = "order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E created: 3 items, total 66.68 USD";
+    let expected = "order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E created: 3 items, total 66.68 USD; \
+                    customer cus_01JQ2F8XW3K9M4N7P1R5T6V8YZ: 1 order";
 
     let cases: Vec<(&str, serde_json::Value, FailureKind, &str)> = vec![
         (

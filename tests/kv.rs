@@ -165,3 +165,48 @@ async fn each_plugin_sees_only_its_own_keys_within_its_quota() {
     );
     server.stop().await;
 }
+
+/// The `orders` sample counts each customer's distinct orders: a second
+/// event about the same order does not count again, another order does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orders_sample_counts_distinct_orders_per_customer() {
+    let plugins = PluginDir::samples();
+    let mut server = TestServer::start(config(&plugins)).await;
+    let created: serde_json::Value =
+        serde_json::from_slice(&example_event("order.created")).unwrap();
+    let customer = created["data"]["customer"]["id"].as_str().unwrap();
+    let mut second = created.clone();
+    second["id"] = json!("evt_second_order");
+    second["data"]["id"] = json!("ord_second");
+    let mut anonymous = created.clone();
+    anonymous["id"] = json!("evt_anonymous");
+    anonymous["data"]["id"] = json!("ord_anonymous");
+    anonymous["data"]["customer"] = serde_json::Value::Null;
+
+    let mut counts = Vec::new();
+    for body in [
+        example_event("order.created"),
+        example_event("order.updated"),
+        serde_json::to_vec(&second).unwrap(),
+        serde_json::to_vec(&anonymous).unwrap(),
+    ] {
+        assert_eq!(server.send(&body).await.0, 200);
+        let report = server
+            .reports(1)
+            .await
+            .into_iter()
+            .find(|r| &*r.plugin == "orders")
+            .unwrap();
+        let line = messages(&report).join(" | ");
+        counts.push(line.split_once("; ").map(|(_, count)| count.to_owned()));
+    }
+    let said = |n: &str| Some(format!("customer {customer}: {n}"));
+    assert_eq!(
+        counts,
+        [said("1 order"), said("1 order"), said("2 orders"), None]
+    );
+    let store = server.hooks.store().clone();
+    let count = store.kv_get("orders", &format!("customer/{customer}/orders"));
+    assert_eq!(count.unwrap().as_deref(), Some(&b"2"[..]));
+    server.stop().await;
+}

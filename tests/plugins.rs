@@ -202,3 +202,38 @@ async fn no_state_leaks_from_one_event_to_the_next() {
     );
     server.stop().await;
 }
+
+/// A plugin built against each released WIT version loads and runs beside
+/// the others: the host keeps that promise for every version, not only the
+/// newest (the samples use 0.3.0 through the SDK).
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_built_against_every_released_wit_version_run() {
+    let plugins = PluginDir::new();
+    plugins
+        .add("v010", "wit-v010", Some(r#"subscriptions = ["order.*"]"#))
+        .add(
+            "v020",
+            "wit-v020",
+            Some("subscriptions = [\"order.*\"]\n[config]\ngreeting = \"hello\"\n"),
+        )
+        .add("v030", "orders", None);
+    let mut server = TestServer::start(config(&plugins)).await;
+    assert_eq!(server.send(&example_event("order.created")).await.0, 200);
+    let mut reports = server.reports(3).await;
+    reports.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    let seen: Vec<(&str, Vec<&str>)> = reports
+        .iter()
+        .map(|r| {
+            assert_eq!(r.outcome.result, Ok(()), "{r:#?}");
+            (&*r.plugin, messages(r))
+        })
+        .collect();
+    assert_eq!(seen[0], ("v010", vec!["0.1.0 handled order.created"]));
+    assert_eq!(
+        seen[1],
+        ("v020", vec!["0.2.0 handled order.created: hello"])
+    );
+    assert_eq!(seen[2].0, "v030");
+    assert!(seen[2].1[0].contains("created: 3 items"), "{seen:?}");
+    server.stop().await;
+}

@@ -58,6 +58,10 @@ pub fn wasm(crate_name: &str) -> PathBuf {
                 "-p",
                 "misbehave",
                 "-p",
+                "wit-v010",
+                "-p",
+                "wit-v020",
+                "-p",
                 "stateset-hooks-sdk",
             ])
             .status()

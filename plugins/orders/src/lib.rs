@@ -8,8 +8,16 @@
 //! slim `order.cancelled`, say) are only logged with their status. Amounts are
 //! integer minor units in `data.currency` (default `USD`), printed with two
 //! decimals. Nothing to configure.
+//!
+//! It also counts each customer's orders in its key-value state and logs the
+//! running count (`; customer cus_...: 2 orders`). An order counts once, however
+//! many events name it: the first event of an order claims the key
+//! `order/ORDER_ID` with a compare-and-swap, and only that one adds to
+//! `customer/CUSTOMER_ID/orders`. The writes commit with the delivery, so a
+//! retried event never counts twice; operators read the counts with
+//! `stateset-hooks kv list orders customer/`.
 
-use stateset_hooks_sdk::{Event, Order, debug, export_plugin, info, money};
+use stateset_hooks_sdk::{Event, Order, debug, export_plugin, info, kv, money, warn};
 
 /// Verified figures of a consistent order.
 struct Summary {
@@ -54,6 +62,20 @@ fn check_totals(order: &Order) -> Result<Summary, String> {
     })
 }
 
+/// How many distinct orders `customer` has, counting `order`. On an error
+/// (the plugin's kv quota is full) nothing is written.
+fn orders_of(customer: &str, order: &str) -> Result<i64, String> {
+    let (marker, count) = (
+        format!("order/{order}"),
+        format!("customer/{customer}/orders"),
+    );
+    if !kv::compare_and_swap(&marker, None, customer)? {
+        let n = kv::get(&count).and_then(|n| String::from_utf8(n).ok()?.parse().ok());
+        return Ok(n.unwrap_or(0));
+    }
+    kv::incr(&count, 1).inspect_err(|_| kv::delete(&marker))
+}
+
 struct Orders;
 
 impl stateset_hooks_sdk::Plugin for Orders {
@@ -90,7 +112,21 @@ impl stateset_hooks_sdk::Plugin for Orders {
                 money(total_cents, currency)
             )
         };
-        info(&line);
+        let customer = order.customer.as_ref().and_then(|c| c.id.as_deref());
+        let count = match customer.map(|customer| (customer, orders_of(customer, id))) {
+            Some((customer, Ok(n))) => {
+                let orders = if n == 1 { "order" } else { "orders" };
+                format!("; customer {customer}: {n} {orders}")
+            }
+            Some((customer, Err(e))) => {
+                warn(&format!(
+                    "order {id}: not counted for customer {customer}: {e}"
+                ));
+                String::new()
+            }
+            None => String::new(),
+        };
+        info(&format!("{line}{count}"));
         Ok(())
     }
 }

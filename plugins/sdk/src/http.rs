@@ -2,10 +2,10 @@
 //! return the status and the whole body.
 //!
 //! The host lets a plugin reach only the hosts its manifest lists in
-//! `[http] allowed_hosts`, bounds each request (time, body sizes, requests per
-//! event) and adds `Idempotency-Key: EVENT_KEY:PLUGIN`, the same on every
-//! attempt of a delivery: a delivery runs at least once, so the receiving
-//! API can drop a repeat. An error names the `wasi:http` error code
+//! `[http] allowed_hosts` and bounds each request (time, body sizes, requests
+//! per event). Every request carries `Idempotency-Key: EVENT_KEY:PLUGIN`
+//! ([`crate::delivery_key`]), the same on every attempt of a delivery: a
+//! delivery runs at least once, so the receiving API can drop a repeat. An error names the `wasi:http` error code
 //! (`HttpRequestDenied`, `DestinationIpProhibited`, `ConnectionReadTimeout`,
 //! `HttpResponseBodySize`, ...).
 
@@ -92,7 +92,9 @@ fn send(
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let fields = Fields::new();
-    for (name, value) in headers {
+    let key = crate::delivery_key();
+    let idempotency: (&str, &[u8]) = ("idempotency-key", key.as_bytes());
+    for (name, value) in headers.iter().chain([&idempotency]) {
         fields
             .append(name, value)
             .map_err(|e| failed(format!("header {name}: {e:?}")))?;

@@ -28,10 +28,13 @@
 //! - [`trace`], [`debug`], [`info`], [`warn`], [`error`]: the host log.
 //! - [`config`]: values from the manifest's `[config]`.
 //! - [`http`]: outbound requests to the hosts the manifest's `[http]` allows.
+//! - [`kv`]: the plugin's own key-value state, committed with the delivery.
+//! - [`delivery_key`]: this delivery's identity, the same on every attempt.
 //!
-//! Built against WIT `stateset:webhooks@0.2.0`.
+//! Built against WIT `stateset:webhooks@0.3.0`.
 
 pub mod http;
+pub mod kv;
 pub mod models;
 
 use serde::de::DeserializeOwned;
@@ -41,7 +44,7 @@ pub use models::*;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit/v0.2.0",
+        path: "../../wit/v0.3.0",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -134,6 +137,13 @@ impl Event {
 /// A configuration value from the manifest's `[config]`.
 pub fn config(key: &str) -> Option<String> {
     host::config_get(key)
+}
+
+/// This delivery's identity, `EVENT_KEY:PLUGIN`, the same on every attempt.
+/// A delivery runs at least once: send this as the idempotency key of
+/// anything the plugin does elsewhere ([`http`] already does).
+pub fn delivery_key() -> String {
+    host::delivery_key()
 }
 
 /// Log at trace level.
