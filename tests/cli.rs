@@ -222,8 +222,12 @@ fn sign_matches_openssl() {
 
 #[test]
 fn run_reports_result_fuel_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("absent.db");
     let output = bin()
         .env_remove("STATESET_WEBHOOK_SECRET")
+        .arg("--db")
+        .arg(&db)
         .arg("run")
         .arg(wasm("orders"))
         .arg(workspace_root().join("examples/events/order.created.json"))
@@ -240,6 +244,20 @@ fn run_reports_result_fuel_time_and_memory() {
         stdout.contains("order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E created"),
         "{stdout}"
     );
+    // The kv writes the call would commit, shown and not committed.
+    let writes: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("kv write:    "))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "compare-and-swap \"order/ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E\" (30 bytes) (not committed by run)",
+            "increment \"customer/cus_01JQ2F8XW3K9M4N7P1R5T6V8YZ/orders\" by 1 (not committed by run)",
+        ],
+        "{stdout}"
+    );
+    assert!(!db.exists(), "run wrote a database");
 
     let output = bin()
         .arg("run")

@@ -197,25 +197,6 @@ async fn everything_else_is_denied() {
     }
 }
 
-type Received = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
-
-/// A service the samples post to: it keeps each JSON body with its
-/// `Idempotency-Key` and answers 201.
-async fn receiver() -> (u16, Received) {
-    let received: Received = Arc::default();
-    let keep = received.clone();
-    let handler = move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
-        let key = headers["idempotency-key"].to_str().unwrap().to_owned();
-        keep.lock().unwrap().push((key, body.0));
-        axum::http::StatusCode::CREATED
-    };
-    let app = axum::Router::new().route("/{*path}", axum::routing::post(handler));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (port, received)
-}
-
 /// Run `sample` under `manifest` (private networks allowed, for loopback) on
 /// the example `event_type`: its report, and what the receiver got.
 async fn act(

@@ -31,35 +31,52 @@ mod toolchains {
             let js = build("js-plugin", "return-refund.wasm");
             (python.join().unwrap(), js)
         });
+        // Each example posts to a service of its own and keeps state in kv.
+        let (reviews, reviewed) = receiver().await;
+        let (refunds, refunded) = receiver().await;
         let plugins = PluginDir::samples();
-        for (wasm, name) in [(&python, "shipment-review"), (&js, "return-refund")] {
+        for (wasm, name, setting, port, path) in [
+            (&python, "shipment-review", "review_url", reviews, "reviews"),
+            (&js, "return-refund", "refund_url", refunds, "refunds"),
+        ] {
             std::fs::copy(wasm, plugins.path().join(format!("{name}.wasm"))).unwrap();
-            std::fs::copy(
-                wasm.with_extension("toml"),
-                plugins.path().join(format!("{name}.toml")),
-            )
-            .unwrap();
+            let manifest = std::fs::read_to_string(wasm.with_extension("toml")).unwrap()
+                + &format!(
+                    "\n[config]\n{setting} = \"http://127.0.0.1:{port}/{path}\"\n\
+                     [http]\nallowed_hosts = [\"http://127.0.0.1:{port}\"]\n"
+                );
+            std::fs::write(plugins.path().join(format!("{name}.toml")), manifest).unwrap();
         }
-        let mut server = TestServer::start(config(&plugins)).await;
+        let mut config = config(&plugins);
+        config.allow_private_networks = true;
+        let mut server = TestServer::start(config).await;
 
+        let mut delivered_again: serde_json::Value =
+            serde_json::from_slice(&example_event("shipment.delivered")).unwrap();
+        delivered_again["id"] = serde_json::json!("evt_delivered_again");
         let stream = [
-            "order.created",
-            "shipment.delivered",
-            "payment.refunded",
-            "return.created",
-            "inventory.low_stock",
-            "payment.failed",
+            example_event("order.created"),
+            example_event("shipment.delivered"),
+            example_event("payment.refunded"),
+            example_event("return.created"),
+            example_event("inventory.low_stock"),
+            example_event("payment.failed"),
         ];
-        for name in stream {
-            assert_eq!(server.send(&example_event(name)).await.0, 200, "{name}");
+        for body in &stream {
+            assert_eq!(server.send(body).await.0, 200);
         }
         // The events wait in the store while the large components compile.
         server.wait_loaded().await;
         let failures = server.hooks.load_failures();
         assert!(failures.is_empty(), "{failures:?}");
         let mut handled: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut keys: BTreeMap<String, String> = BTreeMap::new();
         for report in server.reports(stream.len()).await {
             assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+            keys.insert(
+                report.plugin.to_string(),
+                format!("{}:{}", report.event_key, report.plugin),
+            );
             handled
                 .entry(report.plugin.to_string())
                 .or_default()
@@ -69,24 +86,52 @@ mod toolchains {
                     messages(&report).join(" | ")
                 ));
         }
+        // A second delivery notice for the same order: kv says it was asked.
+        let again = serde_json::to_vec(&delivered_again).unwrap();
+        assert_eq!(server.send(&again).await.0, 200);
+        let report = server.reports(1).await.remove(0);
+        assert_eq!(
+            messages(&report),
+            ["order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E: review already requested"]
+        );
+
         let plugin = |name: &str| handled.get(name).cloned().unwrap_or_default();
         assert_eq!(
             plugin("shipment-review"),
-            [
+            [format!(
                 "shipment.delivered: shipment shp_01JQBB4D6F8H0K2M4P6R8T0V2X delivered in 2 days 22 hours \
-              (carrier UPS): ask Maya Chen for a review of order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E (SS-104821)"
-            ]
+                 (carrier UPS): ask Maya Chen for a review of order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E (SS-104821) \
+                 | review request for order ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E sent to \
+                 http://127.0.0.1:{reviews}/reviews: 201"
+            )]
         );
         assert_eq!(
             plugin("return-refund"),
-            [
+            [format!(
                 "return.created: return ret_01JQ3N8P4R6T8V0X2Z4B6D8F0H for order ord_01JPZ4R7T9V1X3Z5B7D9F1H3K5: \
-              refund 749.00 USD for 1 item"
-            ]
+                 refund 749.00 USD for 1 item | refunds due so far: 749.00 USD \
+                 | refund for return ret_01JQ3N8P4R6T8V0X2Z4B6D8F0H sent to http://127.0.0.1:{refunds}/refunds: 201"
+            )]
         );
         assert_eq!(plugin("orders").len(), 1);
         assert_eq!(plugin("low-stock").len(), 1);
         assert_eq!(plugin("payments").len(), 2, "refunded and failed");
+
+        // What each service got: one request, with the delivery's key.
+        let reviewed = reviewed.lock().unwrap().clone();
+        assert_eq!(reviewed.len(), 1, "asked once: {reviewed:?}");
+        assert_eq!(reviewed[0].0, keys["shipment-review"]);
+        assert_eq!(reviewed[0].1["customer"], "Maya Chen");
+        let refunded = refunded.lock().unwrap().clone();
+        assert_eq!(refunded.len(), 1, "{refunded:?}");
+        assert_eq!(refunded[0].0, keys["return-refund"]);
+        assert_eq!(refunded[0].1["refund_cents"], 74900);
+        // And what each keeps, committed with its delivery.
+        let store = server.hooks.store().clone();
+        let asked = store.kv_get("shipment-review", "asked/ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E");
+        assert!(asked.unwrap().is_some());
+        let total = store.kv_get("return-refund", "refunds/USD").unwrap();
+        assert_eq!(total.as_deref(), Some(&b"74900"[..]));
         server.stop().await;
     }
 

@@ -1,5 +1,7 @@
 //! `stateset-hooks run`: one plugin on one event, no server, no secret; prints
-//! the result, fuel used, time, peak memory and the lines it logged.
+//! the result, fuel used, time, peak memory, the lines it logged and the kv
+//! writes it would commit. It reads the plugin's kv state from `--db` when
+//! that exists and changes nothing there.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -9,18 +11,33 @@ use anyhow::{Context as _, bail};
 use stateset_hooks::loader::Grants;
 use stateset_hooks::manifest::EnvGrant;
 use stateset_hooks::runtime::Runtime;
+use stateset_hooks::runtime::kv::{EmptyKv, KvOp, KvRead};
 use stateset_hooks::signature::SECRET_ENV;
+use stateset_hooks::store::SqliteStore;
 use stateset_hooks::text::escape_controls;
 use stateset_hooks::{Event, Secret};
 
 use crate::serve::LimitArgs;
 
-pub fn run(
-    plugin: &Path,
-    event: &Path,
-    limits: &LimitArgs,
-    allow_env: &[String],
-) -> anyhow::Result<ExitCode> {
+/// What `run` was asked.
+pub struct Args<'a> {
+    pub plugin: &'a Path,
+    pub event: &'a Path,
+    pub db: &'a Path,
+    pub limits: &'a LimitArgs,
+    pub allow_env: &'a [String],
+    pub allow_private_networks: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let Args {
+        plugin,
+        event,
+        db,
+        limits,
+        allow_env,
+        allow_private_networks,
+    } = *args;
     let policy = limits.policy();
     if let Err(reason) = policy.validate() {
         bail!("{reason} (--fuel, --memory-mib, --timeout-ms and their --max-* flags)");
@@ -29,6 +46,12 @@ pub fn run(
     let event = Event::parse(&body)
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new(None, 1)?;
+    let state: Arc<dyn KvRead> = if db.exists() {
+        Arc::new(SqliteStore::open(db, std::time::Duration::from_secs(5))?)
+    } else {
+        Arc::new(EmptyKv)
+    };
+    runtime.use_kv(state);
     // As the server would grant it, withholding the secret if one is set.
     let mut env = EnvGrant::new(allow_env.iter().cloned());
     if let Some(secret) = std::env::var_os(SECRET_ENV) {
@@ -37,7 +60,7 @@ pub fn run(
     let grants = Grants {
         limits: policy,
         env,
-        allow_private_networks: false,
+        allow_private_networks,
     };
     let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &grants)
         .with_context(|| format!("cannot load {}", plugin.display()))?;
@@ -72,9 +95,38 @@ pub fn run(
         let message = escape_controls(&line.message);
         println!("log {:?} {:?}: {message}", line.level, line.source);
     }
+    if outcome.result.is_ok() {
+        for op in outcome.kv_writes.iter() {
+            println!("kv write:    {} (not committed by run)", describe(op));
+        }
+    }
     Ok(if outcome.result.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One kv write as `run` prints it: keys quoted and escaped, values only
+/// by size.
+fn describe(op: &KvOp) -> String {
+    match op {
+        KvOp::Set {
+            key,
+            value,
+            expires_at,
+        } => {
+            let ttl = if expires_at.is_some() {
+                ", with a TTL"
+            } else {
+                ""
+            };
+            format!("set {key:?} ({} bytes{ttl})", value.len())
+        }
+        KvOp::Delete { key } => format!("delete {key:?}"),
+        KvOp::Increment { key, delta } => format!("increment {key:?} by {delta}"),
+        KvOp::CompareAndSwap { key, new, .. } => {
+            format!("compare-and-swap {key:?} ({} bytes)", new.len())
+        }
+    }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build return-refund.wasm (a WebAssembly component for stateset:webhooks@0.1.0)
+# Build return-refund.wasm (a WebAssembly component for stateset:webhooks@0.3.0)
 # from plugin.js with componentize-js. Run from anywhere: examples/js-plugin/build.sh
 # Needs node (18 or newer) and npm; installs the pinned componentize-js into node_modules/ here.
 set -euo pipefail
@@ -8,7 +8,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
 # Nothing it is built from has changed since the last build: done.
-if [ -f return-refund.wasm ] && [ -z "$(find plugin.js build.mjs build.sh package.json package-lock.json ../../wit/v0.1.0 -newer return-refund.wasm -print -quit)" ]; then
+if [ -f return-refund.wasm ] && [ -z "$(find plugin.js build.mjs build.sh package.json package-lock.json ../../wit/v0.3.0 -newer return-refund.wasm -print -quit)" ]; then
     echo "up to date: $here/return-refund.wasm"
     exit 0
 fi

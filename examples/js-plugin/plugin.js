@@ -18,15 +18,28 @@
 // from the sum of the line values, a warning is logged too (the event still
 // succeeds).
 //
+// On `return.created` it also acts:
+//   - it adds the refund to a running total per currency in its key-value
+//     state (`refunds/USD`, committed with the delivery, so a retried event
+//     never counts twice) and logs `refunds due so far: 1498.00 USD`;
+//   - when the manifest's `[config]` sets `refund_url` (and `[http]
+//     allowed_hosts` lets the plugin reach it), it POSTs the refund there as
+//     JSON (`{"return_id", "order_id", "currency", "refund_cents"}`) with
+//     `fetch`, carrying the delivery's `Idempotency-Key`, and logs
+//     `refund for return ret_... sent to URL: 201`.
+//
 // The event is returned as an error (the delivery is recorded as failed) when
 // the payload is not a JSON envelope with a `data` object, when `line_items` is
-// missing, not a list or empty, or when a line's quantity is not a positive
-// integer or its unit_price_cents not a non-negative integer. Event types other
-// than `return.*` are ignored.
+// missing, not a list or empty, when a line's quantity is not a positive
+// integer or its unit_price_cents not a non-negative integer, or when the
+// refund service cannot be reached or answers other than 2xx (the delivery is
+// retried; the key makes a repeat harmless). Event types other than
+// `return.*` are ignored.
 //
-// Build with `./build.sh` (componentize-js); the WIT comes from ../../wit/v0.1.0.
+// Build with `./build.sh` (componentize-js); the WIT comes from ../../wit/v0.3.0.
 
-import { log } from 'stateset:webhooks/host@0.1.0';
+import { configGet, deliveryKey, log } from 'stateset:webhooks/host@0.3.0';
+import { increment } from 'stateset:webhooks/kv@0.3.0';
 
 const RESTOCKING_FEE_PERCENT = 10;
 const FEE_CONDITIONS = new Set(['opened', 'damaged']);
@@ -38,22 +51,54 @@ const MERCHANT_FAULT_REASONS = new Set([
 ]);
 
 // `result<_, string>`: returning is `ok`; throwing a string is `err(string)`.
-export function onEvent(eventType, payload) {
+// An async export: componentize-js runs the event loop until it settles.
+export async function onEvent(eventType, payload) {
   if (!eventType.startsWith('return.')) {
     return;
   }
-  let lines;
   try {
-    lines = refund(payload);
+    const due = refund(payload);
+    for (const [level, message] of due.lines) {
+      log(level, message);
+    }
+    if (eventType === 'return.created') {
+      await act(due);
+    }
   } catch (e) {
     throw typeof e === 'string' ? e : `return refund failed: ${e}`;
   }
-  for (const [level, message] of lines) {
-    log(level, message);
-  }
 }
 
-// The [level, message] lines to log for one return envelope; throws a string on error.
+// Count the refund in the running total and send it to `refund_url`, if set.
+async function act({ id, order, currency, cents }) {
+  const total = increment(`refunds/${currency}`, BigInt(cents));
+  log('info', `refunds due so far: ${money(Number(total))} ${currency}`);
+  const url = configGet('refund_url');
+  if (!url) {
+    return;
+  }
+  let response;
+  try {
+    response = await fetch(url, {
+      method: 'POST',
+      headers: {
+        'content-type': 'application/json',
+        // The same on every attempt of this delivery: the service can drop a repeat.
+        'idempotency-key': deliveryKey(),
+      },
+      body: JSON.stringify({ return_id: id, order_id: order, currency, refund_cents: cents }),
+    });
+  } catch (e) {
+    throw `POST ${url} failed: ${e.message || e}`;
+  }
+  if (!response.ok) {
+    throw `${url} answered ${response.status}`;
+  }
+  log('info', `refund for return ${id} sent to ${url}: ${response.status}`);
+}
+
+// The refund due for one return envelope: its lines to log ([level, message])
+// and the figures to act on; throws a string on error.
 function refund(payload) {
   let envelope;
   try {
@@ -113,7 +158,7 @@ function refund(payload) {
     'info',
     `return ${id} for order ${order}: refund ${money(gross - fees)} ${currency} for ${units} ${noun}${fee}`,
   ]);
-  return lines;
+  return { lines, id, order, currency, cents: gross - fees };
 }
 
 // Minor units to a decimal string with two places: 74900 -> "749.00".

@@ -14,21 +14,44 @@ The customer is the shipping address's name, else `data.customer.email`, else
 `data.customer_id`, else "the customer". The order number in parentheses is
 left out when the event has none.
 
+When the manifest's `[config]` sets `review_url` (and `[http] allowed_hosts`
+lets the plugin reach it), the request is also POSTed there as JSON
+(`{"order_id", "shipment_id", "customer", "message"}`) with the delivery's
+`Idempotency-Key`, and a second line says so:
+
+    review request for order ord_... sent to https://reviews.example/requests: 201
+
+Each order is asked about once: the plugin remembers it in its key-value
+state (`asked/ORDER_ID`), written with the delivery, and logs
+`order ord_...: review already requested` for later deliveries.
+
 The event is returned as an error (so the delivery is recorded as failed) when
 the payload is not a JSON envelope with a `data` object, when `shipped_at` or
-`delivered_at` is missing or not a timestamp, or when `delivered_at` is before
-`shipped_at`. Other event types are ignored.
+`delivered_at` is missing or not a timestamp, when `delivered_at` is before
+`shipped_at`, or when the review service cannot be reached or answers other
+than 2xx (the delivery is retried; the key makes a repeat harmless). Other
+event types are ignored.
 
 Build with `./build.sh` (componentize-py); the generated `wit_world` bindings
-come from `../../wit/v0.1.0` at build time.
+come from `wit/` (the plugin world, WIT 0.3.0, plus `wasi:http`).
 """
 
 import json
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 import wit_world
-from componentize_py_types import Err
-from wit_world.imports.host import LogLevel, log
+from componentize_py_types import Err, Ok
+from wit_world.imports import kv, outgoing_handler
+from wit_world.imports.host import LogLevel, config_get, delivery_key, log
+from wit_world.imports.types import (
+    Fields,
+    Method_Post,
+    OutgoingBody,
+    OutgoingRequest,
+    Scheme_Http,
+    Scheme_Https,
+)
 
 EVENT_TYPE = "shipment.delivered"
 
@@ -38,16 +61,27 @@ class WitWorld(wit_world.WitWorld):
         if event_type != EVENT_TYPE:
             return
         try:
-            message = review_request(payload)
+            request = review_request(payload)
+            asked = f"asked/{request['order_id']}"
+            if kv.get(asked) is not None:
+                log(LogLevel.INFO, f"order {request['order_id']}: review already requested")
+                return
+            log(LogLevel.INFO, request["message"])
+            url = config_get("review_url")
+            if url:
+                status = post_json(url, request)
+                if not 200 <= status < 300:
+                    raise Err(f"{url} answered {status}")
+                log(LogLevel.INFO, f"review request for order {request['order_id']} sent to {url}: {status}")
+            kv.set(asked, b"1", None)
         except Err:
             raise
         except Exception as e:  # never trap: report anything unexpected as an error
             raise Err(f"shipment review failed: {type(e).__name__}: {e}")
-        log(LogLevel.INFO, message)
 
 
-def review_request(payload: str) -> str:
-    """The log line for one `shipment.delivered` envelope, or raise `Err`."""
+def review_request(payload: str) -> dict:
+    """The review request for one `shipment.delivered` envelope, or raise `Err`."""
     try:
         envelope = json.loads(payload)
     except ValueError as e:
@@ -70,10 +104,60 @@ def review_request(payload: str) -> str:
     order = data.get("order_id") or "(unknown order)"
     number = data.get("order_number")
     order_ref = f"{order} ({number})" if number else order
-    return (
-        f"shipment {shipment} delivered in {took} (carrier {carrier}): "
-        f"ask {customer(data)} for a review of order {order_ref}"
+    who = customer(data)
+    return {
+        "order_id": order,
+        "shipment_id": shipment,
+        "customer": who,
+        "message": (
+            f"shipment {shipment} delivered in {took} (carrier {carrier}): "
+            f"ask {who} for a review of order {order_ref}"
+        ),
+    }
+
+
+def post_json(url: str, body: dict) -> int:
+    """POST `body` as JSON to `url` through `wasi:http`; the response status.
+
+    Blocks until the response arrives (the host bounds the wait). Raises `Err`
+    naming the `wasi:http` error code when the host refuses the request (a host
+    not in `[http] allowed_hosts`, say) or the request fails.
+    """
+    parts = urlsplit(url)
+    scheme = {"http": Scheme_Http(), "https": Scheme_Https()}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise Err(f"review_url {url!r} is not an http(s) URL")
+    data = json.dumps(body).encode()
+    headers = Fields.from_list(
+        [
+            ("content-type", b"application/json"),
+            # The same on every attempt of this delivery: the service can drop a repeat.
+            ("idempotency-key", delivery_key().encode()),
+        ]
     )
+    request = OutgoingRequest(headers)
+    request.set_method(Method_Post())
+    request.set_scheme(scheme)
+    request.set_authority(parts.netloc)
+    request.set_path_with_query((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    outgoing = request.body()
+    with outgoing.write() as stream:
+        for start in range(0, len(data), 4096):
+            stream.blocking_write_and_flush(data[start : start + 4096])
+    OutgoingBody.finish(outgoing, None)
+    try:
+        future = outgoing_handler.handle(request, None)
+    except Err as e:
+        raise Err(f"POST {url} failed: {type(e.value).__name__}")
+    with future:
+        with future.subscribe() as ready:
+            ready.block()
+        result = future.get()
+    if result is None or not isinstance(result, Ok) or not isinstance(result.value, Ok):
+        error = result.value.value if result is not None and isinstance(result, Ok) else result
+        raise Err(f"POST {url} failed: {type(error).__name__}")
+    with result.value.value as response:
+        return response.status()
 
 
 def timestamp(data: dict, field: str, shipment: str) -> datetime:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build shipment-review.wasm (a WebAssembly component for stateset:webhooks@0.1.0)
+# Build shipment-review.wasm (a WebAssembly component for stateset:webhooks@0.3.0)
 # from app.py with componentize-py. Run from anywhere: examples/python-plugin/build.sh
 # Needs python3 (3.10 or newer) with venv; installs componentize-py into .venv/ here.
 set -euo pipefail
@@ -7,11 +7,14 @@ set -euo pipefail
 COMPONENTIZE_PY_VERSION=0.25.1
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-wit="$here/../../wit/v0.1.0"
 cd "$here"
+# wit/ is the plugin world (WIT 0.3.0) plus wasi:http; the frozen WIT 0.3.0 is
+# copied into wit/deps on every build, so the repository keeps one copy.
+mkdir -p wit/deps/stateset-webhooks-0.3.0
+cp -p ../../wit/v0.3.0/world.wit wit/deps/stateset-webhooks-0.3.0/world.wit
 
 # Nothing it is built from has changed since the last build: done.
-if [ -f shipment-review.wasm ] && [ -z "$(find app.py build.sh "$wit" -newer shipment-review.wasm -print -quit)" ]; then
+if [ -f shipment-review.wasm ] && [ -z "$(find app.py build.sh wit ../../wit/v0.3.0 -newer shipment-review.wasm -print -quit)" ]; then
     echo "up to date: $here/shipment-review.wasm"
     exit 0
 fi
@@ -25,10 +28,10 @@ if [ "$(.venv/bin/componentize-py --version 2>/dev/null)" != "componentize-py $C
 fi
 
 # componentize generates the wit_world bindings itself. For editor stubs, run
-#   .venv/bin/componentize-py -d ../../wit/v0.1.0 -w plugin bindings bindings
+#   .venv/bin/componentize-py -d wit -w plugin bindings bindings
 # (bindings/ is ignored by git and not needed for the build).
 
 # -p . : app.py lives here (the venv's site-packages is added by componentize-py
 # only through VIRTUAL_ENV, which we do not set: app.py needs nothing outside the stdlib).
-.venv/bin/componentize-py -d "$wit" -w plugin componentize app -p . -o shipment-review.wasm
+.venv/bin/componentize-py -d wit -w plugin componentize app -p . -o shipment-review.wasm
 echo "built $here/shipment-review.wasm ($(wc -c < shipment-review.wasm) bytes)"

@@ -529,3 +529,22 @@ pub fn many_memories_component(instances: usize) -> Vec<u8> {
         + &"(core instance (instantiate $mem))\n".repeat(instances - 1);
     wat_plugin(&before, "", "")
 }
+
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// A service the samples post to: it keeps each JSON body with its
+/// `Idempotency-Key` and answers 201.
+pub async fn receiver() -> (u16, Received) {
+    let received: Received = Default::default();
+    let keep = received.clone();
+    let handler = move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
+        let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+        keep.lock().unwrap().push((key, body.0));
+        axum::http::StatusCode::CREATED
+    };
+    let app = axum::Router::new().route("/{*path}", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, received)
+}

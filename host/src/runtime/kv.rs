@@ -56,6 +56,25 @@ pub trait KvRead: Send + Sync {
     fn kv_usage(&self, plugin: &str) -> Result<u64, String>;
 }
 
+/// No committed state at all: what `stateset-hooks run` reads without a
+/// database, and what a plugin sees on its first event.
+#[derive(Debug)]
+pub struct EmptyKv;
+
+impl KvRead for EmptyKv {
+    fn kv_get(&self, _plugin: &str, _key: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+
+    fn kv_keys(&self, _plugin: &str, _prefix: &str, _limit: usize) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
+
+    fn kv_usage(&self, _plugin: &str) -> Result<u64, String> {
+        Ok(0)
+    }
+}
+
 /// A manifest's `[kv]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
