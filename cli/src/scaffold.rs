@@ -2,16 +2,37 @@
 //!
 //! One project per language, each handling one event type, with the WIT it
 //! builds against copied in (so it builds outside this repository), a
-//! manifest, a build script and a short README. The templates live in
-//! `cli/templates/`; `{{name}}`, `{{event}}`, `{{lang}}` and `{{source}}` are
-//! filled in.
+//! manifest, a build script and a short README. A Rust project also gets the
+//! SDK (`plugins/sdk`, which is not published) copied into `sdk/`, pointed at
+//! the project's WIT. The templates live in `cli/templates/`; `{{name}}`,
+//! `{{event}}`, `{{lang}}` and `{{source}}` are filled in.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
 /// The WIT new plugins build against: the newest released version.
-const WIT: &str = include_str!("../../wit/v0.2.0/world.wit");
+const WIT: &str = include_str!("../../wit/v0.3.0/world.wit");
+
+/// The SDK's sources, copied into a Rust project as they are, except for
+/// where its bindings find the WIT.
+const SDK: [(&str, &str); 4] = [
+    (
+        "sdk/src/lib.rs",
+        include_str!("../../plugins/sdk/src/lib.rs"),
+    ),
+    (
+        "sdk/src/http.rs",
+        include_str!("../../plugins/sdk/src/http.rs"),
+    ),
+    ("sdk/src/kv.rs", include_str!("../../plugins/sdk/src/kv.rs")),
+    (
+        "sdk/src/models.rs",
+        include_str!("../../plugins/sdk/src/models.rs"),
+    ),
+];
+/// The SDK's WIT path in this repository, and in a project.
+const SDK_WIT_PATH: (&str, &str) = (r#"path: "../../wit/v0.3.0""#, r#"path: "../wit""#);
 
 /// A language `new` can write a plugin in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,6 +64,10 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang, event: &str) -> anyhow::Re
                 ("Cargo.toml", include_str!("../templates/rust/Cargo.toml")),
                 ("src/lib.rs", include_str!("../templates/rust/lib.rs")),
                 ("build.sh", include_str!("../templates/rust/build.sh")),
+                (
+                    "sdk/Cargo.toml",
+                    include_str!("../templates/rust/sdk/Cargo.toml"),
+                ),
                 (".gitignore", "/target\n*.wasm\n"),
             ],
             "src/lib.rs",
@@ -87,12 +112,22 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang, event: &str) -> anyhow::Re
         ),
         ("README.md", include_str!("../templates/README.md")),
     ];
+    let sdk = SDK
+        .iter()
+        .filter(|_| lang == Lang::Rust)
+        .map(|(file, text)| {
+            let (from, to) = SDK_WIT_PATH;
+            (*file, text.replace(from, to))
+        });
+    let templates = files
+        .iter()
+        .chain(common.iter())
+        .map(|(f, t)| (*f, fill(t)));
     let mut written = Vec::new();
-    for (file, text) in files.iter().chain(common.iter()) {
+    for (file, text) in templates.chain(sdk) {
         let path = dir.join(file);
         std::fs::create_dir_all(path.parent().expect("a file in the project"))?;
-        std::fs::write(&path, fill(text))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         if file.ends_with(".sh") {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
@@ -122,8 +157,9 @@ mod tests {
         assert!(
             std::fs::read_to_string(dir.join("wit/world.wit"))
                 .unwrap()
-                .contains("config-get")
+                .contains("interface kv")
         );
+        assert!(!dir.join("sdk").exists(), "the SDK is for Rust projects");
         assert!(
             new_plugin(&dir, "refund-check", Lang::Js, "return.created").is_err(),
             "exists"
@@ -137,5 +173,18 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_rust_project_gets_the_sdk_pointed_at_its_own_wit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("counter");
+        new_plugin(&dir, "counter", Lang::Rust, "order.*").unwrap();
+        let lib = std::fs::read_to_string(dir.join("sdk/src/lib.rs")).unwrap();
+        assert!(lib.contains(SDK_WIT_PATH.1), "{lib}");
+        assert!(!lib.contains(SDK_WIT_PATH.0));
+        for (file, _) in SDK {
+            assert!(dir.join(file).exists(), "{file}");
+        }
     }
 }

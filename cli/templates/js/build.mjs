@@ -1,5 +1,6 @@
-// Build {{name}}.wasm with componentize-js. The host offers no wasi:http, so
-// the engine's http and fetch-event features are turned off.
+// Build {{name}}.wasm with componentize-js. The engine's `http` feature is
+// `fetch` (over wasi:http, which the host allows per the manifest's [http]);
+// `fetch-event` (serving incoming requests) has no place in a plugin.
 import { componentize } from '@bytecodealliance/componentize-js';
 import { writeFile } from 'node:fs/promises';
 
@@ -7,7 +8,7 @@ const { component } = await componentize({
   sourcePath: 'plugin.js',
   witPath: 'wit',
   worldName: 'plugin',
-  disableFeatures: ['http', 'fetch-event'],
+  disableFeatures: ['fetch-event'],
 });
 await writeFile('{{name}}.wasm', component);
 console.log(`built {{name}}.wasm (${component.length} bytes)`);

@@ -1,5 +1,5 @@
 // {{name}}: a stateset-hooks plugin. Handles `{{event}}` (see `{{name}}.toml`).
-import { log } from 'stateset:webhooks/host@0.2.0';
+import { log } from 'stateset:webhooks/host@0.3.0';
 
 // Returning is `ok`; throwing a string records the delivery as failed (it is retried).
 export function onEvent(eventType, payload) {
