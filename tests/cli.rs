@@ -273,6 +273,44 @@ fn run_reports_result_fuel_time_and_memory() {
     );
 }
 
+/// `receive` prints each request on one line (control characters escaped)
+/// and answers 201: the stand-in service of `scripts/demo`.
+#[test]
+fn receive_prints_each_request_and_answers_201() {
+    use std::io::BufRead;
+    let mut receiver = bin()
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = first.strip_prefix("receiving on ").unwrap().to_owned();
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            " %{http_code}",
+            "-H",
+            "idempotency-key: evt_1:low-stock",
+        ])
+        .args(["-d", "{\"sku\":\"A\\u0007\"}\u{1b}[2J"])
+        .arg(format!("{url}/purchases?x=1"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        r#"{"received":true} 201"#
+    );
+    let line = lines.next().unwrap().unwrap();
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    assert_eq!(
+        line,
+        r#"POST /purchases?x=1 idempotency-key=evt_1:low-stock {"sku":"A\u0007"}\u{1b}[2J"#
+    );
+}
+
 fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
     stdout
         .lines()

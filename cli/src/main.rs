@@ -4,6 +4,7 @@
 //! `store_commands.rs` (`events`, `dlq`, `plugins`), `scaffold.rs` (`new`);
 //! `sign` and `send` are short enough to live here.
 
+mod receive;
 mod run;
 mod scaffold;
 mod serve;
@@ -46,6 +47,13 @@ enum Command {
         url: String,
         /// The event JSON to send, byte for byte.
         file: PathBuf,
+    },
+    /// Stand in for a service plugins call: print each request received
+    /// (method, path, Idempotency-Key, body) and answer 201.
+    Receive {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:3001")]
+        listen: std::net::SocketAddr,
     },
     /// Write a ready-to-build plugin project that handles one event type.
     New {
@@ -132,6 +140,7 @@ fn main() -> ExitCode {
         Command::Kv(command) => store_commands::kv(&cli.db, command),
         Command::Sign { file } => sign(&file),
         Command::Send { url, file } => send(&url, &file),
+        Command::Receive { listen } => receive::receive(listen),
         Command::Run {
             plugin,
             event,

@@ -1,5 +1,6 @@
 //! Two small background loops that keep the store current and tidy: the
-//! plugin status snapshot `plugins list` reads, and the retention purge.
+//! plugin status snapshot `plugins list` reads, and the purge of succeeded
+//! events past retention and of kv keys past their TTL.
 //!
 //! Each runs on its own thread on its own period and stops (at once, not at
 //! its next tick) when [`Housekeeping`] is dropped. Neither touches the
@@ -15,7 +16,8 @@ use crate::store::{Store, now_ms};
 /// How often the plugin status table `plugins list` reads is rewritten.
 pub const STATUS_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often succeeded events past the retention age are purged.
+/// How often succeeded events past the retention age, and expired kv keys,
+/// are purged.
 pub const RETENTION_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The running loops; dropping it stops and joins them.
@@ -79,6 +81,11 @@ impl Housekeeping {
                             tracing::info!(events = n, "purged succeeded events past retention")
                         }
                         Err(error) => tracing::warn!(%error, "retention purge failed"),
+                    }
+                    match store.purge_expired_kv(now_ms()) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(keys = n, "purged kv keys past their TTL"),
+                        Err(error) => tracing::warn!(%error, "kv TTL purge failed"),
                     }
                     if !stop.wait(RETENTION_SWEEP_INTERVAL) {
                         break;

@@ -193,6 +193,10 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// before `before` (unix ms); returns how many.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError>;
 
+    /// Delete key-value entries whose TTL ran out by `now` (unix ms);
+    /// returns how many. Reads and quotas already ignore them.
+    fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError>;
+
     /// Replace the saved plugin status table with `rows`.
     fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError>;
 

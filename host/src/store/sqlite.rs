@@ -317,9 +317,10 @@ impl KvRead for SqliteStore {
     fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
         self.read(|conn| {
             conn.prepare_cached(
-                "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM plugin_kv WHERE plugin = ?1",
+                "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM plugin_kv
+                 WHERE plugin = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
             )?
-            .query_row(params![plugin], |row| row.get::<_, i64>(0))
+            .query_row(params![plugin, now_ms()], |row| row.get::<_, i64>(0))
         })
         .map(|n| n as u64)
         .map_err(|e| e.to_string())
@@ -760,6 +761,15 @@ impl Store for SqliteStore {
         })
     }
 
+    fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError> {
+        self.op(move |tx| {
+            tx.execute(
+                "DELETE FROM plugin_kv WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+                [now],
+            )
+        })
+    }
+
     fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
         self.op(move |tx| {
             tx.execute("DELETE FROM plugins", [])?;
@@ -951,6 +961,48 @@ mod tests {
                 .unwrap()
                 .contains("kv conflict")
         );
+    }
+
+    #[test]
+    fn expired_kv_keys_are_gone_uncounted_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+        let conn = connect(&path, Duration::from_secs(5)).unwrap();
+        let event = Event::parse(br#"{"id":"evt_ttl","type":"t","data":{}}"#).unwrap();
+        let Appended::New(ids) = append(&conn, &event, &["p".into()], now_ms()).unwrap() else {
+            unreachable!()
+        };
+        let set = |key: &str, expires_at: Option<i64>| KvOp::Set {
+            key: key.into(),
+            value: b"0123456789".to_vec(),
+            expires_at,
+        };
+        let kv = vec![set("gone", Some(now_ms() - 1)), set("kept", None)];
+        store
+            .record(vec![Attempt {
+                id: ids[0],
+                replays: 0,
+                plugin_version: "v".into(),
+                status: Status::Succeeded,
+                next_attempt_at: now_ms(),
+                failure: None,
+                plugin: "p".into(),
+                kv: kv.into(),
+            }])
+            .unwrap();
+        assert_eq!(store.kv_get("p", "gone").unwrap(), None);
+        assert_eq!(store.kv_keys("p", "", 10).unwrap(), ["kept"]);
+        assert_eq!(
+            store.kv_usage("p").unwrap(),
+            4 + 10,
+            "only the live key counts"
+        );
+        assert_eq!(store.purge_expired_kv(now_ms()).unwrap(), 1);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM plugin_kv", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
     }
 
     #[test]

@@ -9,10 +9,11 @@
 //!
 //! With `purchase_url` in its manifest's `[config]` (and that host in
 //! `[http] allowed_hosts`), it also POSTs the suggestion there as JSON
-//! (`sku`, `units`, `warehouse`, `event`); the host adds the delivery's
+//! (`sku`, `units`, `warehouse`, `event`) with the delivery's
 //! `Idempotency-Key`, so a repeated delivery is one purchase suggestion. A
 //! failed POST fails the delivery, which is retried. Without it, nothing
-//! leaves the plugin.
+//! leaves the plugin: it logs what it would have sent
+//! (`not sent (no purchase_url in [config]): {...}`).
 
 use stateset_hooks_sdk::{Event, InventoryLevel, config, debug, export_plugin, http, info, warn};
 
@@ -82,16 +83,18 @@ impl stateset_hooks_sdk::Plugin for LowStock {
         } else {
             info(&line)
         }
-        let Some(url) = config("purchase_url") else {
-            debug("no purchase_url in [config]: the suggestion is not sent");
-            return Ok(());
-        };
         let suggestion = serde_json::json!({
             "sku": sku,
             "units": units,
             "warehouse": s.warehouse_id.as_deref().or(s.location.as_deref()),
             "event": event.id,
         });
+        let Some(url) = config("purchase_url") else {
+            info(&format!(
+                "not sent (no purchase_url in [config]): {suggestion}"
+            ));
+            return Ok(());
+        };
         let response = http::post_json(&url, &suggestion)?.error_for_status()?;
         info(&format!("suggestion sent to {url}: {}", response.status));
         Ok(())

@@ -6,14 +6,16 @@
 //! `payment.*` types are logged at debug and accepted. Amounts are integer minor
 //! units in `data.currency` (default `USD`), printed with two decimals.
 //!
-//! Configuration (WIT 0.2.0 `config-get`, from `[config]` in `payments.toml`):
+//! Configuration (`[config]` in `payments.toml`):
 //! `refund_flag_cents`, the refund threshold in cents (default `50000`, that is
 //! 500.00). It may come from the host's environment:
 //! `refund_flag_cents = { env = "STATESET_PLUGIN_PAYMENTS__REFUND_FLAG_CENTS" }`.
 //! With `fraud_review_url` (and that host in `[http] allowed_hosts`), a
 //! flagged refund is also POSTed there as JSON (`payment`, `order`,
-//! `refunded_cents`, `currency`, `event`); the host adds the delivery's
+//! `refunded_cents`, `currency`, `event`) with the delivery's
 //! `Idempotency-Key`. A failed POST fails the delivery, which is retried.
+//! Without it, the plugin logs what it would have sent
+//! (`not sent (no fraud_review_url in [config]): {...}`).
 
 use stateset_hooks_sdk::{Event, Payment, config, debug, export_plugin, http, info, money, warn};
 
@@ -88,20 +90,24 @@ impl stateset_hooks_sdk::Plugin for Payments {
                         "FLAG: large refund on payment {}: {back} is above the {limit} threshold",
                         p.id
                     ));
-                    if let Some(url) = config("fraud_review_url") {
-                        let review = serde_json::json!({
-                            "payment": p.id,
-                            "order": p.order_id,
-                            "refunded_cents": refunded,
-                            "currency": p.currency,
-                            "event": event.id,
-                        });
-                        let response = http::post_json(&url, &review)?.error_for_status()?;
+                    let review = serde_json::json!({
+                        "payment": p.id,
+                        "order": p.order_id,
+                        "refunded_cents": refunded,
+                        "currency": p.currency,
+                        "event": event.id,
+                    });
+                    let Some(url) = config("fraud_review_url") else {
                         info(&format!(
-                            "flagged refund sent to {url}: {}",
-                            response.status
+                            "not sent (no fraud_review_url in [config]): {review}"
                         ));
-                    }
+                        return Ok(());
+                    };
+                    let response = http::post_json(&url, &review)?.error_for_status()?;
+                    info(&format!(
+                        "flagged refund sent to {url}: {}",
+                        response.status
+                    ));
                 }
             }
         }
