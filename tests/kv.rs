@@ -210,3 +210,56 @@ async fn the_orders_sample_counts_distinct_orders_per_customer() {
     assert_eq!(count.unwrap().as_deref(), Some(&b"2"[..]));
     server.stop().await;
 }
+
+/// A store whose reads hang cannot hold a call past its deadline: the read
+/// is awaited like any host future, and the call ends as a timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
+    use stateset_hooks::loader::{Grants, load_file};
+    use stateset_hooks::runtime::{FailureKind, Runtime};
+    use std::sync::Arc;
+
+    struct Hung;
+    impl KvRead for Hung {
+        fn kv_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(None)
+        }
+        fn kv_keys(&self, _: &str, _: &str, _: usize) -> Result<Vec<String>, String> {
+            unreachable!()
+        }
+        fn kv_usage(&self, _: &str) -> Result<u64, String> {
+            unreachable!()
+        }
+    }
+    let runtime = Arc::new(Runtime::new(None, 1).unwrap());
+    runtime.use_kv(Arc::new(Hung));
+    let plugins = PluginDir::new();
+    plugins.add("reader", "misbehave", Some("[limits]\ntimeout_ms = 300\n"));
+    let path = plugins.path().join("reader.wasm");
+    let loaded = load_file(&runtime, &path, &Grants::default()).unwrap();
+    let payload = event(
+        "evt_hung",
+        "order.created",
+        json!({ "misbehave": "kv-get", "key": "k" }),
+    );
+    let outcome = tokio::task::spawn_blocking(move || {
+        let payload = String::from_utf8(payload).unwrap();
+        runtime.call(
+            &loaded.prepared,
+            &Arc::from("evt_hung"),
+            "order.created",
+            &payload,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure:?}");
+    assert!(
+        outcome.elapsed < Duration::from_secs(2),
+        "{:?}",
+        outcome.elapsed
+    );
+}

@@ -126,23 +126,39 @@ impl KvSession {
         self.ops
     }
 
-    fn reader(&self) -> Result<&dyn KvRead, String> {
-        self.reader
-            .as_deref()
-            .ok_or_else(|| "no key-value store in this host".to_owned())
+    /// Read the committed state on tokio's blocking pool. The call waits
+    /// for it as for any host future, so a slow store cannot hold a call
+    /// past its deadline: the call's deadline timer abandons the wait.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn KvRead, &str) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let reader = self
+            .reader
+            .clone()
+            .ok_or_else(|| "no key-value store in this host".to_owned())?;
+        let plugin = self.plugin.clone();
+        tokio::task::spawn_blocking(move || read(&*reader, &plugin))
+            .await
+            .map_err(|e| format!("the store read failed: {e}"))?
     }
 
-    pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
         match self.overlay.get(key) {
             Some(value) => Ok(value.clone()),
-            None => self.reader()?.kv_get(&self.plugin, key),
+            None => {
+                let key = key.to_owned();
+                self.read(move |reader, plugin| reader.kv_get(plugin, &key))
+                    .await
+            }
         }
     }
 
-    pub(crate) fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+    pub(crate) async fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        let (owned, wanted) = (prefix.to_owned(), limit + self.overlay.len());
         let committed = self
-            .reader()?
-            .kv_keys(&self.plugin, prefix, limit + self.overlay.len())?;
+            .read(move |reader, plugin| reader.kv_keys(plugin, &owned, wanted))
+            .await?;
         let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
         for (key, value) in self.overlay.range(prefix.to_owned()..) {
             if !key.starts_with(prefix) {
@@ -156,13 +172,13 @@ impl KvSession {
         Ok(keys.into_iter().take(limit).collect())
     }
 
-    pub(crate) fn set(
+    pub(crate) async fn set(
         &mut self,
         key: String,
         value: Vec<u8>,
         expires_at: Option<i64>,
     ) -> Result<(), String> {
-        self.write_check(&key, value.len())?;
+        self.write_check(&key, value.len()).await?;
         self.overlay.insert(key.clone(), Some(value.clone()));
         self.ops.push(KvOp::Set {
             key,
@@ -172,15 +188,15 @@ impl KvSession {
         Ok(())
     }
 
-    pub(crate) fn delete(&mut self, key: String) -> Result<(), String> {
-        self.write_check(&key, 0)?;
+    pub(crate) async fn delete(&mut self, key: String) -> Result<(), String> {
+        self.write_check(&key, 0).await?;
         self.overlay.insert(key.clone(), None);
         self.ops.push(KvOp::Delete { key });
         Ok(())
     }
 
-    pub(crate) fn increment(&mut self, key: String, delta: i64) -> Result<i64, String> {
-        let current = match self.get(&key)? {
+    pub(crate) async fn increment(&mut self, key: String, delta: i64) -> Result<i64, String> {
+        let current = match self.get(&key).await? {
             None => 0,
             Some(bytes) => parse_integer(&key, &bytes)?,
         };
@@ -188,29 +204,29 @@ impl KvSession {
             .checked_add(delta)
             .ok_or_else(|| format!("kv key {key:?}: {current} + {delta} overflows"))?;
         let text = new.to_string().into_bytes();
-        self.write_check(&key, text.len())?;
+        self.write_check(&key, text.len()).await?;
         self.overlay.insert(key.clone(), Some(text));
         self.ops.push(KvOp::Increment { key, delta });
         Ok(new)
     }
 
-    pub(crate) fn compare_and_swap(
+    pub(crate) async fn compare_and_swap(
         &mut self,
         key: String,
         expected: Option<Vec<u8>>,
         new: Vec<u8>,
     ) -> Result<bool, String> {
-        if self.get(&key)? != expected {
+        if self.get(&key).await? != expected {
             return Ok(false);
         }
-        self.write_check(&key, new.len())?;
+        self.write_check(&key, new.len()).await?;
         self.overlay.insert(key.clone(), Some(new.clone()));
         self.ops.push(KvOp::CompareAndSwap { key, expected, new });
         Ok(true)
     }
 
     /// Refuse a write past a cap, counting it against the quota if not.
-    fn write_check(&mut self, key: &str, value_bytes: usize) -> Result<(), String> {
+    async fn write_check(&mut self, key: &str, value_bytes: usize) -> Result<(), String> {
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
             return Err(format!("kv keys are 1 to {MAX_KEY_BYTES} bytes"));
         }
@@ -222,7 +238,7 @@ impl KvSession {
         }
         let usage = match self.usage {
             Some(usage) => usage,
-            None => self.reader()?.kv_usage(&self.plugin)?,
+            None => self.read(|reader, plugin| reader.kv_usage(plugin)).await?,
         };
         // Counted as if every write added a key: a bound, not a ledger.
         let after = usage + (key.len() + value_bytes) as u64;
@@ -293,47 +309,56 @@ mod tests {
         KvSession::new("p".into(), Some(Arc::new(store)), quota)
     }
 
-    #[test]
-    fn reads_see_committed_state_plus_own_writes() {
+    #[tokio::test]
+    async fn reads_see_committed_state_plus_own_writes() {
         let mut kv = session(&[("a", "1"), ("b", "2"), ("c", "3")], 1 << 20);
-        kv.set("d".into(), b"4".to_vec(), None).unwrap();
-        kv.delete("b".into()).unwrap();
-        assert_eq!(kv.get("a").unwrap(), Some(b"1".to_vec()));
-        assert_eq!(kv.get("b").unwrap(), None);
-        assert_eq!(kv.keys("", 10).unwrap(), ["a", "c", "d"]);
-        assert_eq!(kv.keys("", 2).unwrap(), ["a", "c"]);
-        assert_eq!(kv.increment("a".into(), 41).unwrap(), 42);
-        assert_eq!(kv.increment("new".into(), -2).unwrap(), -2);
-        assert!(kv.increment("d".into(), 1).is_ok());
+        kv.set("d".into(), b"4".to_vec(), None).await.unwrap();
+        kv.delete("b".into()).await.unwrap();
+        assert_eq!(kv.get("a").await.unwrap(), Some(b"1".to_vec()));
+        assert_eq!(kv.get("b").await.unwrap(), None);
+        assert_eq!(kv.keys("", 10).await.unwrap(), ["a", "c", "d"]);
+        assert_eq!(kv.keys("", 2).await.unwrap(), ["a", "c"]);
+        assert_eq!(kv.increment("a".into(), 41).await.unwrap(), 42);
+        assert_eq!(kv.increment("new".into(), -2).await.unwrap(), -2);
+        assert!(kv.increment("d".into(), 1).await.is_ok());
         assert!(
             !kv.compare_and_swap("c".into(), Some(b"9".to_vec()), b"x".to_vec())
+                .await
                 .unwrap()
         );
         assert!(
             kv.compare_and_swap("c".into(), Some(b"3".to_vec()), b"x".to_vec())
+                .await
                 .unwrap()
         );
         assert!(
             kv.compare_and_swap("z".into(), None, b"y".to_vec())
+                .await
                 .unwrap()
         );
         assert_eq!(kv.into_ops().len(), 7);
     }
 
-    #[test]
-    fn caps_and_quota() {
+    #[tokio::test]
+    async fn caps_and_quota() {
         let mut kv = session(&[("k", "vvvv")], 20);
-        assert!(kv.set("x".repeat(MAX_KEY_BYTES + 1), vec![], None).is_err());
         assert!(
-            kv.set("big".into(), vec![0; MAX_VALUE_BYTES + 1], None)
+            kv.set("x".repeat(MAX_KEY_BYTES + 1), vec![], None)
+                .await
                 .is_err()
         );
-        kv.set("a".into(), vec![0; 10], None).unwrap(); // 5 + 11 = 16
-        let err = kv.set("b".into(), vec![0; 10], None).unwrap_err();
+        assert!(
+            kv.set("big".into(), vec![0; MAX_VALUE_BYTES + 1], None)
+                .await
+                .is_err()
+        );
+        kv.set("a".into(), vec![0; 10], None).await.unwrap(); // 5 + 11 = 16
+        let err = kv.set("b".into(), vec![0; 10], None).await.unwrap_err();
         assert!(err.contains("quota"), "{err}");
         let mut text = session(&[("name", "bob")], 1 << 20);
         assert!(
             text.increment("name".into(), 1)
+                .await
                 .unwrap_err()
                 .contains("decimal")
         );

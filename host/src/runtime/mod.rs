@@ -573,54 +573,81 @@ fn define_config_get(host: &mut LinkerInstance<'_, CallState>) -> wasmtime::Resu
 }
 
 /// `stateset:webhooks/kv@0.3.0`, on the call's [`KvSession`]. Each call
-/// costs fuel like the `host` imports; a failure of the store is a trap (the
-/// host's problem, not an answer the plugin should act on).
+/// costs fuel like the `host` imports, for the bytes passed in and the bytes
+/// handed back. Reads of the committed state are awaited like any host
+/// future, so the call's deadline holds while one waits. A failure of the
+/// store is a trap (the host's problem, not an answer the plugin should act
+/// on).
 fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     type Ctx<'a> = StoreContextMut<'a, CallState>;
     let host_error = |message: String| wasmtime::Error::msg(format!("kv: {message}"));
     let mut kv = linker.instance("stateset:webhooks/kv@0.3.0")?;
-    kv.func_wrap("get", move |mut store: Ctx<'_>, (key,): (String,)| {
-        charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
-        Ok((store.data().kv.get(&key).map_err(host_error)?,))
+    kv.func_wrap_async("get", move |mut store: Ctx<'_>, (key,): (String,)| {
+        Box::new(async move {
+            charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+            let value = store.data().kv.get(&key).await.map_err(host_error)?;
+            charge(&mut store, value.as_ref().map_or(0, Vec::len) as u64)?;
+            Ok((value,))
+        })
     })?;
-    kv.func_wrap(
+    kv.func_wrap_async(
         "set",
         |mut store: Ctx<'_>, (key, value, ttl_ms): (String, Vec<u8>, Option<u64>)| {
-            charge(
-                &mut store,
-                HOST_CALL_FUEL + (key.len() + value.len()) as u64,
-            )?;
-            let expires_at = ttl_ms.map(kv::expires_at);
-            Ok((store.data_mut().kv.set(key, value, expires_at),))
+            Box::new(async move {
+                charge(
+                    &mut store,
+                    HOST_CALL_FUEL + (key.len() + value.len()) as u64,
+                )?;
+                let expires_at = ttl_ms.map(kv::expires_at);
+                Ok((store.data_mut().kv.set(key, value, expires_at).await,))
+            })
         },
     )?;
-    kv.func_wrap("delete", move |mut store: Ctx<'_>, (key,): (String,)| {
-        charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
-        // A key past the cap names nothing stored: deleting it is a no-op.
-        let _ = store.data_mut().kv.delete(key);
-        Ok(())
+    kv.func_wrap_async("delete", move |mut store: Ctx<'_>, (key,): (String,)| {
+        Box::new(async move {
+            charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+            // A key past the cap names nothing stored: deleting it is a no-op.
+            let _ = store.data_mut().kv.delete(key).await;
+            Ok(())
+        })
     })?;
-    kv.func_wrap(
+    kv.func_wrap_async(
         "keys",
         move |mut store: Ctx<'_>, (prefix, limit): (String, u32)| {
-            charge(&mut store, HOST_CALL_FUEL + prefix.len() as u64)?;
-            let limit = (limit as usize).min(kv::MAX_OPS_PER_CALL);
-            Ok((store.data().kv.keys(&prefix, limit).map_err(host_error)?,))
+            Box::new(async move {
+                charge(&mut store, HOST_CALL_FUEL + prefix.len() as u64)?;
+                let limit = (limit as usize).min(kv::MAX_OPS_PER_CALL);
+                let keys = store.data().kv.keys(&prefix, limit).await;
+                let keys = keys.map_err(host_error)?;
+                charge(
+                    &mut store,
+                    keys.iter().map(String::len).sum::<usize>() as u64,
+                )?;
+                Ok((keys,))
+            })
         },
     )?;
-    kv.func_wrap(
+    kv.func_wrap_async(
         "increment",
         |mut store: Ctx<'_>, (key, delta): (String, i64)| {
-            charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
-            Ok((store.data_mut().kv.increment(key, delta),))
+            Box::new(async move {
+                charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+                Ok((store.data_mut().kv.increment(key, delta).await,))
+            })
         },
     )?;
-    kv.func_wrap(
+    kv.func_wrap_async(
         "compare-and-swap",
         |mut store: Ctx<'_>, (key, expected, new): (String, Option<Vec<u8>>, Vec<u8>)| {
-            let bytes = key.len() + expected.as_ref().map_or(0, Vec::len) + new.len();
-            charge(&mut store, HOST_CALL_FUEL + bytes as u64)?;
-            Ok((store.data_mut().kv.compare_and_swap(key, expected, new),))
+            Box::new(async move {
+                let bytes = key.len() + expected.as_ref().map_or(0, Vec::len) + new.len();
+                charge(&mut store, HOST_CALL_FUEL + bytes as u64)?;
+                Ok((store
+                    .data_mut()
+                    .kv
+                    .compare_and_swap(key, expected, new)
+                    .await,))
+            })
         },
     )?;
     Ok(())
