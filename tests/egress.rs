@@ -63,10 +63,8 @@ impl Caller {
         times: u64,
     ) -> anyhow::Result<CallOutcome> {
         self.plugins.add("fetcher", "misbehave", Some(manifest));
-        let grants = Grants {
-            allow_private_networks: private,
-            ..Grants::default()
-        };
+        let mut grants = Grants::default();
+        grants.http.allow_private_networks = private;
         let loaded = load_file(
             &self.runtime,
             &self.plugins.path().join("fetcher.wasm"),
@@ -208,7 +206,7 @@ async fn act(
     let plugins = PluginDir::new();
     plugins.add(sample, sample, Some(manifest));
     let mut config = config(&plugins);
-    config.allow_private_networks = true;
+    config.http.allow_private_networks = true;
     let mut server = TestServer::start(config).await;
     assert_eq!(server.send(&example_event(event_type)).await.0, 200);
     let report = server.reports(1).await.remove(0);

@@ -367,33 +367,78 @@ async fn a_manifest_asking_above_the_operators_ceiling_is_refused() {
         .add("fuel", "orders", Some("[limits]\nfuel = 100000001\n"))
         .add("memory", "orders", Some("[limits]\nmemory_mib = 257\n"))
         .add("time", "orders", Some("[limits]\ntimeout_ms = 10001\n"))
+        .add("requests", "orders", Some("[http]\nmax_requests = 101\n"))
+        .add(
+            "response",
+            "orders",
+            Some("[http]\nmax_response_kib = 16385\n"),
+        )
+        .add("quota", "orders", Some("[kv]\nquota_kib = 65537\n"))
+        // Would wrap to 0 bytes if multiplied unchecked.
+        .add(
+            "wrap",
+            "orders",
+            Some("[kv]\nquota_kib = 18014398509481984\n"),
+        )
         .add(
             "modest",
             "orders",
-            Some("[limits]\nfuel = 100000000\ntimeout_ms = 10000\n"),
+            Some("[limits]\nfuel = 100000000\ntimeout_ms = 10000\n[http]\nmax_requests = 100\n"),
         );
     let server = TestServer::start(config(&plugins)).await;
     assert_eq!(server.serving(), ["modest"]);
-    let mut reasons: Vec<_> = server
+    let reasons: std::collections::BTreeMap<String, String> = server
         .hooks
         .load_failures()
         .into_iter()
-        .map(|f| f.reason)
+        .map(|f| {
+            (
+                f.path.file_stem().unwrap().to_string_lossy().into_owned(),
+                f.reason,
+            )
+        })
         .collect();
-    reasons.sort();
-    for (reason, key) in reasons.iter().zip(["fuel", "memory_mib", "timeout_ms"]) {
+    for (plugin, key) in [
+        ("fuel", "fuel"),
+        ("memory", "memory_mib"),
+        ("time", "timeout_ms"),
+    ] {
+        let reason = &reasons[plugin];
         assert!(reason.contains(&format!("limits.{key} = ")), "{reason}");
         assert!(
             reason.contains("above the most this host grants a plugin"),
             "{reason}"
         );
     }
+    for (plugin, said) in [
+        (
+            "requests",
+            "http.max_requests = 101 is above the maximum, 100",
+        ),
+        (
+            "response",
+            "http.max_response_kib = 16385 is above the maximum, 16384",
+        ),
+        ("quota", "kv.quota_kib = 65537 is above the maximum, 65536"),
+        (
+            "wrap",
+            "kv.quota_kib = 18014398509481984 is above the maximum",
+        ),
+    ] {
+        assert!(reasons[plugin].contains(said), "{}", reasons[plugin]);
+    }
     server.stop().await;
 
+    // The operator raises the ceilings (`--max-fuel`, `--max-http-requests`,
+    // `--max-kv-quota-kib`, ...): the same manifests load, except the absurd one.
     let mut raised = config(&plugins);
     raised.limits.max = Limits::host_max();
+    raised.http.max_requests = 1000;
+    raised.http.max_response_bytes = 32 << 20;
+    raised.kv.max_quota_bytes = 1 << 30;
     let server = TestServer::start(raised).await;
-    assert_eq!(server.hooks.plugins().len(), 4);
+    assert_eq!(server.hooks.plugins().len(), 7);
+    assert_eq!(server.hooks.load_failures().len(), 1);
     server.stop().await;
 }
 

@@ -48,7 +48,7 @@ mod toolchains {
             std::fs::write(plugins.path().join(format!("{name}.toml")), manifest).unwrap();
         }
         let mut config = config(&plugins);
-        config.allow_private_networks = true;
+        config.http.allow_private_networks = true;
         let mut server = TestServer::start(config).await;
 
         let mut delivered_again: serde_json::Value =

@@ -94,11 +94,6 @@ enum Command {
         /// more), as `serve --allow-plugin-env` does.
         #[arg(long, value_name = "VAR")]
         allow_plugin_env: Vec<String>,
-        /// Let a host the manifest names exactly in `[http] allowed_hosts`
-        /// resolve to a private address, as `serve --allow-private-networks`
-        /// does (to try a plugin against a receiver on this machine).
-        #[arg(long)]
-        allow_private_networks: bool,
     },
 }
 
@@ -146,14 +141,12 @@ fn main() -> ExitCode {
             event,
             limits,
             allow_plugin_env,
-            allow_private_networks,
         } => run::run(&run::Args {
             plugin: &plugin,
             event: &event,
             db: &cli.db,
             limits: &limits,
             allow_env: &allow_plugin_env,
-            allow_private_networks,
         }),
     };
     match result {

@@ -26,7 +26,6 @@ pub struct Args<'a> {
     pub db: &'a Path,
     pub limits: &'a LimitArgs,
     pub allow_env: &'a [String],
-    pub allow_private_networks: bool,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -36,7 +35,6 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         db,
         limits,
         allow_env,
-        allow_private_networks,
     } = *args;
     let policy = limits.policy();
     if let Err(reason) = policy.validate() {
@@ -60,7 +58,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let grants = Grants {
         limits: policy,
         env,
-        allow_private_networks,
+        http: limits.http(),
+        kv: limits.kv(),
     };
     let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &grants)
         .with_context(|| format!("cannot load {}", plugin.display()))?;

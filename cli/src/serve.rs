@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use stateset_hooks::runtime::egress::{self, HttpPolicy};
+use stateset_hooks::runtime::kv::{self, KvPolicy};
 use stateset_hooks::runtime::{
     DEFAULT_FUEL, DEFAULT_MAX_FUEL, DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MAX_TIMEOUT,
     DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, LimitPolicy, Limits,
@@ -79,11 +81,6 @@ pub struct ServeArgs {
     /// STATESET_PLUGIN_<NAME>__* without it; the webhook secret never.
     #[arg(long, value_name = "VAR")]
     allow_plugin_env: Vec<String>,
-    /// Let a host a plugin's manifest names exactly in `[http]
-    /// allowed_hosts` resolve to a private address (loopback, 10/8,
-    /// 192.168/16, link-local, ...). Off: plugins reach public addresses only.
-    #[arg(long)]
-    allow_private_networks: bool,
 }
 
 /// Limits for each plugin call, and the most a plugin's manifest may ask for.
@@ -108,9 +105,50 @@ pub struct LimitArgs {
     /// The longest deadline a manifest may ask for, in milliseconds.
     #[arg(long, default_value_t = DEFAULT_MAX_TIMEOUT.as_millis() as u64)]
     max_timeout_ms: u64,
+    /// Let a host a plugin's manifest names exactly in `[http]
+    /// allowed_hosts` resolve to a private address (loopback, 10/8,
+    /// 192.168/16, link-local, ...). Off: plugins reach public addresses only.
+    #[arg(long)]
+    allow_private_networks: bool,
+    /// The longest per-request time a manifest's `[http] timeout_ms` may ask
+    /// for, in milliseconds.
+    #[arg(long, default_value_t = egress::DEFAULT_MAX_HTTP_TIMEOUT.as_millis() as u64)]
+    max_http_timeout_ms: u64,
+    /// The largest request body a manifest's `[http] max_request_kib` may
+    /// ask for, in KiB.
+    #[arg(long, default_value_t = egress::DEFAULT_MAX_REQUEST_CEILING >> 10)]
+    max_http_request_kib: u64,
+    /// The largest response body a manifest's `[http] max_response_kib` may
+    /// ask for, in KiB.
+    #[arg(long, default_value_t = egress::DEFAULT_MAX_RESPONSE_CEILING >> 10)]
+    max_http_response_kib: u64,
+    /// The most requests per call a manifest's `[http] max_requests` may ask for.
+    #[arg(long, default_value_t = egress::DEFAULT_MAX_REQUESTS_CEILING)]
+    max_http_requests: u32,
+    /// The largest `[kv] quota_kib` a manifest may ask for, in KiB.
+    #[arg(long, default_value_t = kv::DEFAULT_MAX_KV_QUOTA_BYTES >> 10)]
+    max_kv_quota_kib: u64,
 }
 
 impl LimitArgs {
+    /// Outbound HTTP, as the flags set it.
+    pub fn http(&self) -> HttpPolicy {
+        HttpPolicy {
+            allow_private_networks: self.allow_private_networks,
+            max_timeout: Duration::from_millis(self.max_http_timeout_ms),
+            max_request_bytes: self.max_http_request_kib.saturating_mul(1 << 10),
+            max_response_bytes: self.max_http_response_kib.saturating_mul(1 << 10),
+            max_requests: self.max_http_requests,
+        }
+    }
+
+    /// Plugin state, as the flags set it.
+    pub fn kv(&self) -> KvPolicy {
+        KvPolicy {
+            max_quota_bytes: self.max_kv_quota_kib.saturating_mul(1 << 10),
+        }
+    }
+
     pub fn policy(&self) -> LimitPolicy {
         let LimitPolicy { defaults, max } = LimitPolicy::default();
         LimitPolicy {
@@ -172,7 +210,8 @@ pub fn serve(
     config.plugins_dir = Some(args.plugins);
     config.limits = args.limits.policy();
     config.plugin_env = args.allow_plugin_env.into_iter().collect();
-    config.allow_private_networks = args.allow_private_networks;
+    config.http = args.limits.http();
+    config.kv = args.limits.kv();
     config.queue_capacity = args.queue_capacity;
     config.store_max_bytes = args.store_max_mib.saturating_mul(1 << 20);
     config.retry.max_attempts = args.max_attempts;

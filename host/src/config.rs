@@ -15,6 +15,8 @@ use crate::health::{DEFAULT_QUARANTINE_AFTER, DEFAULT_QUARANTINE_PROBE_AFTER};
 use crate::loader::Grants;
 use crate::manifest::EnvGrant;
 use crate::retry::RetryPolicy;
+use crate::runtime::egress::HttpPolicy;
+use crate::runtime::kv::KvPolicy;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, LimitPolicy};
 use crate::signature::Secret;
 use crate::store::DEFAULT_DB_PATH;
@@ -149,10 +151,13 @@ pub struct Config {
     /// `{ env = "VAR" }`, besides its own `STATESET_PLUGIN_<NAME>__*`. Never
     /// the webhook secret.
     pub plugin_env: BTreeSet<String>,
-    /// Whether a host a manifest's `[http] allowed_hosts` names exactly may
-    /// resolve to a private address (loopback, RFC 1918, link-local, unique
-    /// local, ...). Off: plugins reach public addresses only.
-    pub allow_private_networks: bool,
+    /// Outbound HTTP: whether a host a manifest's `[http] allowed_hosts`
+    /// names exactly may resolve to a private address (loopback, RFC 1918,
+    /// link-local, unique local, ...; off by default: plugins reach public
+    /// addresses only), and the most a manifest's `[http]` may ask for.
+    pub http: HttpPolicy,
+    /// The largest `[kv] quota_kib` a manifest may ask for.
+    pub kv: KvPolicy,
     /// Different events failing in a row after which a plugin is
     /// quarantined (its deliveries held until released); 0 never.
     pub quarantine_after: u32,
@@ -207,7 +212,8 @@ impl Config {
             plugins_dir: None,
             limits: LimitPolicy::default(),
             plugin_env: BTreeSet::new(),
-            allow_private_networks: false,
+            http: HttpPolicy::default(),
+            kv: KvPolicy::default(),
             quarantine_after: DEFAULT_QUARANTINE_AFTER,
             quarantine_probe_after: DEFAULT_QUARANTINE_PROBE_AFTER,
             workers: default_workers(),
@@ -350,12 +356,13 @@ impl Config {
 impl Config {
     /// What the operator grants every plugin: limits, each its own
     /// `STATESET_PLUGIN_<NAME>__*` and [`Config::plugin_env`] (never the
-    /// webhook secret), and private networks or not.
+    /// webhook secret), and outbound HTTP and kv within their policies.
     pub fn grants(&self) -> Grants {
         Grants {
             limits: self.limits.clone(),
             env: EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone()),
-            allow_private_networks: self.allow_private_networks,
+            http: self.http.clone(),
+            kv: self.kv,
         }
     }
 }

@@ -26,6 +26,8 @@ use crate::health::Health;
 use crate::manifest::EnvGrant;
 use crate::plugin_file::{read_component, read_manifest};
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
+use crate::runtime::egress::HttpPolicy;
+use crate::runtime::kv::KvPolicy;
 use crate::runtime::{LimitPolicy, Runtime};
 use crate::store::{Filter, Status, Store};
 use crate::text::escape_controls;
@@ -48,9 +50,10 @@ pub struct Grants {
     pub limits: LimitPolicy,
     /// The environment variables a manifest may read.
     pub env: EnvGrant,
-    /// May a host a manifest's `[http] allowed_hosts` names exactly resolve
-    /// to a private address (loopback, RFC 1918, link-local, ...)?
-    pub allow_private_networks: bool,
+    /// Private networks or not, and the most a manifest's `[http]` may ask.
+    pub http: HttpPolicy,
+    /// The most a manifest's `[kv]` may ask.
+    pub kv: KvPolicy,
 }
 
 /// Owns the loader thread. Dropping it stops the thread: a compile in
@@ -352,11 +355,8 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
     let config = manifest
         .resolve_config(name, &grants.env)
         .map_err(invalid)?;
-    let http = manifest
-        .http
-        .grant(grants.allow_private_networks)
-        .map_err(invalid)?;
-    let kv_quota = manifest.kv.quota().map_err(invalid)?;
+    let http = manifest.http.grant(&grants.http).map_err(invalid)?;
+    let kv_quota = manifest.kv.quota(&grants.kv).map_err(invalid)?;
     let bytes = read_component(path)?;
     let compiled = runtime.compile(&bytes)?;
     let name: Arc<str> = name.into();

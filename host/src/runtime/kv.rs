@@ -17,10 +17,26 @@ pub const MAX_KEY_BYTES: usize = 256;
 pub const MAX_VALUE_BYTES: usize = 64 << 10;
 /// Writes one call may make.
 pub const MAX_OPS_PER_CALL: usize = 1_000;
-/// Default total of a plugin's keys and values, and the most a manifest may
-/// ask for (`[kv] quota_kib`).
+/// Default total of a plugin's keys and values (`[kv] quota_kib`).
 pub const DEFAULT_KV_QUOTA_BYTES: u64 = 1 << 20;
-pub const MAX_KV_QUOTA_BYTES: u64 = 64 << 20;
+/// The most a manifest may ask for unless the operator says otherwise.
+pub const DEFAULT_MAX_KV_QUOTA_BYTES: u64 = 64 << 20;
+
+/// The operator's bound on every plugin's `[kv]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvPolicy {
+    /// The largest `[kv] quota_kib` a manifest may ask for, in bytes. A
+    /// default above it is lowered to it.
+    pub max_quota_bytes: u64,
+}
+
+impl Default for KvPolicy {
+    fn default() -> Self {
+        Self {
+            max_quota_bytes: DEFAULT_MAX_KV_QUOTA_BYTES,
+        }
+    }
+}
 
 /// One write, applied when the delivery commits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,16 +99,16 @@ pub struct KvManifest {
 }
 
 impl KvManifest {
-    /// The plugin's quota in bytes, refused above the maximum.
-    pub fn quota(&self) -> Result<u64, String> {
-        match self.quota_kib.map(|kib| kib << 10) {
-            Some(bytes) if bytes > MAX_KV_QUOTA_BYTES => Err(format!(
-                "kv.quota_kib = {} is above the maximum, {}",
-                bytes >> 10,
-                MAX_KV_QUOTA_BYTES >> 10
+    /// The plugin's quota in bytes under the operator's `policy`, refused
+    /// above its maximum.
+    pub fn quota(&self, policy: &KvPolicy) -> Result<u64, String> {
+        let max_kib = policy.max_quota_bytes >> 10;
+        match self.quota_kib {
+            Some(kib) if kib > max_kib => Err(format!(
+                "kv.quota_kib = {kib} is above the maximum, {max_kib}"
             )),
-            Some(bytes) => Ok(bytes),
-            None => Ok(DEFAULT_KV_QUOTA_BYTES),
+            Some(kib) => Ok(kib << 10),
+            None => Ok(DEFAULT_KV_QUOTA_BYTES.min(policy.max_quota_bytes)),
         }
     }
 }

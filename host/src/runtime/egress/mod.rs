@@ -47,11 +47,38 @@ pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 256 << 10;
 /// not crawl.
 pub const DEFAULT_MAX_REQUESTS: u32 = 10;
 
-/// The most a manifest may ask for (the call's deadline bounds time anyway).
-pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
-pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
-pub const MAX_REQUESTS: u32 = 100;
+/// The most a manifest may ask for unless the operator says otherwise
+/// ([`HttpPolicy`]; the call's deadline bounds time anyway).
+pub const DEFAULT_MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_RESPONSE_CEILING: u64 = 16 << 20;
+pub const DEFAULT_MAX_REQUEST_CEILING: u64 = 4 << 20;
+pub const DEFAULT_MAX_REQUESTS_CEILING: u32 = 100;
+
+/// The operator's bounds on every plugin's `[http]`: private networks or
+/// not, and the most a manifest may ask for. A default above a ceiling is
+/// lowered to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPolicy {
+    /// May a host a manifest names exactly resolve to a private address
+    /// (loopback, RFC 1918, link-local, unique local, ...)?
+    pub allow_private_networks: bool,
+    pub max_timeout: Duration,
+    pub max_request_bytes: u64,
+    pub max_response_bytes: u64,
+    pub max_requests: u32,
+}
+
+impl Default for HttpPolicy {
+    fn default() -> Self {
+        Self {
+            allow_private_networks: false,
+            max_timeout: DEFAULT_MAX_HTTP_TIMEOUT,
+            max_request_bytes: DEFAULT_MAX_REQUEST_CEILING,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_CEILING,
+            max_requests: DEFAULT_MAX_REQUESTS_CEILING,
+        }
+    }
+}
 
 /// The header every outbound request carries unless the plugin set it:
 /// `EVENT_KEY:PLUGIN`, the same on every attempt of a delivery, so the API
@@ -99,10 +126,11 @@ impl Default for HttpGrant {
 }
 
 impl HttpManifest {
-    /// The grant this section asks for, refused (naming the key) when an
-    /// entry is malformed or a value is above the host's maximum.
-    pub fn grant(&self, allow_private_networks: bool) -> Result<HttpGrant, String> {
-        fn within<T: PartialOrd + std::fmt::Display>(
+    /// The grant this section asks for under the operator's `policy`,
+    /// refused (naming the key) when an entry is malformed or a value is
+    /// above the policy's maximum.
+    pub fn grant(&self, policy: &HttpPolicy) -> Result<HttpGrant, String> {
+        fn within<T: Ord + std::fmt::Display>(
             key: &str,
             asked: Option<T>,
             default: T,
@@ -111,7 +139,7 @@ impl HttpManifest {
             match asked {
                 Some(v) if v > max => Err(format!("http.{key} = {v} is above the maximum, {max}")),
                 Some(v) => Ok(v),
-                None => Ok(default),
+                None => Ok(default.min(max)),
             }
         }
         let allowed = self
@@ -123,30 +151,30 @@ impl HttpManifest {
         let kib = |bytes: u64| bytes >> 10;
         Ok(HttpGrant {
             allowed,
-            allow_private: allow_private_networks,
+            allow_private: policy.allow_private_networks,
             timeout: Duration::from_millis(within(
                 "timeout_ms",
                 self.timeout_ms,
                 millis(DEFAULT_HTTP_TIMEOUT),
-                millis(MAX_HTTP_TIMEOUT),
+                millis(policy.max_timeout),
             )?),
             max_request_bytes: within(
                 "max_request_kib",
                 self.max_request_kib,
                 kib(DEFAULT_MAX_REQUEST_BYTES),
-                kib(MAX_REQUEST_BYTES),
+                kib(policy.max_request_bytes),
             )? << 10,
             max_response_bytes: within(
                 "max_response_kib",
                 self.max_response_kib,
                 kib(DEFAULT_MAX_RESPONSE_BYTES),
-                kib(MAX_RESPONSE_BYTES),
+                kib(policy.max_response_bytes),
             )? << 10,
             max_requests: within(
                 "max_requests",
                 self.max_requests,
                 DEFAULT_MAX_REQUESTS,
-                MAX_REQUESTS,
+                policy.max_requests,
             )?,
         })
     }
