@@ -29,6 +29,10 @@ async fn remote() -> SocketAddr {
         )
         .route("/big", get(|| async { "x".repeat(2 << 20) }))
         .route(
+            "/echo-len",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        )
+        .route(
             "/slow",
             get(|| async {
                 tokio::time::sleep(Duration::from_secs(10)).await;
@@ -62,6 +66,17 @@ impl Caller {
         url: &str,
         times: u64,
     ) -> anyhow::Result<CallOutcome> {
+        let data = json!({ "misbehave": "fetch", "url": url, "times": times });
+        self.call(manifest, private, data).await
+    }
+
+    /// Load the fixture under `manifest` and call it with event `data`.
+    async fn call(
+        &self,
+        manifest: &str,
+        private: bool,
+        data: serde_json::Value,
+    ) -> anyhow::Result<CallOutcome> {
         self.plugins.add("fetcher", "misbehave", Some(manifest));
         let mut grants = Grants::default();
         grants.http.allow_private_networks = private;
@@ -70,11 +85,7 @@ impl Caller {
             &self.plugins.path().join("fetcher.wasm"),
             &grants,
         )?;
-        let payload = event(
-            "evt_http",
-            "order.created",
-            json!({ "misbehave": "fetch", "url": url, "times": times }),
-        );
+        let payload = event("evt_http", "order.created", data);
         let runtime = self.runtime.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let payload = String::from_utf8(payload).unwrap();
@@ -131,6 +142,23 @@ async fn a_listed_host_is_reached_within_its_bounds() {
 
     let big = fetch("/big", 1).await;
     assert!(error(&big).contains("HttpResponseBodySize"), "{big:?}");
+
+    // A request body of many chunks goes out whole, up to its cap (256 KiB).
+    let post = |bytes: u64| {
+        let data =
+            json!({ "misbehave": "fetch", "url": format!("{base}/echo-len"), "post_bytes": bytes });
+        let (manifest, caller) = (manifest.clone(), &caller);
+        async move { caller.call(&manifest, true, data).await.unwrap() }
+    };
+    let sent = post(200 << 10).await;
+    let length = (200 << 10) + r#"{"pad":""}"#.len();
+    assert_eq!(
+        lines(&sent),
+        [format!("fetched 200 6 bytes: {length}")],
+        "{sent:?}"
+    );
+    let over = post(300 << 10).await;
+    assert!(error(&over).contains("HttpRequestBodySize"), "{over:?}");
 
     // The request's own timeout comes before the call's 1 s deadline.
     let slow = fetch("/slow", 1).await;

@@ -27,7 +27,7 @@ async fn a_signed_event_reaches_only_its_subscribed_plugin() {
     assert_eq!(
         messages(&reports[0]),
         [format!(
-            "order {ORDER_ID} created: 3 items, total 66.68 USD"
+            "order {ORDER_ID} created: 3 items, total 66.68 USD; customer cus_01JQ2F8XW3K9M4N7P1R5T6V8YZ: 1 order"
         )]
     );
     // The low-stock event is the next report: nothing else ran the order.

@@ -16,14 +16,18 @@ left out when the event has none.
 
 When the manifest's `[config]` sets `review_url` (and `[http] allowed_hosts`
 lets the plugin reach it), the request is also POSTed there as JSON
-(`{"order_id", "shipment_id", "customer", "message"}`) with the delivery's
-`Idempotency-Key`, and a second line says so:
+(`{"order_id", "shipment_id", "customer", "message"}`), and a second line
+says so:
 
     review request for order ord_... sent to https://reviews.example/requests: 201
 
-Each order is asked about once: the plugin remembers it in its key-value
-state (`asked/ORDER_ID`), written with the delivery, and logs
-`order ord_...: review already requested` for later deliveries.
+Each order is asked about once. The plugin remembers it in its key-value
+state (`asked/ORDER_ID`, written with the delivery) and logs
+`order ord_...: review already requested` for later deliveries. Two
+deliveries about one order can still run at once (a split shipment), so the
+request's `Idempotency-Key` names the order, `shipment-review:ORDER_ID`: the
+service drops the second. Without an `order_id`, neither applies (the key is
+the delivery's).
 
 The event is returned as an error (so the delivery is recorded as failed) when
 the payload is not a JSON envelope with a `data` object, when `shipped_at` or
@@ -62,18 +66,21 @@ class WitWorld(wit_world.WitWorld):
             return
         try:
             request = review_request(payload)
-            asked = f"asked/{request['order_id']}"
-            if kv.get(asked) is not None:
-                log(LogLevel.INFO, f"order {request['order_id']}: review already requested")
+            order = request["order_id"]
+            asked = f"asked/{order}" if order else None
+            if asked and kv.get(asked) is not None:
+                log(LogLevel.INFO, f"order {order}: review already requested")
                 return
             log(LogLevel.INFO, request["message"])
             url = config_get("review_url")
             if url:
-                status = post_json(url, request)
+                key = f"shipment-review:{order}" if order else delivery_key()
+                status = post_json(url, request, key)
                 if not 200 <= status < 300:
                     raise Err(f"{url} answered {status}")
-                log(LogLevel.INFO, f"review request for order {request['order_id']} sent to {url}: {status}")
-            kv.set(asked, b"1", None)
+                log(LogLevel.INFO, f"review request for order {order or '(none)'} sent to {url}: {status}")
+            if asked:
+                kv.set(asked, b"1", None)
         except Err:
             raise
         except Exception as e:  # never trap: report anything unexpected as an error
@@ -101,9 +108,10 @@ def review_request(payload: str) -> dict:
 
     took = humanize(int((delivered - shipped).total_seconds()))
     carrier = data.get("carrier") or "unknown"
-    order = data.get("order_id") or "(unknown order)"
+    order = data.get("order_id") or ""
     number = data.get("order_number")
-    order_ref = f"{order} ({number})" if number else order
+    order_ref = order or "(unknown order)"
+    order_ref = f"{order_ref} ({number})" if number else order_ref
     who = customer(data)
     return {
         "order_id": order,
@@ -116,8 +124,11 @@ def review_request(payload: str) -> dict:
     }
 
 
-def post_json(url: str, body: dict) -> int:
+def post_json(url: str, body: dict, idempotency_key: str) -> int:
     """POST `body` as JSON to `url` through `wasi:http`; the response status.
+
+    `idempotency_key` is sent as `Idempotency-Key`: a request repeated under
+    the same key (a retried delivery) is one request to the service.
 
     Blocks until the response arrives (the host bounds the wait). Raises `Err`
     naming the `wasi:http` error code when the host refuses the request (a host
@@ -131,8 +142,7 @@ def post_json(url: str, body: dict) -> int:
     headers = Fields.from_list(
         [
             ("content-type", b"application/json"),
-            # The same on every attempt of this delivery: the service can drop a repeat.
-            ("idempotency-key", delivery_key().encode()),
+            ("idempotency-key", idempotency_key.encode()),
         ]
     )
     request = OutgoingRequest(headers)
@@ -141,14 +151,20 @@ def post_json(url: str, body: dict) -> int:
     request.set_authority(parts.netloc)
     request.set_path_with_query((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
     outgoing = request.body()
-    with outgoing.write() as stream:
-        for start in range(0, len(data), 4096):
-            stream.blocking_write_and_flush(data[start : start + 4096])
-    OutgoingBody.finish(outgoing, None)
+    # Sent first, then the body written: the host takes the body as it
+    # streams, and holds only a couple of chunks before that.
     try:
         future = outgoing_handler.handle(request, None)
     except Err as e:
         raise Err(f"POST {url} failed: {type(e.value).__name__}")
+    written = None
+    try:
+        with outgoing.write() as stream:
+            for start in range(0, len(data), 4096):
+                stream.blocking_write_and_flush(data[start : start + 4096])
+        OutgoingBody.finish(outgoing, None)
+    except Err as e:  # the response below says why, if the host refused the body
+        written = e
     with future:
         with future.subscribe() as ready:
             ready.block()
@@ -156,6 +172,8 @@ def post_json(url: str, body: dict) -> int:
     if result is None or not isinstance(result, Ok) or not isinstance(result.value, Ok):
         error = result.value.value if result is not None and isinstance(result, Ok) else result
         raise Err(f"POST {url} failed: {type(error).__name__}")
+    if written is not None:
+        raise Err(f"POST {url} failed: {type(written.value).__name__}")
     with result.value.value as response:
         return response.status()
 

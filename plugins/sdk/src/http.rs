@@ -115,22 +115,19 @@ fn send(
         .set_path_with_query(Some(path))
         .map_err(|()| invalid("path"))?;
     let outgoing = request.body().map_err(|()| invalid("body"))?;
-    if !body.is_empty() {
-        let stream = outgoing.write().map_err(|()| invalid("body"))?;
-        for chunk in body.chunks(4096) {
-            stream
-                .blocking_write_and_flush(chunk)
-                .map_err(|e| failed(stream_error(e)))?;
-        }
-    }
-    OutgoingBody::finish(outgoing, None).map_err(|e| failed(format!("{e:?}")))?;
+    // Sent first, then the body written: the host takes the body as it
+    // streams, and holds only a couple of chunks before that.
     let pending = outgoing_handler::handle(request, None).map_err(|e| failed(format!("{e:?}")))?;
+    let written = write_body(outgoing, body);
     pending.subscribe().block();
     let response = pending
         .get()
         .ok_or_else(|| failed("no response".into()))?
         .map_err(|()| failed("response taken twice".into()))?
+        // The host's reason (a body over its cap, say) comes before the
+        // write error it caused.
         .map_err(|e| failed(format!("{e:?}")))?;
+    written.map_err(failed)?;
     let status = response.status();
     let incoming = response.consume().map_err(|()| invalid("response body"))?;
     let stream = incoming.stream().map_err(|()| invalid("response body"))?;
@@ -147,6 +144,20 @@ fn send(
         status,
         body: bytes,
     })
+}
+
+/// Write all of `body` and finish it; on an error the body is dropped
+/// unfinished, which tells the host the request is incomplete.
+fn write_body(outgoing: OutgoingBody, body: &[u8]) -> Result<(), String> {
+    if !body.is_empty() {
+        let stream = outgoing.write().map_err(|()| "invalid body".to_owned())?;
+        for chunk in body.chunks(4096) {
+            stream
+                .blocking_write_and_flush(chunk)
+                .map_err(stream_error)?;
+        }
+    }
+    OutgoingBody::finish(outgoing, None).map_err(|e| format!("{e:?}"))
 }
 
 fn stream_error(error: StreamError) -> String {

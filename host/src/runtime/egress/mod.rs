@@ -347,10 +347,10 @@ async fn send(
         tokio::pin!(send);
         loop {
             tokio::select! {
-                response = &mut send => break response.map_err(Error::from),
+                response = &mut send => break response.map_err(hyper_error),
                 ended = &mut conn, if !conn_done => {
                     conn_done = true;
-                    ended.map_err(Error::from)?;
+                    ended.map_err(hyper_error)?;
                 }
             }
         }
@@ -374,6 +374,21 @@ async fn send(
         Ok(())
     };
     Ok((response, Box::new(io)))
+}
+
+/// A failed exchange's error code: the one a bounded body ended with (a
+/// request body over its cap, say) when that is the cause, else hyper's.
+fn hyper_error(error: hyper::Error) -> Error {
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        match inner.downcast_ref::<Error>() {
+            Some(Error::HttpRequestBodySize(limit)) => return Error::HttpRequestBodySize(*limit),
+            Some(Error::ConnectionReadTimeout) => return Error::ConnectionReadTimeout,
+            _ => {}
+        }
+        cause = inner.source();
+    }
+    Error::from(error)
 }
 
 /// The addresses to connect to: the host's own if it is an IP literal, else
