@@ -121,7 +121,10 @@ mod toolchains {
         let reviewed = reviewed.lock().unwrap().clone();
         assert_eq!(reviewed.len(), 1, "asked once: {reviewed:?}");
         // Keyed by the order: two deliveries about one order are one request.
-        assert_eq!(reviewed[0].0, "shipment-review:ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E");
+        assert_eq!(
+            reviewed[0].0,
+            "shipment-review:ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E"
+        );
         assert_eq!(reviewed[0].1["customer"], "Maya Chen");
         let refunded = refunded.lock().unwrap().clone();
         assert_eq!(refunded.len(), 1, "{refunded:?}");

@@ -103,6 +103,7 @@ impl Worker {
                 .map(|f| (f.kind, f.message.clone())),
             plugin: plugin.name.clone(),
             kv: outcome.kv_writes.clone(),
+            kv_quota: plugin.prepared.kv_quota,
         };
         let report = Report {
             event_key: event.key().into(),
@@ -152,6 +153,7 @@ impl Worker {
             failure: Some((failure.kind, failure.message.clone())),
             plugin: due.plugin.clone(),
             kv: Arc::default(),
+            kv_quota: 0,
         };
         let report = Report {
             event_key,

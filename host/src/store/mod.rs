@@ -97,6 +97,8 @@ pub struct Attempt {
     /// (a compare-and-swap that no longer holds) not at all, the delivery
     /// then failed and due again.
     pub kv: Arc<[KvOp]>,
+    /// The plugin's kv quota in bytes, checked again as `kv` commits.
+    pub kv_quota: u64,
 }
 
 /// One delivery as stored.

@@ -1,5 +1,5 @@
--- stateset-hooks store, schema version 4 (2: plugin limits and counters as JSON; 3: replay counts;
--- 4: plugins' key-value state), as
+-- stateset-hooks store, schema version 5 (2: plugin limits and counters as JSON; 3: replay counts;
+-- 4: plugins' key-value state; 5: its usage per plugin, kept by triggers, and an expiry index), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -61,4 +61,29 @@ CREATE TABLE IF NOT EXISTS plugin_kv (
     PRIMARY KEY (plugin, key)
 );
 
-PRAGMA user_version = 4;
+-- The keys with a TTL, for deleting a plugin's expired keys when it next
+-- writes (and the hourly sweep) without reading the others.
+CREATE INDEX IF NOT EXISTS plugin_kv_expiry ON plugin_kv (plugin, expires_at)
+    WHERE expires_at IS NOT NULL;
+
+-- Bytes of each plugin's keys and values (expired ones too, until deleted),
+-- for its quota: kept by the triggers below, so every write path agrees.
+CREATE TABLE IF NOT EXISTS plugin_kv_usage (
+    plugin TEXT PRIMARY KEY,
+    bytes  INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS plugin_kv_added AFTER INSERT ON plugin_kv BEGIN
+    INSERT OR IGNORE INTO plugin_kv_usage (plugin, bytes) VALUES (NEW.plugin, 0);
+    UPDATE plugin_kv_usage SET bytes = bytes + length(CAST(NEW.key AS BLOB)) + length(NEW.value)
+        WHERE plugin = NEW.plugin;
+END;
+CREATE TRIGGER IF NOT EXISTS plugin_kv_changed AFTER UPDATE OF value ON plugin_kv BEGIN
+    UPDATE plugin_kv_usage SET bytes = bytes - length(OLD.value) + length(NEW.value)
+        WHERE plugin = NEW.plugin;
+END;
+CREATE TRIGGER IF NOT EXISTS plugin_kv_removed AFTER DELETE ON plugin_kv BEGIN
+    UPDATE plugin_kv_usage SET bytes = bytes - length(CAST(OLD.key AS BLOB)) - length(OLD.value)
+        WHERE plugin = OLD.plugin;
+END;
+
+PRAGMA user_version = 5;

@@ -37,7 +37,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// The schema version this build reads and writes (`PRAGMA user_version`,
 /// set by `schema.sql`). Older files are migrated at open; newer ones are
 /// refused, as this build cannot know what they mean.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
@@ -185,7 +185,9 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 /// ([`SCHEMA_VERSION`]), or refuse one written by a later version. Version 0
 /// is a new file. Version 1 kept the plugin table's limits and counters as
 /// display text; it is a snapshot the server rewrites every second, so its
-/// rows are dropped.
+/// rows are dropped. Version 5 counts each plugin's kv bytes: counted once
+/// from the rows of an older file. All in one transaction, so a migration
+/// cut short is done again at the next open.
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
@@ -197,25 +199,44 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             path.display()
         )));
     }
-    if version == 1 {
-        conn.execute("DELETE FROM plugins", []).map_err(classify)?;
-    }
-    conn.execute_batch(SCHEMA).map_err(classify)?;
-    // Version 3 counts replays; checked by column, not by number, so a
-    // migration cut short completes at the next open.
-    let has_replays: bool = conn
-        .query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'replays'",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(classify)?;
-    if !has_replays {
-        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0")
-            .map_err(classify)?;
-    }
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(classify)?;
+    let migrated = upgrade(conn, version);
+    let end = if migrated.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    conn.execute_batch(end).map_err(classify)?;
+    migrated.map_err(classify)?;
     if version != SCHEMA_VERSION {
         tracing::info!(db = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// The steps of [`migrate`], inside its transaction.
+fn upgrade(conn: &Connection, version: i64) -> rusqlite::Result<()> {
+    if version == 1 {
+        conn.execute("DELETE FROM plugins", [])?;
+    }
+    conn.execute_batch(SCHEMA)?;
+    if version < 5 {
+        conn.execute_batch(
+            "DELETE FROM plugin_kv_usage;
+             INSERT INTO plugin_kv_usage (plugin, bytes)
+                 SELECT plugin, SUM(length(CAST(key AS BLOB)) + length(value))
+                 FROM plugin_kv GROUP BY plugin;",
+        )?;
+    }
+    // Version 3 counts replays; checked by column, not by number, so a
+    // migration cut short completes at the next open.
+    let has_replays: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'replays'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_replays {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0")?;
     }
     Ok(())
 }
@@ -225,13 +246,25 @@ const KV_CONFLICT_RETRY: Duration = Duration::from_millis(100);
 
 /// Apply a successful call's key-value writes in order; `Err` inside is a
 /// conflict (a compare-and-swap that no longer holds, an increment of what
-/// is no longer an integer), after which the caller rolls them all back.
+/// is no longer an integer, writes that together with other deliveries'
+/// would pass the plugin's `quota`), after which the caller rolls them all
+/// back. The plugin's expired keys are deleted first.
 fn apply_kv(
     tx: &Connection,
     plugin: &str,
     ops: &[KvOp],
+    quota: u64,
     now: i64,
 ) -> rusqlite::Result<Result<(), String>> {
+    if ops.is_empty() {
+        return Ok(Ok(()));
+    }
+    tx.prepare_cached(
+        "DELETE FROM plugin_kv WHERE plugin = ?1 AND expires_at IS NOT NULL AND expires_at <= ?2",
+    )?
+    .execute(params![plugin, now])?;
+    let usage = || kv_usage_in(tx, plugin);
+    let before = usage()?;
     let current = |key: &str| -> rusqlite::Result<Option<Vec<u8>>> {
         tx.prepare_cached(
             "SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2
@@ -247,6 +280,14 @@ fn apply_kv(
                  expires_at = excluded.expires_at",
         )?
         .execute(params![plugin, key, value, expires_at])
+    };
+    // An increment keeps the key's TTL (the expired are deleted above).
+    let put_keeping_ttl = |key: &str, value: &[u8]| -> rusqlite::Result<usize> {
+        tx.prepare_cached(
+            "INSERT INTO plugin_kv (plugin, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+        )?
+        .execute(params![plugin, key, value])
     };
     for op in ops {
         match op {
@@ -272,7 +313,7 @@ fn apply_kv(
                 let Some(sum) = n.checked_add(*delta) else {
                     return Ok(Err(format!("kv conflict: key {key:?} would overflow")));
                 };
-                put(key, sum.to_string().as_bytes(), None)?;
+                put_keeping_ttl(key, sum.to_string().as_bytes())?;
             }
             KvOp::CompareAndSwap { key, expected, new } => {
                 if current(key)? != *expected {
@@ -284,7 +325,24 @@ fn apply_kv(
             }
         }
     }
+    // Each call checks the quota against what was committed when it wrote;
+    // deliveries running side by side are checked together here.
+    let after = usage()?;
+    if after > before && after > quota {
+        return Ok(Err(format!(
+            "kv quota: this delivery's writes would take the plugin to {after} bytes, \
+             past its quota of {quota}"
+        )));
+    }
     Ok(Ok(()))
+}
+
+/// Bytes of `plugin`'s keys and values, expired ones not yet deleted included.
+fn kv_usage_in(conn: &Connection, plugin: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT bytes FROM plugin_kv_usage WHERE plugin = ?1")?
+        .query_row(params![plugin], |row| row.get::<_, i64>(0))
+        .optional()
+        .map(|bytes| bytes.unwrap_or(0).max(0) as u64)
 }
 
 impl KvRead for SqliteStore {
@@ -315,15 +373,8 @@ impl KvRead for SqliteStore {
     }
 
     fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
-        self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM plugin_kv
-                 WHERE plugin = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
-            )?
-            .query_row(params![plugin, now_ms()], |row| row.get::<_, i64>(0))
-        })
-        .map(|n| n as u64)
-        .map_err(|e| e.to_string())
+        self.read(|conn| kv_usage_in(conn, plugin))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -619,7 +670,7 @@ impl Store for SqliteStore {
                         "replayed while an attempt ran: that attempt is not recorded and the delivery runs again"
                     );
                 } else if a.status == Status::Succeeded
-                    && let Err(conflict) = apply_kv(tx, &a.plugin, &a.kv, now)?
+                    && let Err(conflict) = apply_kv(tx, &a.plugin, &a.kv, a.kv_quota, now)?
                 {
                     // Its state changed under it: nothing of it is kept, and
                     // it runs again on the state as it now is.
@@ -915,6 +966,7 @@ mod tests {
             failure: None,
             plugin: "p".into(),
             kv: kv.into(),
+            kv_quota: 1 << 20,
         };
         let set = |key: &str, value: &str| KvOp::Set {
             key: key.into(),
@@ -964,45 +1016,120 @@ mod tests {
     }
 
     #[test]
-    fn expired_kv_keys_are_gone_uncounted_and_purged() {
+    fn kv_usage_counts_bytes_expired_keys_go_and_the_quota_holds_at_commit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
         let conn = connect(&path, Duration::from_secs(5)).unwrap();
-        let event = Event::parse(br#"{"id":"evt_ttl","type":"t","data":{}}"#).unwrap();
-        let Appended::New(ids) = append(&conn, &event, &["p".into()], now_ms()).unwrap() else {
-            unreachable!()
+        let mut ids = Vec::new();
+        for key in ["evt_1", "evt_2", "evt_3", "evt_4"] {
+            let body = format!(r#"{{"id":"{key}","type":"t","data":{{}}}}"#);
+            let event = Event::parse(body.as_bytes()).unwrap();
+            let Appended::New(new) = append(&conn, &event, &["p".into()], now_ms()).unwrap() else {
+                unreachable!()
+            };
+            ids.extend(new);
+        }
+        let attempt = |id, kv: Vec<KvOp>, kv_quota| Attempt {
+            id,
+            replays: 0,
+            plugin_version: "v".into(),
+            status: Status::Succeeded,
+            next_attempt_at: now_ms(),
+            failure: None,
+            plugin: "p".into(),
+            kv: kv.into(),
+            kv_quota,
         };
-        let set = |key: &str, expires_at: Option<i64>| KvOp::Set {
+        let set = |key: &str, bytes: usize, expires_at: Option<i64>| KvOp::Set {
             key: key.into(),
-            value: b"0123456789".to_vec(),
+            value: vec![b'v'; bytes],
             expires_at,
         };
-        let kv = vec![set("gone", Some(now_ms() - 1)), set("kept", None)];
+        let count = |key: &str| KvOp::Increment {
+            key: key.into(),
+            delta: 1,
+        };
+        let soon = now_ms() + 60_000;
         store
-            .record(vec![Attempt {
-                id: ids[0],
-                replays: 0,
-                plugin_version: "v".into(),
-                status: Status::Succeeded,
-                next_attempt_at: now_ms(),
-                failure: None,
-                plugin: "p".into(),
-                kv: kv.into(),
-            }])
+            .record(vec![attempt(
+                ids[0],
+                vec![
+                    set("gone", 10, Some(now_ms() - 1)),
+                    // Four bytes of key in one character.
+                    set("\u{1F600}", 10, None),
+                    KvOp::Set {
+                        key: "n".into(),
+                        value: b"1".to_vec(),
+                        expires_at: Some(soon),
+                    },
+                ],
+                1 << 20,
+            )])
             .unwrap();
         assert_eq!(store.kv_get("p", "gone").unwrap(), None);
-        assert_eq!(store.kv_keys("p", "", 10).unwrap(), ["kept"]);
+        assert_eq!(store.kv_keys("p", "", 10).unwrap(), ["n", "\u{1F600}"]);
+        // Expired keys count until deleted.
+        assert_eq!(store.kv_usage("p").unwrap(), (4 + 10) + (4 + 10) + (1 + 1));
+
+        // The plugin's next writes delete its expired keys first; an
+        // increment keeps the key's TTL.
+        store
+            .record(vec![attempt(ids[1], vec![count("n")], 1 << 20)])
+            .unwrap();
+        assert_eq!(store.kv_usage("p").unwrap(), (4 + 10) + (1 + 1));
+        let ttl: Option<i64> = conn
+            .query_row(
+                "SELECT expires_at FROM plugin_kv WHERE key = 'n'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(ttl, Some(soon));
+
+        // Two deliveries, each within the quota alone, not together: the
+        // second is refused at commit and runs again.
+        let quota = 14 + 2 + 2 * (1 + 20);
+        store
+            .record(vec![
+                attempt(ids[2], vec![set("a", 20, None)], quota),
+                attempt(ids[3], vec![set("b", 21, None)], quota),
+            ])
+            .unwrap();
+        assert!(store.kv_get("p", "a").unwrap().is_some());
+        assert_eq!(store.kv_get("p", "b").unwrap(), None);
+        let refused = &store.event("evt_4").unwrap().unwrap().deliveries[0];
+        assert_eq!(refused.status, Status::Failed);
+        assert!(
+            refused
+                .last_failure_message
+                .as_deref()
+                .unwrap()
+                .contains("past its quota"),
+            "{refused:?}"
+        );
+
+        // The sweep deletes what expired, whoever owns it.
+        store
+            .record(vec![attempt(
+                ids[3],
+                vec![set("brief", 1, Some(now_ms() - 1))],
+                1 << 20,
+            )])
+            .unwrap();
+        assert_eq!(store.purge_expired_kv(now_ms()).unwrap(), 1);
+        let usage: i64 = conn
+            .query_row(
+                "SELECT SUM(length(CAST(key AS BLOB)) + length(value)) FROM plugin_kv",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(
             store.kv_usage("p").unwrap(),
-            4 + 10,
-            "only the live key counts"
+            usage as u64,
+            "the triggers agree with the rows"
         );
-        assert_eq!(store.purge_expired_kv(now_ms()).unwrap(), 1);
-        let rows: i64 = conn
-            .query_row("SELECT COUNT(*) FROM plugin_kv", [], |row| row.get(0))
-            .unwrap();
-        assert_eq!(rows, 1);
     }
 
     #[test]
@@ -1050,6 +1177,22 @@ mod tests {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+
+        // Version 4 had kv rows and no usage table: counted at the upgrade.
+        let v4 = dir.path().join("v4.db");
+        drop(SqliteStore::open(&v4, Duration::from_secs(5)).unwrap());
+        Connection::open(&v4)
+            .unwrap()
+            .execute_batch(
+                "DROP TRIGGER plugin_kv_added; DROP TRIGGER plugin_kv_changed;
+                 DROP TRIGGER plugin_kv_removed; DROP INDEX plugin_kv_expiry;
+                 DROP TABLE plugin_kv_usage;
+                 INSERT INTO plugin_kv (plugin, key, value) VALUES ('p', 'k', x'010203');
+                 PRAGMA user_version = 4;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&v4, Duration::from_secs(5)).unwrap();
+        assert_eq!(store.kv_usage("p").unwrap(), 1 + 3);
     }
 
     #[test]
