@@ -1,6 +1,7 @@
 //! The `stateset-hooks` binary as a user runs it: `serve`, `sign`, `send`, `run`.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -159,7 +160,7 @@ fn the_documented_curl_recipe_works_and_the_plugin_logs() {
             std::time::Instant::now() < deadline,
             "plugins list never showed the call: {rows}"
         );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(200));
     };
     let states: Vec<(&str, &str)> = rows
         .as_array()
@@ -258,6 +259,38 @@ fn run_reports_result_fuel_time_and_memory() {
         "{stdout}"
     );
     assert!(!db.exists(), "run wrote a database");
+
+    // With a database, run reads the plugin's state from it and changes
+    // nothing there: this order was counted before, so no writes.
+    drop(stateset_hooks::store::SqliteStore::open(&db, Duration::from_secs(5)).unwrap());
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO plugin_kv (plugin, key, value) VALUES
+                 ('orders', 'order/ord_01JQ8ZK4M7T2VX9C3N5B6R8W1E', x'00'),
+                 ('orders', 'customer/cus_01JQ2F8XW3K9M4N7P1R5T6V8YZ/orders', '5');",
+        )
+        .unwrap();
+    let before = std::fs::read(&db).unwrap();
+    let output = bin()
+        .arg("--db")
+        .arg(&db)
+        .arg("run")
+        .arg(wasm("orders"))
+        .arg(workspace_root().join("examples/events/order.created.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("cus_01JQ2F8XW3K9M4N7P1R5T6V8YZ: 5 orders"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("kv write"), "{stdout}");
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "run changed the database"
+    );
 
     let output = bin()
         .arg("run")

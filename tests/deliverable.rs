@@ -58,20 +58,21 @@ async fn an_undeliverable_stored_event_is_a_host_error_and_the_workers_go_on() {
     let mut server = TestServer::start(config).await;
 
     let body = b"{\"id\":\"evt_poison\",\"type\":\"order.created\",\"data\":{},\"x\":\"\xff\"}";
-    let sqlite = rusqlite::Connection::open(&db).unwrap();
-    sqlite
-        .execute(
-            "INSERT INTO events (key, event_type, received_at, body) VALUES ('evt_poison', 'order.created', 0, ?1)",
-            [&body[..]],
-        )
-        .unwrap();
-    sqlite
-        .execute(
-            "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
-             VALUES ('evt_poison', 'alpha', 'pending', 0, 0, 0, 0)",
-            [],
-        )
-        .unwrap();
+    // One transaction: the retention sweep must not see the event alone.
+    let mut sqlite = rusqlite::Connection::open(&db).unwrap();
+    let tx = sqlite.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO events (key, event_type, received_at, body) VALUES ('evt_poison', 'order.created', 0, ?1)",
+        [&body[..]],
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
+         VALUES ('evt_poison', 'alpha', 'pending', 0, 0, 0, 0)",
+        [],
+    )
+    .unwrap();
+    tx.commit().unwrap();
 
     let report = &server.reports(1).await[0];
     assert_eq!(&*report.event_key, "evt_poison");

@@ -13,7 +13,7 @@ use stateset_hooks::manifest::EnvGrant;
 use stateset_hooks::runtime::Runtime;
 use stateset_hooks::runtime::kv::{EmptyKv, KvOp, KvRead};
 use stateset_hooks::signature::SECRET_ENV;
-use stateset_hooks::store::SqliteStore;
+use stateset_hooks::store::KvSnapshot;
 use stateset_hooks::text::escape_controls;
 use stateset_hooks::{Event, Secret};
 
@@ -45,7 +45,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new(None, 1)?;
     let state: Arc<dyn KvRead> = if db.exists() {
-        Arc::new(SqliteStore::open(db, std::time::Duration::from_secs(5))?)
+        Arc::new(KvSnapshot::open(db)?)
     } else {
         Arc::new(EmptyKv)
     };

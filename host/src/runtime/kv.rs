@@ -113,6 +113,22 @@ impl KvManifest {
     }
 }
 
+/// Why a kv call did not do what it asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KvError {
+    /// A cap, the quota or the value held: the plugin's answer (`err`).
+    Refused(String),
+    /// The store failed: the host's problem, a trap, not an answer.
+    Store(String),
+}
+
+impl From<String> for KvError {
+    /// A message is a refusal; store failures are made explicitly.
+    fn from(message: String) -> Self {
+        Self::Refused(message)
+    }
+}
+
 /// One call's view of its plugin's state.
 pub(crate) struct KvSession {
     plugin: Arc<str>,
@@ -148,18 +164,19 @@ impl KvSession {
     async fn read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&dyn KvRead, &str) -> Result<T, String> + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, KvError> {
         let reader = self
             .reader
             .clone()
-            .ok_or_else(|| "no key-value store in this host".to_owned())?;
+            .ok_or_else(|| KvError::Store("no key-value store in this host".to_owned()))?;
         let plugin = self.plugin.clone();
         tokio::task::spawn_blocking(move || read(&*reader, &plugin))
             .await
-            .map_err(|e| format!("the store read failed: {e}"))?
+            .map_err(|e| KvError::Store(format!("the store read failed: {e}")))?
+            .map_err(KvError::Store)
     }
 
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         match self.overlay.get(key) {
             Some(value) => Ok(value.clone()),
             None => {
@@ -170,7 +187,7 @@ impl KvSession {
         }
     }
 
-    pub(crate) async fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+    pub(crate) async fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, KvError> {
         let (owned, wanted) = (prefix.to_owned(), limit + self.overlay.len());
         let committed = self
             .read(move |reader, plugin| reader.kv_keys(plugin, &owned, wanted))
@@ -193,7 +210,7 @@ impl KvSession {
         key: String,
         value: Vec<u8>,
         expires_at: Option<i64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), KvError> {
         self.write_check(&key, value.len()).await?;
         self.overlay.insert(key.clone(), Some(value.clone()));
         self.ops.push(KvOp::Set {
@@ -204,14 +221,15 @@ impl KvSession {
         Ok(())
     }
 
-    pub(crate) async fn delete(&mut self, key: String) -> Result<(), String> {
-        self.write_check(&key, 0).await?;
+    /// Deleting frees space: it is never refused for the quota.
+    pub(crate) fn delete(&mut self, key: String) -> Result<(), KvError> {
+        self.caps(&key, 0)?;
         self.overlay.insert(key.clone(), None);
         self.ops.push(KvOp::Delete { key });
         Ok(())
     }
 
-    pub(crate) async fn increment(&mut self, key: String, delta: i64) -> Result<i64, String> {
+    pub(crate) async fn increment(&mut self, key: String, delta: i64) -> Result<i64, KvError> {
         let current = match self.get(&key).await? {
             None => 0,
             Some(bytes) => parse_integer(&key, &bytes)?,
@@ -231,7 +249,7 @@ impl KvSession {
         key: String,
         expected: Option<Vec<u8>>,
         new: Vec<u8>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, KvError> {
         if self.get(&key).await? != expected {
             return Ok(false);
         }
@@ -241,17 +259,23 @@ impl KvSession {
         Ok(true)
     }
 
-    /// Refuse a write past a cap, counting it against the quota if not.
-    async fn write_check(&mut self, key: &str, value_bytes: usize) -> Result<(), String> {
+    /// Refuse a write past a cap.
+    fn caps(&self, key: &str, value_bytes: usize) -> Result<(), KvError> {
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return Err(format!("kv keys are 1 to {MAX_KEY_BYTES} bytes"));
+            return Err(format!("kv keys are 1 to {MAX_KEY_BYTES} bytes").into());
         }
         if value_bytes > MAX_VALUE_BYTES {
-            return Err(format!("kv values are at most {MAX_VALUE_BYTES} bytes"));
+            return Err(format!("kv values are at most {MAX_VALUE_BYTES} bytes").into());
         }
         if self.ops.len() >= MAX_OPS_PER_CALL {
-            return Err(format!("at most {MAX_OPS_PER_CALL} kv writes per call"));
+            return Err(format!("at most {MAX_OPS_PER_CALL} kv writes per call").into());
         }
+        Ok(())
+    }
+
+    /// Refuse a write past a cap, counting it against the quota if not.
+    async fn write_check(&mut self, key: &str, value_bytes: usize) -> Result<(), KvError> {
+        self.caps(key, value_bytes)?;
         let usage = match self.usage {
             Some(usage) => usage,
             None => self.read(|reader, plugin| reader.kv_usage(plugin)).await?,
@@ -262,7 +286,8 @@ impl KvSession {
             return Err(format!(
                 "kv quota of {} bytes reached (set [kv] quota_kib in the manifest)",
                 self.quota
-            ));
+            )
+            .into());
         }
         self.usage = Some(after);
         Ok(())
@@ -329,7 +354,7 @@ mod tests {
     async fn reads_see_committed_state_plus_own_writes() {
         let mut kv = session(&[("a", "1"), ("b", "2"), ("c", "3")], 1 << 20);
         kv.set("d".into(), b"4".to_vec(), None).await.unwrap();
-        kv.delete("b".into()).await.unwrap();
+        kv.delete("b".into()).unwrap();
         assert_eq!(kv.get("a").await.unwrap(), Some(b"1".to_vec()));
         assert_eq!(kv.get("b").await.unwrap(), None);
         assert_eq!(kv.keys("", 10).await.unwrap(), ["a", "c", "d"]);
@@ -370,13 +395,22 @@ mod tests {
         );
         kv.set("a".into(), vec![0; 10], None).await.unwrap(); // 5 + 11 = 16
         let err = kv.set("b".into(), vec![0; 10], None).await.unwrap_err();
-        assert!(err.contains("quota"), "{err}");
-        let mut text = session(&[("name", "bob")], 1 << 20);
         assert!(
-            text.increment("name".into(), 1)
-                .await
-                .unwrap_err()
-                .contains("decimal")
+            matches!(&err, KvError::Refused(m) if m.contains("quota")),
+            "{err:?}"
         );
+        // Deleting frees space: never refused for the quota.
+        kv.delete("k".into()).unwrap();
+        let mut text = session(&[("name", "bob")], 1 << 20);
+        let err = text.increment("name".into(), 1).await.unwrap_err();
+        assert!(
+            matches!(&err, KvError::Refused(m) if m.contains("decimal")),
+            "{err:?}"
+        );
+        // No store at all is the host's failure, not the plugin's answer.
+        let mut none = KvSession::new("p".into(), None, 1 << 20);
+        assert!(matches!(none.get("k").await, Err(KvError::Store(_))));
+        let set = none.set("k".into(), vec![1], None).await;
+        assert!(matches!(set, Err(KvError::Store(_))), "{set:?}");
     }
 }

@@ -36,7 +36,7 @@ use self::bindings::{v0_1_0, v0_2_0, v0_3_0};
 use self::cache::CompileCache;
 pub use self::cache::{CacheConfig, CacheError, DEFAULT_CACHE_MAX_BYTES};
 use self::egress::{Egress, HttpGrant};
-use self::kv::{KvOp, KvRead, KvSession};
+use self::kv::{KvError, KvOp, KvRead, KvSession};
 use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
 use self::output::{CallTag, Capture, Output};
 use crate::text::escape_controls;
@@ -394,10 +394,34 @@ thread_local! {
     /// Drives the calls a thread makes: a single-threaded tokio runtime with
     /// timers, so a plugin waiting in a host call waits on this thread under
     /// the call's deadline rather than parking it.
-    static EXECUTOR: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("build a single-threaded tokio runtime");
+    static EXECUTOR: Executor = Executor(Some(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build a single-threaded tokio runtime"),
+    ));
+}
+
+/// A thread's call runtime. When the thread ends it is shut down without
+/// waiting for its blocking tasks: a store read abandoned at a deadline may
+/// still hang, and must not hold the thread's exit.
+struct Executor(Option<tokio::runtime::Runtime>);
+
+impl Executor {
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.0
+            .as_ref()
+            .expect("runtime until dropped")
+            .block_on(future)
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Core modules start `\0asm` then version 1; components use another layer.
@@ -575,17 +599,30 @@ fn define_config_get(host: &mut LinkerInstance<'_, CallState>) -> wasmtime::Resu
 /// `stateset:webhooks/kv@0.3.0`, on the call's [`KvSession`]. Each call
 /// costs fuel like the `host` imports, for the bytes passed in and the bytes
 /// handed back. Reads of the committed state are awaited like any host
-/// future, so the call's deadline holds while one waits. A failure of the
-/// store is a trap (the host's problem, not an answer the plugin should act
-/// on).
+/// future, so the call's deadline holds while one waits. A refusal (a cap,
+/// the quota) is the plugin's `err`; a failure of the store is a trap, the
+/// host's problem rather than an answer the plugin should act on.
 fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     type Ctx<'a> = StoreContextMut<'a, CallState>;
-    let host_error = |message: String| wasmtime::Error::msg(format!("kv: {message}"));
+    fn trap(error: KvError) -> wasmtime::Error {
+        match error {
+            KvError::Refused(message) | KvError::Store(message) => {
+                wasmtime::Error::msg(format!("kv: {message}"))
+            }
+        }
+    }
+    fn answer<T>(result: Result<T, KvError>) -> wasmtime::Result<(Result<T, String>,)> {
+        match result {
+            Ok(value) => Ok((Ok(value),)),
+            Err(KvError::Refused(message)) => Ok((Err(message),)),
+            Err(store) => Err(trap(store)),
+        }
+    }
     let mut kv = linker.instance("stateset:webhooks/kv@0.3.0")?;
     kv.func_wrap_async("get", move |mut store: Ctx<'_>, (key,): (String,)| {
         Box::new(async move {
             charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
-            let value = store.data().kv.get(&key).await.map_err(host_error)?;
+            let value = store.data().kv.get(&key).await.map_err(trap)?;
             charge(&mut store, value.as_ref().map_or(0, Vec::len) as u64)?;
             Ok((value,))
         })
@@ -599,17 +636,19 @@ fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
                     HOST_CALL_FUEL + (key.len() + value.len()) as u64,
                 )?;
                 let expires_at = ttl_ms.map(kv::expires_at);
-                Ok((store.data_mut().kv.set(key, value, expires_at).await,))
+                answer(store.data_mut().kv.set(key, value, expires_at).await)
             })
         },
     )?;
-    kv.func_wrap_async("delete", move |mut store: Ctx<'_>, (key,): (String,)| {
-        Box::new(async move {
-            charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
-            // A key past the cap names nothing stored: deleting it is a no-op.
-            let _ = store.data_mut().kv.delete(key).await;
-            Ok(())
-        })
+    kv.func_wrap("delete", move |mut store: Ctx<'_>, (key,): (String,)| {
+        charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
+        // A key past the cap names nothing stored: deleting it is a no-op.
+        // Past the writes-per-call cap, a delete the plugin relies on would
+        // be lost silently: that traps.
+        if key.is_empty() || key.len() > kv::MAX_KEY_BYTES {
+            return Ok(());
+        }
+        store.data_mut().kv.delete(key).map_err(trap)
     })?;
     kv.func_wrap_async(
         "keys",
@@ -617,8 +656,7 @@ fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
             Box::new(async move {
                 charge(&mut store, HOST_CALL_FUEL + prefix.len() as u64)?;
                 let limit = (limit as usize).min(kv::MAX_OPS_PER_CALL);
-                let keys = store.data().kv.keys(&prefix, limit).await;
-                let keys = keys.map_err(host_error)?;
+                let keys = store.data().kv.keys(&prefix, limit).await.map_err(trap)?;
                 charge(
                     &mut store,
                     keys.iter().map(String::len).sum::<usize>() as u64,
@@ -632,7 +670,7 @@ fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
         |mut store: Ctx<'_>, (key, delta): (String, i64)| {
             Box::new(async move {
                 charge(&mut store, HOST_CALL_FUEL + key.len() as u64)?;
-                Ok((store.data_mut().kv.increment(key, delta).await,))
+                answer(store.data_mut().kv.increment(key, delta).await)
             })
         },
     )?;
@@ -642,11 +680,13 @@ fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
             Box::new(async move {
                 let bytes = key.len() + expected.as_ref().map_or(0, Vec::len) + new.len();
                 charge(&mut store, HOST_CALL_FUEL + bytes as u64)?;
-                Ok((store
-                    .data_mut()
-                    .kv
-                    .compare_and_swap(key, expected, new)
-                    .await,))
+                answer(
+                    store
+                        .data_mut()
+                        .kv
+                        .compare_and_swap(key, expected, new)
+                        .await,
+                )
             })
         },
     )?;

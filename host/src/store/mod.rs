@@ -15,7 +15,7 @@ use crate::runtime::FailureKind;
 use crate::runtime::kv::{KvOp, KvRead};
 use crate::status::PluginStatus;
 
-pub use self::sqlite::{DEFAULT_DB_PATH, SCHEMA_VERSION, SqliteStore};
+pub use self::sqlite::{DEFAULT_DB_PATH, KvSnapshot, SCHEMA_VERSION, SqliteStore};
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]

@@ -193,11 +193,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(classify)?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::Failed(format!(
-            "{} has schema version {version}, newer than version {SCHEMA_VERSION} that this \
-             build of stateset-hooks knows: run a newer stateset-hooks on it, or use another --db",
-            path.display()
-        )));
+        return Err(newer_schema(path, version));
     }
     conn.execute_batch("BEGIN IMMEDIATE").map_err(classify)?;
     let migrated = upgrade(conn, version);
@@ -212,6 +208,14 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         tracing::info!(db = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
     Ok(())
+}
+
+fn newer_schema(path: &Path, version: i64) -> StoreError {
+    StoreError::Failed(format!(
+        "{} has schema version {version}, newer than version {SCHEMA_VERSION} that this \
+         build of stateset-hooks knows: run a newer stateset-hooks on it, or use another --db",
+        path.display()
+    ))
 }
 
 /// The steps of [`migrate`], inside its transaction.
@@ -267,7 +271,7 @@ fn apply_kv(
     let before = usage()?;
     let current = |key: &str| -> rusqlite::Result<Option<Vec<u8>>> {
         tx.prepare_cached(
-            "SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2
+            "SELECT CAST(value AS BLOB) FROM plugin_kv WHERE plugin = ?1 AND key = ?2
                AND (expires_at IS NULL OR expires_at > ?3)",
         )?
         .query_row(params![plugin, key, now], |row| row.get(0))
@@ -347,34 +351,103 @@ fn kv_usage_in(conn: &Connection, plugin: &str) -> rusqlite::Result<u64> {
 
 impl KvRead for SqliteStore {
     fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
-        self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2
-                   AND (expires_at IS NULL OR expires_at > ?3)",
-            )?
-            .query_row(params![plugin, key, now_ms()], |row| row.get(0))
-            .optional()
-        })
-        .map_err(|e| e.to_string())
+        self.read(|conn| kv_get_in(conn, plugin, key))
+            .map_err(|e| e.to_string())
     }
 
     fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT key FROM plugin_kv WHERE plugin = ?1 AND substr(key, 1, length(?2)) = ?2
-                   AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key LIMIT ?4",
-            )?;
-            stmt.query_map(params![plugin, prefix, now_ms(), limit as i64], |row| {
-                row.get(0)
-            })?
-            .collect()
-        })
-        .map_err(|e| e.to_string())
+        self.read(|conn| kv_keys_in(conn, plugin, prefix, limit))
+            .map_err(|e| e.to_string())
     }
 
     fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
         self.read(|conn| kv_usage_in(conn, plugin))
             .map_err(|e| e.to_string())
+    }
+}
+
+fn kv_get_in(conn: &Connection, plugin: &str, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.prepare_cached(
+        "SELECT CAST(value AS BLOB) FROM plugin_kv WHERE plugin = ?1 AND key = ?2
+           AND (expires_at IS NULL OR expires_at > ?3)",
+    )?
+    .query_row(params![plugin, key, now_ms()], |row| row.get(0))
+    .optional()
+}
+
+fn kv_keys_in(
+    conn: &Connection,
+    plugin: &str,
+    prefix: &str,
+    limit: usize,
+) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key FROM plugin_kv WHERE plugin = ?1 AND substr(key, 1, length(?2)) = ?2
+           AND (expires_at IS NULL OR expires_at > ?3) ORDER BY key LIMIT ?4",
+    )?;
+    stmt.query_map(params![plugin, prefix, now_ms(), limit as i64], |row| {
+        row.get(0)
+    })?
+    .collect()
+}
+
+/// A database's key-value state, read without changing the file: a
+/// read-only connection, no migration, no writer. What `stateset-hooks run`
+/// reads, so trying a plugin leaves the host's database as it was.
+#[derive(Debug)]
+pub struct KvSnapshot {
+    /// `None`: the file predates key-value state (schema version 3 or less).
+    conn: Option<Mutex<Connection>>,
+}
+
+impl KvSnapshot {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use rusqlite::OpenFlags;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| StoreError::Failed(format!("cannot open {}: {e}", path.display())))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(classify)?;
+        if version > SCHEMA_VERSION {
+            return Err(newer_schema(path, version));
+        }
+        Ok(Self {
+            conn: (version >= 4).then(|| Mutex::new(conn)),
+        })
+    }
+
+    fn read<T: Default>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, String> {
+        match &self.conn {
+            Some(conn) => f(&conn.lock().expect("snapshot lock")).map_err(|e| e.to_string()),
+            None => Ok(T::default()),
+        }
+    }
+}
+
+impl KvRead for KvSnapshot {
+    fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.read(|conn| kv_get_in(conn, plugin, key))
+    }
+
+    fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        self.read(|conn| kv_keys_in(conn, plugin, prefix, limit))
+    }
+
+    /// Counted from the rows, as a version 4 file has no usage table.
+    fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
+                 FROM plugin_kv WHERE plugin = ?1",
+                params![plugin],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|bytes| bytes.max(0) as u64)
+        })
     }
 }
 
