@@ -221,21 +221,28 @@ fn sign_matches_openssl() {
     );
 }
 
-#[test]
-fn run_reports_result_fuel_time_and_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("absent.db");
+/// `run` of the `orders` sample on the example `order.created`, with
+/// `--db`: its stdout, once it succeeded.
+fn run_orders(db: &std::path::Path) -> String {
     let output = bin()
         .env_remove("STATESET_WEBHOOK_SECRET")
         .arg("--db")
-        .arg(&db)
+        .arg(db)
         .arg("run")
         .arg(wasm("orders"))
         .arg(workspace_root().join("examples/events/order.created.json"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{stdout}");
+    stdout
+}
+
+#[test]
+fn run_reports_result_fuel_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("absent.db");
+    let stdout = run_orders(&db);
     assert!(stdout.contains("result:      ok"), "{stdout}");
     let fuel: u64 = field(&stdout, "fuel used:").parse().unwrap();
     assert!((1_000..10_000_000).contains(&fuel), "{stdout}");
@@ -272,16 +279,7 @@ fn run_reports_result_fuel_time_and_memory() {
         )
         .unwrap();
     let before = std::fs::read(&db).unwrap();
-    let output = bin()
-        .arg("--db")
-        .arg(&db)
-        .arg("run")
-        .arg(wasm("orders"))
-        .arg(workspace_root().join("examples/events/order.created.json"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
+    let stdout = run_orders(&db);
     assert!(
         stdout.contains("cus_01JQ2F8XW3K9M4N7P1R5T6V8YZ: 5 orders"),
         "{stdout}"
