@@ -124,15 +124,26 @@ fn outbound(c: &mut Criterion) {
             })
         });
     }
-    let client = reqwest::Client::new();
-    group.bench_function("direct-reqwest-get", |b| {
-        b.iter(|| {
-            server.block_on(async {
-                let response = client.get(&url).send().await.unwrap();
-                black_box(response.bytes().await.unwrap())
+    // Pooled (keep-alive), and a new connection each time as the plugin's
+    // request makes: the like-for-like comparison.
+    let pooled = reqwest::Client::new();
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for (name, client) in [
+        ("direct-reqwest-get", &pooled),
+        ("direct-reqwest-get-new-connection", &fresh),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                server.block_on(async {
+                    let response = client.get(&url).send().await.unwrap();
+                    black_box(response.bytes().await.unwrap())
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
