@@ -70,6 +70,14 @@ pub trait KvRead: Send + Sync {
     fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String>;
     /// Bytes of `plugin`'s keys and values.
     fn kv_usage(&self, plugin: &str) -> Result<u64, String>;
+
+    /// Whether a read answers at once, never waiting on a lock or a
+    /// network: then a call reads in place. Otherwise (the default) it
+    /// reads on tokio's blocking pool and awaits the answer under the
+    /// call's deadline, which costs a thread hand-off per read.
+    fn reads_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// No committed state at all: what `stateset-hooks run` reads without a
@@ -78,6 +86,10 @@ pub trait KvRead: Send + Sync {
 pub struct EmptyKv;
 
 impl KvRead for EmptyKv {
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
     fn kv_get(&self, _plugin: &str, _key: &str) -> Result<Option<Vec<u8>>, String> {
         Ok(None)
     }
@@ -158,9 +170,10 @@ impl KvSession {
         self.ops
     }
 
-    /// Read the committed state on tokio's blocking pool. The call waits
-    /// for it as for any host future, so a slow store cannot hold a call
-    /// past its deadline: the call's deadline timer abandons the wait.
+    /// Read the committed state: in place when the store answers at once,
+    /// else on tokio's blocking pool, awaited like any host future, so a
+    /// slow store cannot hold a call past its deadline (the call's deadline
+    /// timer abandons the wait).
     async fn read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&dyn KvRead, &str) -> Result<T, String> + Send + 'static,
@@ -170,10 +183,14 @@ impl KvSession {
             .clone()
             .ok_or_else(|| KvError::Store("no key-value store in this host".to_owned()))?;
         let plugin = self.plugin.clone();
-        tokio::task::spawn_blocking(move || read(&*reader, &plugin))
-            .await
-            .map_err(|e| KvError::Store(format!("the store read failed: {e}")))?
-            .map_err(KvError::Store)
+        let answer = if reader.reads_in_place() {
+            read(&*reader, &plugin)
+        } else {
+            tokio::task::spawn_blocking(move || read(&*reader, &plugin))
+                .await
+                .map_err(|e| KvError::Store(format!("the store read failed: {e}")))?
+        };
+        answer.map_err(KvError::Store)
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {

@@ -364,6 +364,14 @@ impl KvRead for SqliteStore {
         self.read(|conn| kv_usage_in(conn, plugin))
             .map_err(|e| e.to_string())
     }
+
+    /// A local file in WAL mode: a reader never waits for the writer, and
+    /// a key read takes microseconds, less than a hand-off to another
+    /// thread. (A disk that stops answering would hold the call; a store
+    /// over a network reads on the blocking pool instead.)
+    fn reads_in_place(&self) -> bool {
+        true
+    }
 }
 
 fn kv_get_in(conn: &Connection, plugin: &str, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
@@ -435,6 +443,10 @@ impl KvRead for KvSnapshot {
 
     fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
         self.read(|conn| kv_keys_in(conn, plugin, prefix, limit))
+    }
+
+    fn reads_in_place(&self) -> bool {
+        true
     }
 
     /// Counted from the rows, as a version 4 file has no usage table.
