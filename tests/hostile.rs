@@ -168,7 +168,7 @@ async fn every_hostile_plugin_is_contained() {
 
     // Every order.* event reaches hostile, orders and start-trap.
     let total = (cases.len() * 2 + 1) * 3 + slow_cases.len();
-    let reports = server.reports(total).await;
+    let reports = server.reports_per_delivery(total).await;
     let by: HashMap<(String, String), &Report> = reports
         .iter()
         .map(|r| ((r.event_key.to_string(), r.plugin.to_string()), r))
@@ -245,7 +245,7 @@ async fn a_plugin_failing_in_a_row_is_quarantined_until_released() {
         let body = order_with(&format!("evt_q{i}"), json!({"misbehave": "error"}));
         assert_eq!(server.send(&body).await.0, 200);
     }
-    let reports = server.reports(after * 2).await;
+    let reports = server.reports_per_delivery(after * 2).await;
     assert_eq!(
         reports.iter().filter(|r| &*r.plugin == "flaky").count(),
         after

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
 use stateset_hooks::{Config, Hooks, Report, Secret, server};
@@ -213,6 +213,22 @@ impl TestServer {
         out
     }
 
+    /// Reports until `n` different (event, plugin) pairs have one, the last
+    /// of each kept: a delivery whose kv writes conflicted at commit (the
+    /// `orders` sample's compare-and-swap, with one order in many events)
+    /// runs again and reports twice.
+    pub async fn reports_per_delivery(&mut self, n: usize) -> Vec<Report> {
+        let mut by: std::collections::HashMap<(Arc<str>, Arc<str>), Report> = Default::default();
+        while by.len() < n {
+            let report = tokio::time::timeout(REPORT_TIMEOUT, self.reports.recv())
+                .await
+                .unwrap_or_else(|_| panic!("waited for {n} deliveries' reports, got {}", by.len()))
+                .expect("report channel open and not lagging");
+            by.insert((report.event_key.clone(), report.plugin.clone()), report);
+        }
+        by.into_values().collect()
+    }
+
     /// Wait until no plugin is loading. Large components (Python, JavaScript)
     /// compile in the background after start-up; on a busy machine that can
     /// take longer than [`REPORT_TIMEOUT`], which is about dispatch, not
@@ -241,7 +257,7 @@ impl TestServer {
     }
 
     /// The loaded plugin called `name`.
-    pub fn plugin(&self, name: &str) -> std::sync::Arc<stateset_hooks::registry::LoadedPlugin> {
+    pub fn plugin(&self, name: &str) -> Arc<stateset_hooks::registry::LoadedPlugin> {
         let plugins = self.hooks.plugins();
         let found = plugins.iter().find(|p| &*p.name == name);
         found.unwrap_or_else(|| panic!("no plugin {name}")).clone()
@@ -530,7 +546,7 @@ pub fn many_memories_component(instances: usize) -> Vec<u8> {
     wat_plugin(&before, "", "")
 }
 
-pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+pub type Received = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
 
 /// A service the samples post to: it keeps each JSON body with its
 /// `Idempotency-Key` and answers 201.
