@@ -196,7 +196,8 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError>;
 
     /// Delete key-value entries whose TTL ran out by `now` (unix ms);
-    /// returns how many. Reads and quotas already ignore them.
+    /// returns how many. Reads already ignore them; a plugin's quota counts
+    /// them until they are deleted (here, or when it next writes).
     fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError>;
 
     /// Replace the saved plugin status table with `rows`.
