@@ -38,10 +38,6 @@ use crate::text::escape_controls;
 /// delivered once they load.
 pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
 
-/// Hex digits of the SHA-256 of a component's bytes that make its version:
-/// enough to tell builds apart in a log line.
-const VERSION_HEX_DIGITS: usize = 12;
-
 /// What the operator grants every plugin; a manifest asking for more is
 /// refused at load.
 #[derive(Debug, Clone, Default)]
@@ -362,7 +358,7 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
     let name: Arc<str> = name.into();
     Ok(LoadedPlugin {
         name: name.clone(),
-        version: version_of(&bytes).into(),
+        version: compiled.version().into(),
         path: path.to_owned(),
         manifest,
         health: Health::default(),
@@ -379,9 +375,7 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
 
 /// A component's version: the start of the SHA-256 of its bytes.
 pub fn version_of(bytes: &[u8]) -> String {
-    let mut hex = hex::encode(Sha256::digest(bytes));
-    hex.truncate(VERSION_HEX_DIGITS);
-    hex
+    crate::runtime::version_hex(&Sha256::digest(bytes).into())
 }
 
 #[cfg(test)]

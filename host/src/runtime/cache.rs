@@ -119,16 +119,17 @@ impl CompileCache {
         }
     }
 
-    /// The entry for these bytes, whether it exists or not.
-    pub(crate) fn path(&self, component_bytes: &[u8]) -> PathBuf {
-        let digest = hex::encode(Sha256::digest(component_bytes));
+    /// The entry for a component whose bytes hash to `digest` (SHA-256),
+    /// whether it exists or not.
+    pub(crate) fn path(&self, digest: &[u8; 32]) -> PathBuf {
+        let digest = hex::encode(digest);
         self.dir
             .join(format!("{digest}-{:016x}.cwasm", self.engine_hash))
     }
 
-    /// Whether an entry exists for these bytes (not yet checked for soundness).
-    pub(crate) fn contains(&self, component_bytes: &[u8]) -> bool {
-        self.path(component_bytes).exists()
+    /// Whether an entry exists for that digest (not yet checked for soundness).
+    pub(crate) fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.path(digest).exists()
     }
 
     /// The component cached at `path` (see [`CompileCache::path`]), if a

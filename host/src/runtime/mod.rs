@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use sha2::Digest as _;
 use wasmtime::component::{Component, Linker, LinkerInstance, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreContextMut, Trap};
 
@@ -77,6 +78,26 @@ pub struct Compiled {
     pre: v0_2_0::PluginPre<CallState>,
     /// Its compile cache entry, kept while it is loaded.
     cache_entry: Option<PathBuf>,
+    /// SHA-256 of the component's bytes, hashed once per compile.
+    digest: [u8; 32],
+}
+
+impl Compiled {
+    /// The component's version: the start of the SHA-256 of its bytes, the
+    /// same as [`crate::loader::version_of`].
+    pub fn version(&self) -> String {
+        version_hex(&self.digest)
+    }
+}
+
+/// Hex digits of a component digest that name its version: enough to tell
+/// builds apart in a log line.
+const VERSION_HEX_DIGITS: usize = 12;
+
+pub(crate) fn version_hex(digest: &[u8; 32]) -> String {
+    let mut hex = hex::encode(digest);
+    hex.truncate(VERSION_HEX_DIGITS);
+    hex
 }
 
 /// A plugin as the runtime runs it: its component, limits, configuration
@@ -225,7 +246,8 @@ impl Runtime {
         if is_core_module(bytes) {
             return Err(CompileError::CoreModule);
         }
-        let cache_entry = self.cache.as_ref().map(|cache| cache.path(bytes));
+        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        let cache_entry = self.cache.as_ref().map(|cache| cache.path(&digest));
         let cached = self
             .cache
             .as_ref()
@@ -248,7 +270,11 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(CompileError::WrongWorld)?;
         let pre = v0_2_0::PluginPre::new(pre).map_err(CompileError::WrongWorld)?;
-        Ok(Compiled { pre, cache_entry })
+        Ok(Compiled {
+            pre,
+            cache_entry,
+            digest,
+        })
     }
 
     /// Read plugins' committed key-value state from `reader` (set once, by
@@ -259,7 +285,8 @@ impl Runtime {
 
     /// Whether the compile cache holds these bytes' compiled code.
     pub fn is_cached(&self, bytes: &[u8]) -> bool {
-        self.cache.as_ref().is_some_and(|c| c.contains(bytes))
+        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        self.cache.as_ref().is_some_and(|c| c.contains(&digest))
     }
 
     /// Bring the compile cache under its cap, evicting entries none of
