@@ -263,3 +263,45 @@ async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
         outcome.elapsed
     );
 }
+
+/// Two deliveries claim one key side by side: the second to commit
+/// conflicts, its report says `Failed` (though its call returned `Ok`), and
+/// it runs again on the state as it now is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conflict_at_commit_is_reported_failed_and_runs_again() {
+    use stateset_hooks::store::Status;
+    let plugins = PluginDir::new();
+    plugins.add("claimer", "misbehave", Some(COUNTER));
+    let mut config = config(&plugins);
+    config.workers = 2;
+    config.retry.max_attempts = 5;
+    let mut server = TestServer::start(config).await;
+    for id in ["evt_a", "evt_b"] {
+        let body = event(
+            id,
+            "order.created",
+            json!({ "misbehave": "claim", "key": "k", "ms": 500 }),
+        );
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+    let reports = server.reports(3).await;
+    let statuses: Vec<Status> = reports.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [Status::Succeeded, Status::Failed, Status::Succeeded],
+        "{reports:#?}"
+    );
+    assert_eq!(
+        reports[1].outcome.result,
+        Ok(()),
+        "the call itself succeeded"
+    );
+    assert_eq!(messages(&reports[1]), ["claimed k: true"]);
+    assert_eq!(reports[2].event_key, reports[1].event_key);
+    assert_eq!(
+        messages(&reports[2]),
+        ["claimed k: false"],
+        "it sees the claim"
+    );
+    server.stop().await;
+}

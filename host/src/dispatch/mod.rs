@@ -31,7 +31,9 @@ use crate::event::Event;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::runtime::{CallOutcome, Runtime};
-use crate::store::{Appended, Attempt, DeliveryId, Due, Status, Store, StoreError, now_ms};
+use crate::store::{
+    Appended, Attempt, DeliveryId, Due, RecordedAs, Status, Store, StoreError, now_ms,
+};
 
 /// Reports buffered per listener; a listener that falls further behind
 /// misses the oldest ones (it is told how many) rather than slowing plugins.
@@ -81,7 +83,10 @@ pub struct Report {
     pub version: Arc<str>,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// Where the delivery stands after this attempt.
+    /// Where the delivery stands after this attempt, as recorded: `Failed`
+    /// for a call that succeeded but whose kv writes no longer applied (it
+    /// runs again), `Pending` for an attempt not recorded (replayed while it
+    /// ran, or the store could not write; it runs again).
     pub status: Status,
     pub outcome: CallOutcome,
 }
@@ -453,16 +458,23 @@ fn write(shared: &DispatchState, batch: Vec<Recorded>) {
     let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     let recorded = contain(|| shared.store.record(attempts))
         .unwrap_or_else(|panic| Err(StoreError::Failed(format!("panic: {panic}"))));
-    if let Err(error) = recorded {
+    let recorded = recorded.unwrap_or_else(|error| {
         // Left pending in the store: they run again (at least once), but
         // not at once: a store that cannot write (full, failing) is not
         // hammered by the same calls every poll.
         tracing::error!(%error, deliveries = ids.len(), "could not record outcomes; they will run again");
         std::thread::sleep(RECORD_FAILURE_PAUSE);
-    }
+        vec![RecordedAs::Superseded; ids.len()]
+    });
     // Released whatever happened, so none is stuck in the queue's books.
     shared.in_flight.release(ids);
-    for report in reports {
+    for (mut report, recorded_as) in reports.into_iter().zip(recorded) {
+        // Where the delivery stands is what the store made of the attempt.
+        match recorded_as {
+            RecordedAs::Given => {}
+            RecordedAs::Superseded => report.status = Status::Pending,
+            RecordedAs::Conflict(_) => report.status = Status::Failed,
+        }
         let _ = shared.reports.send(report);
     }
 }

@@ -101,6 +101,20 @@ pub struct Attempt {
     pub kv_quota: u64,
 }
 
+/// What [`Store::record`] made of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordedAs {
+    /// As given.
+    Given,
+    /// Not recorded: the delivery was replayed while the attempt ran, and
+    /// runs again.
+    Superseded,
+    /// The call succeeded but its kv writes no longer applied (a
+    /// compare-and-swap that no longer holds, the quota): recorded as a
+    /// failed `host-error` with this message, due again shortly.
+    Conflict(String),
+}
+
 /// One delivery as stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeliveryRecord {
@@ -173,10 +187,11 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<Due>, StoreError>;
 
-    /// Record attempts (batched with other writes; blocks until committed).
-    /// An attempt on a delivery replayed since it began is not recorded: the
-    /// delivery stays pending and runs again.
-    fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError>;
+    /// Record attempts (batched with other writes; blocks until committed),
+    /// saying what became of each, in order. An attempt on a delivery
+    /// replayed since it began is not recorded: the delivery stays pending
+    /// and runs again.
+    fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError>;
 
     /// Deliveries matching `filter`, newest first.
     fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError>;

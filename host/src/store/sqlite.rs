@@ -17,8 +17,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params, params_from_ite
 use tokio::sync::oneshot;
 
 use super::{
-    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter, Status,
-    Store, StoreError, Unreadable, now_ms,
+    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
+    RecordedAs, Status, Store, StoreError, Unreadable, now_ms,
 };
 use crate::contain::contain;
 use crate::event::Event;
@@ -724,8 +724,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn record(&self, attempts: Vec<Attempt>) -> Result<(), StoreError> {
+    fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
+        let outcomes = Arc::new(Mutex::new(Vec::with_capacity(attempts.len())));
+        let made = outcomes.clone();
         self.op(move |tx| {
+            let mut made = made.lock().expect("record outcomes");
             let mut update = tx.prepare_cached(
                 "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                     last_failure_kind = ?4, last_failure_message = ?5, plugin_version = ?6,
@@ -749,7 +752,9 @@ impl Store for SqliteStore {
                     now,
                     a.replays
                 ])?;
+                let mut recorded_as = RecordedAs::Given;
                 if updated == 0 {
+                    recorded_as = RecordedAs::Superseded;
                     tracing::info!(
                         delivery = a.id,
                         "replayed while an attempt ran: that attempt is not recorded and the delivery runs again"
@@ -771,12 +776,16 @@ impl Store for SqliteStore {
                         now,
                         a.replays
                     ])?;
+                    recorded_as = RecordedAs::Conflict(conflict);
                 }
+                made.push(recorded_as);
                 tx.execute_batch("RELEASE attempt")?;
             }
             Ok(attempts.len())
-        })
-        .map(drop)
+        })?;
+        Ok(std::mem::take(
+            &mut *outcomes.lock().expect("record outcomes"),
+        ))
     }
 
     fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
@@ -1063,7 +1072,7 @@ mod tests {
             expected: None,
             new: b"y".to_vec(),
         };
-        store
+        let made = store
             .record(vec![
                 attempt(
                     ids[0],
@@ -1082,6 +1091,11 @@ mod tests {
                 attempt(ids[2], Status::Succeeded, vec![set("a", "1"), b_absent]),
             ])
             .unwrap();
+        assert_eq!(made[..2], [RecordedAs::Given, RecordedAs::Given]);
+        assert!(
+            matches!(&made[2], RecordedAs::Conflict(m) if m.contains("changed since")),
+            "{made:?}"
+        );
         assert_eq!(store.kv_get("p", "b").unwrap(), Some(b"x".to_vec()));
         assert_eq!(store.kv_get("p", "n").unwrap(), Some(b"2".to_vec()));
         assert_eq!(store.kv_get("p", "c").unwrap(), None);
