@@ -1036,6 +1036,21 @@ mod tests {
         assert_eq!(deliveries, 2, "the failed write left nothing behind");
     }
 
+    /// A first attempt of plugin `p` on delivery `id`, with these kv writes.
+    fn kv_attempt(id: DeliveryId, status: Status, kv: Vec<KvOp>, kv_quota: u64) -> Attempt {
+        Attempt {
+            id,
+            replays: 0,
+            plugin_version: "v".into(),
+            status,
+            next_attempt_at: now_ms(),
+            failure: None,
+            plugin: "p".into(),
+            kv: kv.into(),
+            kv_quota,
+        }
+    }
+
     #[test]
     fn kv_writes_commit_with_a_success_and_a_conflict_keeps_none_of_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -1051,17 +1066,7 @@ mod tests {
                 Appended::Duplicate => unreachable!(),
             }
         }
-        let attempt = |id, status, kv: Vec<KvOp>| Attempt {
-            id,
-            replays: 0,
-            plugin_version: "v".into(),
-            status,
-            next_attempt_at: now_ms(),
-            failure: None,
-            plugin: "p".into(),
-            kv: kv.into(),
-            kv_quota: 1 << 20,
-        };
+        let attempt = |id, status, kv| kv_attempt(id, status, kv, 1 << 20);
         let set = |key: &str, value: &str| KvOp::Set {
             key: key.into(),
             value: value.into(),
@@ -1129,17 +1134,7 @@ mod tests {
             };
             ids.extend(new);
         }
-        let attempt = |id, kv: Vec<KvOp>, kv_quota| Attempt {
-            id,
-            replays: 0,
-            plugin_version: "v".into(),
-            status: Status::Succeeded,
-            next_attempt_at: now_ms(),
-            failure: None,
-            plugin: "p".into(),
-            kv: kv.into(),
-            kv_quota,
-        };
+        let attempt = |id, kv, kv_quota| kv_attempt(id, Status::Succeeded, kv, kv_quota);
         let set = |key: &str, bytes: usize, expires_at: Option<i64>| KvOp::Set {
             key: key.into(),
             value: vec![b'v'; bytes],

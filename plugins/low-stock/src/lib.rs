@@ -15,7 +15,7 @@
 //! leaves the plugin: it logs what it would have sent
 //! (`not sent (no purchase_url in [config]): {...}`).
 
-use stateset_hooks_sdk::{Event, InventoryLevel, config, debug, export_plugin, http, info, warn};
+use stateset_hooks_sdk::{Event, InventoryLevel, debug, export_plugin, http, info, warn};
 
 /// Units to order so that stock is back at its target once the order lands.
 ///
@@ -89,15 +89,7 @@ impl stateset_hooks_sdk::Plugin for LowStock {
             "warehouse": s.warehouse_id.as_deref().or(s.location.as_deref()),
             "event": event.id,
         });
-        let Some(url) = config("purchase_url") else {
-            info(&format!(
-                "not sent (no purchase_url in [config]): {suggestion}"
-            ));
-            return Ok(());
-        };
-        let response = http::post_json(&url, &suggestion)?.error_for_status()?;
-        info(&format!("suggestion sent to {url}: {}", response.status));
-        Ok(())
+        http::post_json_to_config("purchase_url", "suggestion", &suggestion)
     }
 }
 

@@ -97,17 +97,7 @@ impl stateset_hooks_sdk::Plugin for Payments {
                         "currency": p.currency,
                         "event": event.id,
                     });
-                    let Some(url) = config("fraud_review_url") else {
-                        info(&format!(
-                            "not sent (no fraud_review_url in [config]): {review}"
-                        ));
-                        return Ok(());
-                    };
-                    let response = http::post_json(&url, &review)?.error_for_status()?;
-                    info(&format!(
-                        "flagged refund sent to {url}: {}",
-                        response.status
-                    ));
+                    http::post_json_to_config("fraud_review_url", "flagged refund", &review)?;
                 }
             }
         }

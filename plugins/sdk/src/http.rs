@@ -70,6 +70,26 @@ pub fn post_json(url: &str, body: &impl Serialize) -> Result<Response, String> {
     )
 }
 
+/// POST `body` as JSON to the URL the manifest's `[config]` sets under
+/// `config_key`, failing (so the delivery is retried) on an answer that is
+/// not 2xx, and log `{what} sent to URL: STATUS`. Without that key, nothing
+/// leaves the plugin: it logs what it would have sent.
+pub fn post_json_to_config(
+    config_key: &str,
+    what: &str,
+    body: &impl Serialize,
+) -> Result<(), String> {
+    let Some(url) = crate::config(config_key) else {
+        let body =
+            serde_json::to_string(body).map_err(|e| format!("cannot encode the body: {e}"))?;
+        crate::info(&format!("not sent (no {config_key} in [config]): {body}"));
+        return Ok(());
+    };
+    let response = post_json(&url, body)?.error_for_status()?;
+    crate::info(&format!("{what} sent to {url}: {}", response.status));
+    Ok(())
+}
+
 fn send(
     method: Method,
     url: &str,
