@@ -6,6 +6,7 @@
 //! [`SqliteStore`] is the embedded implementation; a distributed one can sit
 //! behind the same trait. What to retry and when is decided in `retry.rs`.
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::runtime::FailureKind;
 use crate::runtime::kv::{KvOp, KvRead};
 use crate::status::PluginStatus;
 
+pub use self::postgres::{PG_SCHEMA_VERSION, PgStore};
 pub use self::sqlite::{DEFAULT_DB_PATH, KvSnapshot, SCHEMA_VERSION, SqliteStore};
 
 /// Where a delivery stands.
