@@ -5,17 +5,19 @@
 //! `LISTEN/NOTIFY` wake-ups, kv, reconnection, and the contract tests shared
 //! with SQLite.
 //!
-//! One thread owns a single-threaded tokio runtime and the connections; the
-//! store's blocking methods send it requests and wait for the answer, so they
-//! may be called from any thread, as [`super::SqliteStore`]'s are.
+//! One thread owns a single-threaded tokio runtime and two connections: one
+//! for transactions (group-committed appends, recorded attempts), one for
+//! reads. The store's blocking methods spawn their work onto that runtime and
+//! wait for the answer, so they may be called from any thread, in a runtime
+//! or not, as [`super::SqliteStore`]'s are.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::{Client, NoTls};
 
-use super::{Appended, StoreError, now_ms};
+use super::{Appended, Attempt, Due, RecordedAs, StoreError, Unreadable, now_ms};
 use crate::event::Event;
 
 /// The schema version this build reads and writes (`hooks_schema.version`).
@@ -55,17 +57,21 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_at)
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 ";
 
-enum Request {
-    Append {
-        event: Arc<Event>,
-        plugins: Vec<Arc<str>>,
-        reply: oneshot::Sender<Result<Appended, StoreError>>,
-    },
+/// An append waiting for the next group commit.
+struct Append {
+    event: Arc<Event>,
+    plugins: Vec<Arc<str>>,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
 /// The PostgreSQL store.
 pub struct PgStore {
-    requests: Option<mpsc::UnboundedSender<Request>>,
+    handle: tokio::runtime::Handle,
+    /// Reads, pipelined: `Client` takes `&self`.
+    reader: Arc<Client>,
+    /// Transactions, one at a time.
+    writer: Arc<Mutex<Client>>,
+    appends: Option<mpsc::UnboundedSender<Append>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -83,17 +89,38 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Failed(e.to_string()))?;
-        let mut client = runtime.block_on(connect(url))?;
-        runtime.block_on(migrate(&mut client))?;
-        let (requests, queue) = mpsc::unbounded_channel();
+        let (mut writer, reader) = runtime
+            .block_on(async { Ok::<_, StoreError>((connect(url).await?, connect(url).await?)) })?;
+        runtime.block_on(migrate(&mut writer))?;
+        let writer = Arc::new(Mutex::new(writer));
+        let (appends, queue) = mpsc::unbounded_channel();
+        let handle = runtime.handle().clone();
+        let committer = writer.clone();
         let thread = std::thread::Builder::new()
             .name("store-postgres".into())
-            .spawn(move || runtime.block_on(serve(client, queue)))
+            .spawn(move || runtime.block_on(group_commit(committer, queue)))
             .map_err(|e| StoreError::Failed(e.to_string()))?;
         Ok(Self {
-            requests: Some(requests),
+            handle,
+            reader: Arc::new(reader),
+            writer,
+            appends: Some(appends),
             thread: Some(thread),
         })
+    }
+
+    /// Run `work` on the store's thread and wait for it: callable from any
+    /// thread, in a tokio runtime or not.
+    fn run<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = reply.send(work.await);
+        });
+        answer.recv().map_err(|_| StoreError::Closed)?
     }
 
     /// Store `event` with one pending delivery per plugin unless its key is
@@ -104,8 +131,8 @@ impl PgStore {
         plugins: Vec<Arc<str>>,
     ) -> oneshot::Receiver<Result<Appended, StoreError>> {
         let (reply, ticket) = oneshot::channel();
-        if let Some(requests) = &self.requests {
-            let _ = requests.send(Request::Append {
+        if let Some(appends) = &self.appends {
+            let _ = appends.send(Append {
                 event,
                 plugins,
                 reply,
@@ -113,14 +140,122 @@ impl PgStore {
         }
         ticket
     }
+
+    /// Deliveries due at `now` for these plugins, oldest first, leaving out
+    /// never-attempted ones created after `fresh_after`. (No lease yet: one
+    /// host at a time.)
+    pub fn due(
+        &self,
+        now: i64,
+        fresh_after: i64,
+        plugins: &[Arc<str>],
+        limit: usize,
+    ) -> Result<Vec<Due>, StoreError> {
+        if plugins.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reader = self.reader.clone();
+        let plugins: Vec<String> = plugins.iter().map(|p| p.to_string()).collect();
+        let limit = limit as i64;
+        self.run(async move {
+            let rows = reader
+                .query(
+                    "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays
+                     FROM deliveries d JOIN events e ON e.key = d.event_key
+                     WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
+                       AND (d.attempts > 0 OR d.updated_at <= $2) AND d.plugin = ANY($3)
+                     ORDER BY d.next_attempt_at, d.id LIMIT $4",
+                    &[&now, &fresh_after, &plugins, &limit],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(rows.iter().map(due_row).collect())
+        })
+    }
+
+    /// Record attempts in one transaction, saying what became of each.
+    pub fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
+        let writer = self.writer.clone();
+        self.run(async move {
+            let mut client = writer.lock().await;
+            let tx = client.transaction().await.map_err(classify)?;
+            let now = now_ms();
+            let mut made = Vec::with_capacity(attempts.len());
+            for a in &attempts {
+                let (kind, message) = match &a.failure {
+                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+                    None => (None, None),
+                };
+                let updated = tx
+                    .execute(
+                        "UPDATE deliveries SET status = $2, attempts = attempts + 1,
+                             next_attempt_at = $3, last_failure_kind = $4,
+                             last_failure_message = $5, plugin_version = $6, updated_at = $7
+                         WHERE id = $1 AND replays = $8",
+                        &[
+                            &a.id,
+                            &a.status.as_str(),
+                            &a.next_attempt_at,
+                            &kind,
+                            &message,
+                            &&*a.plugin_version,
+                            &now,
+                            &a.replays,
+                        ],
+                    )
+                    .await
+                    .map_err(classify)?;
+                made.push(if updated == 0 {
+                    RecordedAs::Superseded
+                } else {
+                    RecordedAs::Given
+                });
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(made)
+        })
+    }
+
+    /// Deliveries waiting for their first attempt (or replayed).
+    pub fn outstanding(&self) -> Result<usize, StoreError> {
+        let reader = self.reader.clone();
+        self.run(async move {
+            let row = reader
+                .query_one(
+                    "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
+                    &[],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })
+    }
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
-        self.requests.take();
+        self.appends.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A due delivery; a stored body that does not parse is an [`Unreadable`]
+/// event, recorded as a host error, not an error that stops the others.
+fn due_row(row: &tokio_postgres::Row) -> Due {
+    let key: String = row.get(3);
+    let body: &[u8] = row.get(4);
+    let event = Event::parse(body).map(Arc::new).map_err(|e| Unreadable {
+        key,
+        reason: format!("the stored event is not deliverable: {e}"),
+    });
+    Due {
+        id: row.get(0),
+        plugin: row.get::<_, String>(1).into(),
+        attempts: row.get::<_, i32>(2) as u32,
+        replays: row.get(5),
+        event,
     }
 }
 
@@ -157,9 +292,12 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             )));
         }
         Some(_) => {
-            tx.execute("UPDATE hooks_schema SET version = $1", &[&PG_SCHEMA_VERSION])
-                .await
-                .map_err(classify)?;
+            tx.execute(
+                "UPDATE hooks_schema SET version = $1",
+                &[&PG_SCHEMA_VERSION],
+            )
+            .await
+            .map_err(classify)?;
         }
         None => {
             tx.execute(
@@ -173,26 +311,25 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.commit().await.map_err(classify)
 }
 
-/// The store's thread: take what is queued, commit appends together in one
-/// transaction (group commit), answer everyone.
-async fn serve(mut client: Client, mut queue: mpsc::UnboundedReceiver<Request>) {
+/// The store's thread: take the appends queued, commit them together in
+/// one transaction (group commit), answer everyone. Ends when the store is
+/// dropped.
+async fn group_commit(writer: Arc<Mutex<Client>>, mut queue: mpsc::UnboundedReceiver<Append>) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = queue.try_recv() {
             batch.push(more);
         }
-        let results = append_batch(&mut client, &batch).await;
-        for (request, result) in batch.into_iter().zip(results) {
-            match request {
-                Request::Append { reply, .. } => drop(reply.send(result)),
-            }
+        let results = append_batch(&mut *writer.lock().await, &batch).await;
+        for (append, result) in batch.into_iter().zip(results) {
+            let _ = append.reply.send(result);
         }
     }
 }
 
 /// One transaction for the batch, each append in its own savepoint: one
 /// that fails is rolled back alone and only its caller is told.
-async fn append_batch(client: &mut Client, batch: &[Request]) -> Vec<Result<Appended, StoreError>> {
+async fn append_batch(client: &mut Client, batch: &[Append]) -> Vec<Result<Appended, StoreError>> {
     let failed_all = |error: StoreError| vec![Err(error); batch.len()];
     let mut tx = match client.transaction().await {
         Ok(tx) => tx,
@@ -200,15 +337,18 @@ async fn append_batch(client: &mut Client, batch: &[Request]) -> Vec<Result<Appe
     };
     let now = now_ms();
     let mut results = Vec::with_capacity(batch.len());
-    for request in batch {
-        let Request::Append { event, plugins, .. } = request;
+    for Append { event, plugins, .. } in batch {
         let savepoint = match tx.savepoint("append").await {
             Ok(savepoint) => savepoint,
             Err(error) => return failed_all(classify(error)),
         };
         let appended = append(&savepoint, event, plugins, now).await;
         results.push(match appended {
-            Ok(appended) => savepoint.commit().await.map(|()| appended).map_err(classify),
+            Ok(appended) => savepoint
+                .commit()
+                .await
+                .map(|()| appended)
+                .map_err(classify),
             Err(error) => Err(classify(error)),
         });
     }
@@ -363,7 +503,8 @@ mod tests {
             let b = s.spawn(|| PgStore::open(&cluster.url).unwrap());
             (a.join().unwrap(), b.join().unwrap())
         });
-        let event = Arc::new(Event::parse(br#"{"id":"evt_1","type":"order.created","data":{}}"#).unwrap());
+        let event =
+            Arc::new(Event::parse(br#"{"id":"evt_1","type":"order.created","data":{}}"#).unwrap());
         let plugins: Vec<Arc<str>> = vec!["orders".into(), "payments".into()];
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let (one, two) = runtime.block_on(async {
@@ -373,7 +514,40 @@ mod tests {
         });
         let mut outcomes = [one, two];
         outcomes.sort_by_key(|o| matches!(o, Appended::Duplicate));
-        assert!(matches!(&outcomes[0], Appended::New(ids) if ids.len() == 2), "{outcomes:?}");
+        assert!(
+            matches!(&outcomes[0], Appended::New(ids) if ids.len() == 2),
+            "{outcomes:?}"
+        );
         assert_eq!(outcomes[1], Appended::Duplicate);
+
+        // Either host sees both deliveries due, and records them.
+        assert_eq!(b.outstanding().unwrap(), 2);
+        let due = b.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
+        assert_eq!(due.len(), 2);
+        assert_eq!(due[0].event.as_ref().unwrap().key(), "evt_1");
+        let attempts = due
+            .iter()
+            .map(|d| Attempt {
+                id: d.id,
+                replays: d.replays,
+                plugin_version: "v".into(),
+                status: super::super::Status::Succeeded,
+                next_attempt_at: now_ms(),
+                failure: None,
+                plugin: d.plugin.clone(),
+                kv: Arc::default(),
+                kv_quota: 0,
+            })
+            .collect();
+        assert_eq!(
+            a.record(attempts).unwrap(),
+            [RecordedAs::Given, RecordedAs::Given]
+        );
+        assert_eq!(a.outstanding().unwrap(), 0);
+        assert!(
+            a.due(now_ms() + 1, now_ms() + 1, &plugins, 10)
+                .unwrap()
+                .is_empty()
+        );
     }
 }
