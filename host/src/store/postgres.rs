@@ -17,11 +17,20 @@ use std::thread::JoinHandle;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::{Client, NoTls};
 
-use super::{Appended, Attempt, Due, RecordedAs, StoreError, Unreadable, now_ms};
+use super::{
+    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
+    RecordedAs, Status, Store, StoreError, Unreadable, now_ms,
+};
 use crate::event::Event;
+use crate::runtime::FailureKind;
+use crate::runtime::kv::{KvOp, KvRead, parse_integer};
+use crate::status::{PluginState, PluginStatus};
 
 /// The schema version this build reads and writes (`hooks_schema.version`).
 pub const PG_SCHEMA_VERSION: i32 = 1;
+
+/// How soon a delivery whose kv writes no longer applied runs again.
+const KV_CONFLICT_RETRY_MS: i64 = 100;
 
 /// Any number the hosts sharing a database agree on: the advisory lock that
 /// serialises their migrations at start.
@@ -55,6 +64,44 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_at)
     WHERE status IN ('pending', 'failed');
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+CREATE TABLE IF NOT EXISTS plugins (
+    name          TEXT PRIMARY KEY,
+    version       TEXT,
+    state         TEXT NOT NULL CHECK (state IN ('active', 'quarantined', 'loading', 'failed')),
+    reason        TEXT,
+    subscriptions TEXT NOT NULL,
+    limits        TEXT NOT NULL,
+    counters      TEXT NOT NULL,
+    updated_at    BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plugin_kv (
+    plugin     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      BYTEA NOT NULL,
+    expires_at BIGINT,
+    PRIMARY KEY (plugin, key)
+);
+CREATE INDEX IF NOT EXISTS plugin_kv_expiry ON plugin_kv (plugin, expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS plugin_kv_usage (
+    plugin TEXT PRIMARY KEY,
+    bytes  BIGINT NOT NULL
+);
+CREATE OR REPLACE FUNCTION plugin_kv_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE plugin_kv_usage SET bytes = bytes - octet_length(OLD.key) - length(OLD.value)
+            WHERE plugin = OLD.plugin;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO plugin_kv_usage (plugin, bytes)
+            VALUES (NEW.plugin, octet_length(NEW.key) + length(NEW.value))
+            ON CONFLICT (plugin) DO UPDATE SET bytes = plugin_kv_usage.bytes + EXCLUDED.bytes;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER plugin_kv_counted AFTER INSERT OR UPDATE OR DELETE ON plugin_kv
+    FOR EACH ROW EXECUTE FUNCTION plugin_kv_count();
 ";
 
 /// An append waiting for the next group commit.
@@ -205,15 +252,223 @@ impl PgStore {
                     )
                     .await
                     .map_err(classify)?;
-                made.push(if updated == 0 {
-                    RecordedAs::Superseded
-                } else {
-                    RecordedAs::Given
-                });
+                let mut recorded_as = RecordedAs::Given;
+                if updated == 0 {
+                    recorded_as = RecordedAs::Superseded;
+                } else if a.status == Status::Succeeded && !a.kv.is_empty() {
+                    tx.batch_execute("SAVEPOINT attempt").await.map_err(classify)?;
+                    if let Err(conflict) = apply_kv(&tx, a, now).await.map_err(classify)? {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT attempt")
+                            .await
+                            .map_err(classify)?;
+                        tracing::warn!(delivery = a.id, plugin = %a.plugin, "{conflict}: the delivery runs again");
+                        tx.execute(
+                            "UPDATE deliveries SET status = 'failed', next_attempt_at = $2,
+                                 last_failure_kind = 'host-error', last_failure_message = $3,
+                                 updated_at = $4
+                             WHERE id = $1",
+                            &[&a.id, &(now + KV_CONFLICT_RETRY_MS), &conflict, &now],
+                        )
+                        .await
+                        .map_err(classify)?;
+                        recorded_as = RecordedAs::Conflict(conflict);
+                    }
+                    tx.batch_execute("RELEASE SAVEPOINT attempt").await.map_err(classify)?;
+                }
+                made.push(recorded_as);
             }
             tx.commit().await.map_err(classify)?;
             Ok(made)
         })
+    }
+
+    /// Deliveries matching `filter`, newest first.
+    pub fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let reader = self.reader.clone();
+        let filter = filter.clone();
+        self.run(async move {
+            let status = filter.status.map(Status::as_str);
+            let limit = filter.limit.map_or(i64::MAX, |n| n as i64);
+            let rows = reader
+                .query(
+                    &format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
+                         WHERE ($1::TEXT IS NULL OR d.status = $1) AND ($2::TEXT IS NULL OR d.plugin = $2)
+                           AND ($3::TEXT IS NULL OR e.event_type = $3)
+                         ORDER BY d.id DESC LIMIT $4"
+                    ),
+                    &[&status, &filter.plugin, &filter.event_type, &limit],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter().map(delivery_row).collect()
+        })
+    }
+
+    /// One event and its deliveries.
+    pub fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
+        let reader = self.reader.clone();
+        let key = key.to_owned();
+        self.run(async move {
+            let Some(row) = reader
+                .query_opt(
+                    "SELECT key, event_type, received_at, body FROM events WHERE key = $1",
+                    &[&key],
+                )
+                .await
+                .map_err(classify)?
+            else {
+                return Ok(None);
+            };
+            let deliveries = reader
+                .query(
+                    &format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
+                         WHERE d.event_key = $1 ORDER BY d.plugin"
+                    ),
+                    &[&key],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(Some(EventRecord {
+                key: row.get(0),
+                event_type: row.get(1),
+                received_at: row.get(2),
+                body: String::from_utf8_lossy(row.get::<_, &[u8]>(3)).into_owned(),
+                deliveries: deliveries.iter().map(delivery_row).collect::<Result<_, _>>()?,
+            }))
+        })
+    }
+
+    /// Make an event's deliveries (or one plugin's, added if it had none)
+    /// pending again, due now; returns how many.
+    pub fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
+        let (key, plugin) = (key.to_owned(), plugin.map(str::to_owned));
+        self.write(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let now = now_ms();
+            if let Some(plugin) = &plugin {
+                tx.execute(
+                    "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
+                     SELECT key, $2, 'pending', 0, $3, $3, $3 FROM events WHERE key = $1
+                     ON CONFLICT (event_key, plugin) DO NOTHING",
+                    &[&key, plugin, &now],
+                )
+                .await?;
+            }
+            let n = tx
+                .execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $3, updated_at = $3,
+                         replays = replays + 1
+                     WHERE event_key = $1 AND ($2::TEXT IS NULL OR plugin = $2)",
+                    &[&key, &plugin, &now],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n as usize)
+        })
+    }
+
+    /// Make dead deliveries pending again: these ids, or all when `None`.
+    pub fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError> {
+        let ids = ids.map(<[DeliveryId]>::to_vec);
+        self.write(move |client| async move {
+            let n = client
+                .execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $2, updated_at = $2,
+                         replays = replays + 1
+                     WHERE status = 'dead' AND ($1::BIGINT[] IS NULL OR id = ANY($1))",
+                    &[&ids, &now_ms()],
+                )
+                .await?;
+            Ok(n as usize)
+        })
+    }
+
+    /// Delete events received before `before` all of whose deliveries
+    /// succeeded; returns how many.
+    pub fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
+        self.write(move |client| async move {
+            let n = client
+                .execute(
+                    "DELETE FROM events WHERE received_at < $1 AND NOT EXISTS (
+                         SELECT 1 FROM deliveries d WHERE d.event_key = events.key
+                           AND d.status != 'succeeded')",
+                    &[&before],
+                )
+                .await?;
+            Ok(n as usize)
+        })
+    }
+
+    /// Replace the saved plugin status table with `rows`.
+    pub fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
+        self.write(move |mut client| async move {
+            let tx = client.transaction().await?;
+            tx.execute("DELETE FROM plugins", &[]).await?;
+            for r in &rows {
+                let limits = serde_json::to_string(&r.limits).expect("limits serialize");
+                let counters = serde_json::to_string(&r.counters).expect("counters serialize");
+                tx.execute(
+                    "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[
+                        &r.name,
+                        &r.version,
+                        &r.state.as_str(),
+                        &r.reason,
+                        &r.subscriptions,
+                        &limits,
+                        &counters,
+                        &r.updated_at,
+                    ],
+                )
+                .await?;
+            }
+            tx.commit().await
+        })
+    }
+
+    /// The plugin status table as last saved, by name.
+    pub fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
+        let reader = self.reader.clone();
+        self.run(async move {
+            let rows = reader
+                .query(
+                    "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
+                     FROM plugins ORDER BY name",
+                    &[],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let state: String = row.get(2);
+                    Ok(PluginStatus {
+                        name: row.get(0),
+                        version: row.get(1),
+                        state: PluginState::parse(&state)
+                            .ok_or_else(|| unreadable("plugins.state", &state))?,
+                        reason: row.get(3),
+                        subscriptions: row.get(4),
+                        limits: json(row.get(5))?,
+                        counters: json(row.get(6))?,
+                        updated_at: row.get(7),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Run `work` with the writing connection, one at a time.
+    fn write<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(tokio::sync::OwnedMutexGuard<Client>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>> + Send,
+    {
+        let writer = self.writer.clone();
+        self.run(async move { work(writer.lock_owned().await).await.map_err(classify) })
     }
 
     /// Deliveries waiting for their first attempt (or replayed).
@@ -239,6 +494,43 @@ impl Drop for PgStore {
             let _ = thread.join();
         }
     }
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
+     d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
+     d.created_at, d.updated_at";
+
+fn delivery_row(row: &tokio_postgres::Row) -> Result<DeliveryRecord, StoreError> {
+    let status: String = row.get(4);
+    let kind: Option<String> = row.get(6);
+    Ok(DeliveryRecord {
+        id: row.get(0),
+        event_key: row.get(1),
+        event_type: row.get(2),
+        plugin: row.get(3),
+        status: Status::parse(&status).ok_or_else(|| unreadable("deliveries.status", &status))?,
+        attempts: row.get::<_, i32>(5) as u32,
+        last_failure_kind: match kind {
+            Some(kind) => Some(
+                FailureKind::parse(&kind)
+                    .ok_or_else(|| unreadable("deliveries.last_failure_kind", &kind))?,
+            ),
+            None => None,
+        },
+        last_failure_message: row.get(7),
+        plugin_version: row.get(8),
+        next_attempt_at: row.get(9),
+        created_at: row.get(10),
+        updated_at: row.get(11),
+    })
+}
+
+fn unreadable(column: &str, value: &str) -> StoreError {
+    StoreError::Failed(format!("{column} holds an unknown value {value:?}"))
+}
+
+fn json<T: serde::de::DeserializeOwned>(text: String) -> Result<T, StoreError> {
+    serde_json::from_str(&text).map_err(|e| StoreError::Failed(format!("stored JSON: {e}")))
 }
 
 /// A due delivery; a stored body that does not parse is an [`Unreadable`]
@@ -393,6 +685,226 @@ async fn append(
     Ok(Appended::New(ids))
 }
 
+/// Apply a successful call's kv writes, as `sqlite.rs`'s `apply_kv` does:
+/// the plugin's expired keys go first; `Err` inside is a conflict.
+async fn apply_kv(
+    tx: &tokio_postgres::Transaction<'_>,
+    a: &Attempt,
+    now: i64,
+) -> Result<Result<(), String>, tokio_postgres::Error> {
+    let plugin = &*a.plugin;
+    tx.execute(
+        "DELETE FROM plugin_kv WHERE plugin = $1 AND expires_at IS NOT NULL AND expires_at <= $2",
+        &[&plugin, &now],
+    )
+    .await?;
+    let usage = async || -> Result<i64, tokio_postgres::Error> {
+        let row = tx
+            .query_opt(
+                "SELECT bytes FROM plugin_kv_usage WHERE plugin = $1",
+                &[&plugin],
+            )
+            .await?;
+        Ok(row.map_or(0, |r| r.get(0)))
+    };
+    let before = usage().await?;
+    for op in a.kv.iter() {
+        let current = async |key: &str| -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
+            let row = tx
+                .query_opt(
+                    "SELECT value FROM plugin_kv WHERE plugin = $1 AND key = $2
+                       AND (expires_at IS NULL OR expires_at > $3)",
+                    &[&plugin, &key, &now],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        };
+        match op {
+            KvOp::Set {
+                key,
+                value,
+                expires_at,
+            } => {
+                tx.execute(
+                    "INSERT INTO plugin_kv (plugin, key, value, expires_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value,
+                         expires_at = EXCLUDED.expires_at",
+                    &[&plugin, key, value, expires_at],
+                )
+                .await?;
+            }
+            KvOp::Delete { key } => {
+                tx.execute(
+                    "DELETE FROM plugin_kv WHERE plugin = $1 AND key = $2",
+                    &[&plugin, key],
+                )
+                .await?;
+            }
+            KvOp::Increment { key, delta } => {
+                let n = match current(key).await? {
+                    None => 0,
+                    Some(bytes) => match parse_integer(key, &bytes) {
+                        Ok(n) => n,
+                        Err(conflict) => return Ok(Err(format!("kv conflict: {conflict}"))),
+                    },
+                };
+                let Some(sum) = n.checked_add(*delta) else {
+                    return Ok(Err(format!("kv conflict: key {key:?} would overflow")));
+                };
+                tx.execute(
+                    "INSERT INTO plugin_kv (plugin, key, value) VALUES ($1, $2, $3)
+                     ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&plugin, key, &sum.to_string().into_bytes()],
+                )
+                .await?;
+            }
+            KvOp::CompareAndSwap { key, expected, new } => {
+                if current(key).await? != *expected {
+                    return Ok(Err(format!(
+                        "kv conflict: key {key:?} changed since the call read it"
+                    )));
+                }
+                tx.execute(
+                    "INSERT INTO plugin_kv (plugin, key, value, expires_at) VALUES ($1, $2, $3, NULL)
+                     ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL",
+                    &[&plugin, key, new],
+                )
+                .await?;
+            }
+        }
+    }
+    let after = usage().await?;
+    let quota = i64::try_from(a.kv_quota).unwrap_or(i64::MAX);
+    if after > before && after > quota {
+        return Ok(Err(format!(
+            "kv quota: this delivery's writes would take the plugin to {after} bytes, \
+             past its quota of {quota}"
+        )));
+    }
+    Ok(Ok(()))
+}
+
+impl Store for PgStore {
+    fn append_if_new(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> AppendTicket {
+        PgStore::append_if_new(self, event, plugins)
+    }
+
+    fn due(
+        &self,
+        now: i64,
+        fresh_after: i64,
+        plugins: &[Arc<str>],
+        limit: usize,
+    ) -> Result<Vec<Due>, StoreError> {
+        PgStore::due(self, now, fresh_after, plugins, limit)
+    }
+
+    fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
+        PgStore::record(self, attempts)
+    }
+
+    fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
+        PgStore::deliveries(self, filter)
+    }
+
+    fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
+        PgStore::event(self, key)
+    }
+
+    fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
+        PgStore::replay_event(self, key, plugin)
+    }
+
+    fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError> {
+        PgStore::replay_dead(self, ids)
+    }
+
+    fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
+        PgStore::purge_succeeded(self, before)
+    }
+
+    fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError> {
+        self.write(move |client| async move {
+            let n = client
+                .execute(
+                    "DELETE FROM plugin_kv WHERE expires_at IS NOT NULL AND expires_at <= $1",
+                    &[&now],
+                )
+                .await?;
+            Ok(n as usize)
+        })
+    }
+
+    fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
+        PgStore::save_plugins(self, rows)
+    }
+
+    fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
+        PgStore::plugins(self)
+    }
+
+    fn outstanding(&self) -> Result<usize, StoreError> {
+        PgStore::outstanding(self)
+    }
+
+    fn threads_gone(&self) -> Vec<String> {
+        match &self.thread {
+            Some(thread) if thread.is_finished() => vec!["store-postgres".to_owned()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl KvRead for PgStore {
+    fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let (reader, plugin, key) = (self.reader.clone(), plugin.to_owned(), key.to_owned());
+        self.run(async move {
+            let row = reader
+                .query_opt(
+                    "SELECT value FROM plugin_kv WHERE plugin = $1 AND key = $2
+                       AND (expires_at IS NULL OR expires_at > $3)",
+                    &[&plugin, &key, &now_ms()],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        let (reader, plugin, prefix) = (self.reader.clone(), plugin.to_owned(), prefix.to_owned());
+        let limit = limit as i64;
+        self.run(async move {
+            let rows = reader
+                .query(
+                    "SELECT key FROM plugin_kv WHERE plugin = $1 AND starts_with(key, $2)
+                       AND (expires_at IS NULL OR expires_at > $3) ORDER BY key COLLATE \"C\" LIMIT $4",
+                    &[&plugin, &prefix, &now_ms(), &limit],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
+        let (reader, plugin) = (self.reader.clone(), plugin.to_owned());
+        self.run(async move {
+            let row = reader
+                .query_opt(
+                    "SELECT bytes FROM plugin_kv_usage WHERE plugin = $1",
+                    &[&plugin],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
 fn classify(error: tokio_postgres::Error) -> StoreError {
     // Connection-level failures are worth a retry by the sender (503).
     if error.is_closed() {
@@ -531,7 +1043,7 @@ mod tests {
                 id: d.id,
                 replays: d.replays,
                 plugin_version: "v".into(),
-                status: super::super::Status::Succeeded,
+                status: Status::Succeeded,
                 next_attempt_at: now_ms(),
                 failure: None,
                 plugin: d.plugin.clone(),
@@ -549,5 +1061,63 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // Replayed, one plugin: due again, and its kv writes commit with it;
+        // a compare-and-swap that no longer holds conflicts.
+        assert_eq!(b.replay_event("evt_1", Some("orders")).unwrap(), 1);
+        let due = a.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        let kv_attempt = |ops: Vec<KvOp>, replays| Attempt {
+            id: due[0].id,
+            replays,
+            plugin_version: "v".into(),
+            status: Status::Succeeded,
+            next_attempt_at: now_ms(),
+            failure: None,
+            plugin: "orders".into(),
+            kv: ops.into(),
+            kv_quota: 1 << 20,
+        };
+        let set = KvOp::Set {
+            key: "\u{1F600}".into(),
+            value: b"12".to_vec(),
+            expires_at: None,
+        };
+        let add = KvOp::Increment {
+            key: "n".into(),
+            delta: 5,
+        };
+        let made = a
+            .record(vec![kv_attempt(vec![set, add], due[0].replays)])
+            .unwrap();
+        assert_eq!(made, [RecordedAs::Given]);
+        assert_eq!(b.kv_get("orders", "n").unwrap().as_deref(), Some(&b"5"[..]));
+        assert_eq!(b.kv_keys("orders", "", 10).unwrap(), ["n", "\u{1F600}"]);
+        assert_eq!(
+            b.kv_usage("orders").unwrap(),
+            (4 + 2) + (1 + 1),
+            "bytes, not characters"
+        );
+        assert_eq!(b.replay_event("evt_1", Some("orders")).unwrap(), 1);
+        let cas = KvOp::CompareAndSwap {
+            key: "n".into(),
+            expected: None,
+            new: b"x".to_vec(),
+        };
+        let made = a
+            .record(vec![kv_attempt(vec![cas], due[0].replays + 1)])
+            .unwrap();
+        assert!(
+            matches!(&made[0], RecordedAs::Conflict(m) if m.contains("changed")),
+            "{made:?}"
+        );
+        let stored = b.event("evt_1").unwrap().unwrap();
+        let orders = stored
+            .deliveries
+            .iter()
+            .find(|d| d.plugin == "orders")
+            .unwrap();
+        assert_eq!(orders.status, Status::Failed);
+        assert_eq!(orders.last_failure_kind, Some(FailureKind::HostError));
+        assert_eq!(b.deliveries(&Filter::default()).unwrap().len(), 2);
     }
 }
