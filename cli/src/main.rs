@@ -25,9 +25,14 @@ use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The SQLite database of events and deliveries.
+    /// The SQLite database of events and deliveries (with --store, only
+    /// where the admin token file `<db>.admin` goes).
     #[arg(long, global = true, value_name = "PATH", default_value = stateset_hooks::store::DEFAULT_DB_PATH)]
     db: PathBuf,
+    /// A PostgreSQL store shared by several hosts, instead of the SQLite
+    /// file: `postgres://user@host:port/database`.
+    #[arg(long, global = true, value_name = "URL", env = "STATESET_STORE")]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,8 +117,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let location = store_commands::Location {
+        db: cli.db.clone(),
+        postgres: cli.store.clone(),
+    };
     let result = match cli.command {
-        Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(args, &cli.db, s)),
+        Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(args, &location, s)),
         Command::New {
             name,
             lang,
@@ -129,10 +138,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
-        Command::Events(command) => store_commands::events(&cli.db, command),
-        Command::Dlq(command) => store_commands::dlq(&cli.db, command),
-        Command::Plugins(command) => store_commands::plugins(&cli.db, command),
-        Command::Kv(command) => store_commands::kv(&cli.db, command),
+        Command::Events(command) => store_commands::events(&location, command),
+        Command::Dlq(command) => store_commands::dlq(&location, command),
+        Command::Plugins(command) => store_commands::plugins(&location, command),
+        Command::Kv(command) => store_commands::kv(&location, command),
         Command::Sign { file } => sign(&file),
         Command::Send { url, file } => send(&url, &file),
         Command::Receive { listen } => receive::receive(listen),

@@ -2,7 +2,7 @@
 //! then the server until SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -197,9 +197,10 @@ fn flag(field: &str, reason: &str) -> &'static str {
 
 pub fn serve(
     args: ServeArgs,
-    db: &Path,
+    at: &crate::store_commands::Location,
     secret: stateset_hooks::Secret,
 ) -> anyhow::Result<ExitCode> {
+    let db = &at.db;
     let mut config = Config::new(secret);
     config.path = args.path;
     config.body_limit = args.body_limit;
@@ -217,6 +218,7 @@ pub fn serve(
     config.retry.max_attempts = args.max_attempts;
     config.retention = Duration::from_secs(args.retention_days.saturating_mul(24 * 3600));
     config.db_path = db.to_owned();
+    config.postgres = at.postgres.clone();
     config.cache_dir = Some(args.cache_dir);
     config.cache_max_bytes = args.cache_max_mib << 20;
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);

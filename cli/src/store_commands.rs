@@ -11,9 +11,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use stateset_hooks::admin::{AdminFile, RELEASE_ROUTE};
 use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
-use stateset_hooks::runtime::kv::KvRead;
 use stateset_hooks::status::Table;
-use stateset_hooks::store::{DeliveryRecord, Filter, SqliteStore, Status, Store, now_ms};
+use stateset_hooks::store::{DeliveryRecord, Filter, PgStore, SqliteStore, Status, Store, now_ms};
 use stateset_hooks::text::escape_controls;
 
 #[derive(Debug, Subcommand)]
@@ -111,18 +110,33 @@ fn parse_status(s: &str) -> Result<Status, String> {
         .ok_or_else(|| format!("unknown status {s:?}: pending, succeeded, failed or dead"))
 }
 
-fn open(db: &Path) -> anyhow::Result<SqliteStore> {
+/// Where the store is: the SQLite file, or a PostgreSQL URL (`--store`).
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub db: std::path::PathBuf,
+    pub postgres: Option<String>,
+}
+
+fn open(at: &Location) -> anyhow::Result<Box<dyn Store>> {
+    if let Some(url) = &at.postgres {
+        return Ok(Box::new(
+            PgStore::open(url).map_err(|e| anyhow::anyhow!("{e}"))?,
+        ));
+    }
+    let db = &at.db;
     if !db.exists() {
         bail!(
             "no database at {} (pass --db, or run `serve` first)",
             db.display()
         );
     }
-    SqliteStore::open(db, DEFAULT_BUSY_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(Box::new(
+        SqliteStore::open(db, DEFAULT_BUSY_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}"))?,
+    ))
 }
 
-pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
-    let store = open(db)?;
+pub fn events(at: &Location, command: EventsCommand) -> anyhow::Result<ExitCode> {
+    let store = open(at)?;
     match command {
         EventsCommand::List {
             status,
@@ -167,8 +181,8 @@ pub fn events(db: &Path, command: EventsCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let store = open(db)?;
+pub fn dlq(at: &Location, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let store = open(at)?;
     match command {
         DlqCommand::List { format } => {
             let filter = Filter {
@@ -188,12 +202,12 @@ pub fn dlq(db: &Path, command: DlqCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
+pub fn plugins(at: &Location, command: PluginsCommand) -> anyhow::Result<ExitCode> {
     let format = match command {
         PluginsCommand::List { format } => format,
-        PluginsCommand::Release { name } => return release(db, &name),
+        PluginsCommand::Release { name } => return release(&at.db, &name),
     };
-    let store = open(db)?;
+    let store = open(at)?;
     let rows = store.plugins()?;
     if format.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -211,8 +225,8 @@ pub fn plugins(db: &Path, command: PluginsCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn kv(db: &Path, command: KvCommand) -> anyhow::Result<ExitCode> {
-    let store = open(db)?;
+pub fn kv(at: &Location, command: KvCommand) -> anyhow::Result<ExitCode> {
+    let store = open(at)?;
     let failed = |e: String| anyhow::anyhow!("{e}");
     match command {
         KvCommand::List {

@@ -170,6 +170,10 @@ pub struct Config {
     pub queue_capacity: usize,
     /// The SQLite database file.
     pub db_path: PathBuf,
+    /// A PostgreSQL store (`postgres://user@host:port/db`) instead of the
+    /// SQLite file: several hosts share it. `db_path` then only places the
+    /// admin token file (`<db>.admin`).
+    pub postgres: Option<String>,
     /// How long a store write waits for a lock before failing as busy (503).
     pub busy_timeout: Duration,
     /// Retry schedule for failed deliveries.
@@ -219,6 +223,7 @@ impl Config {
             workers: default_workers(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             db_path: DEFAULT_DB_PATH.into(),
+            postgres: None,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             retry: RetryPolicy::default(),
             store_max_bytes: DEFAULT_STORE_MAX_BYTES,

@@ -20,7 +20,7 @@ use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::{CacheConfig, Runtime};
 use crate::signature::Secret;
 use crate::status::PluginStatus;
-use crate::store::{SqliteStore, Store, now_ms};
+use crate::store::{PgStore, SqliteStore, Store, now_ms};
 use crate::watch::Watcher;
 
 /// A running webhook host: plugins loaded, workers started. Clones share it.
@@ -56,10 +56,17 @@ impl Hooks {
     /// the host runs on. A bad setting is an error naming its field.
     pub fn new(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open_capped(&config.db_path, config.busy_timeout, config.store_max_bytes)
+        let store: Arc<dyn Store> = match &config.postgres {
+            Some(url) => Arc::new(PgStore::open(url).map_err(|e| anyhow::anyhow!("{e}"))?),
+            None => Arc::new(
+                SqliteStore::open_capped(
+                    &config.db_path,
+                    config.busy_timeout,
+                    config.store_max_bytes,
+                )
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
-        );
+            ),
+        };
         // One pool slot per worker: the workers can never exhaust it.
         let cache = config.cache_dir.clone().map(|dir| CacheConfig {
             dir,

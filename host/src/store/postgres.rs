@@ -570,6 +570,10 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(classify)?;
+    // "already exists, skipping" for every table at every start is noise.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(classify)?;
     tx.batch_execute(SCHEMA).await.map_err(classify)?;
     let version: Option<i32> = tx
         .query_opt("SELECT version FROM hooks_schema", &[])
