@@ -29,6 +29,28 @@ use crate::status::{PluginState, PluginStatus};
 /// The schema version this build reads and writes (`hooks_schema.version`).
 pub const PG_SCHEMA_VERSION: i32 = 1;
 
+/// How long a delivery is one host's once that host appended it or read it
+/// due: past it (the host died, or stalled), any host may run it. Longer
+/// than any call's deadline and its wait in the queue.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// This host's claim on the deliveries it runs.
+#[derive(Debug, Clone)]
+struct Claim {
+    /// Names this process: random per start.
+    host: String,
+    lease_ms: i64,
+}
+
+impl Claim {
+    fn new(lease: std::time::Duration) -> Self {
+        Self {
+            host: format!("{:016x}", rand::random::<u64>()),
+            lease_ms: lease.as_millis() as i64,
+        }
+    }
+}
+
 /// How soon a delivery whose kv writes no longer applied runs again.
 const KV_CONFLICT_RETRY_MS: i64 = 100;
 
@@ -114,6 +136,7 @@ struct Append {
 /// The PostgreSQL store.
 pub struct PgStore {
     handle: tokio::runtime::Handle,
+    claim: Claim,
     /// Reads, pipelined: `Client` takes `&self`.
     reader: Arc<Client>,
     /// Transactions, one at a time.
@@ -132,6 +155,12 @@ impl PgStore {
     /// Connect to `url` (`postgres://user@host:port/db`), migrate the schema
     /// under the advisory lock, and start the store's thread.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_lease(url, DEFAULT_LEASE)
+    }
+
+    /// [`PgStore::open`], holding what this host runs for `lease`.
+    pub fn open_with_lease(url: &str, lease: std::time::Duration) -> Result<Self, StoreError> {
+        let claim = Claim::new(lease);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -142,13 +171,14 @@ impl PgStore {
         let writer = Arc::new(Mutex::new(writer));
         let (appends, queue) = mpsc::unbounded_channel();
         let handle = runtime.handle().clone();
-        let committer = writer.clone();
+        let (committer, appender) = (writer.clone(), claim.clone());
         let thread = std::thread::Builder::new()
             .name("store-postgres".into())
-            .spawn(move || runtime.block_on(group_commit(committer, queue)))
+            .spawn(move || runtime.block_on(group_commit(committer, queue, appender)))
             .map_err(|e| StoreError::Failed(e.to_string()))?;
         Ok(Self {
             handle,
+            claim,
             reader: Arc::new(reader),
             writer,
             appends: Some(appends),
@@ -201,18 +231,38 @@ impl PgStore {
         if plugins.is_empty() {
             return Ok(Vec::new());
         }
-        let reader = self.reader.clone();
+        let writer = self.writer.clone();
+        let claim = self.claim.clone();
         let plugins: Vec<String> = plugins.iter().map(|p| p.to_string()).collect();
         let limit = limit as i64;
         self.run(async move {
-            let rows = reader
+            // Claimed, not assigned: rows another host holds under a live
+            // lease, or is claiming this instant, are skipped.
+            let rows = writer
+                .lock()
+                .await
                 .query(
-                    "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays
-                     FROM deliveries d JOIN events e ON e.key = d.event_key
-                     WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
-                       AND (d.attempts > 0 OR d.updated_at <= $2) AND d.plugin = ANY($3)
-                     ORDER BY d.next_attempt_at, d.id LIMIT $4",
-                    &[&now, &fresh_after, &plugins, &limit],
+                    "WITH claimed AS (
+                         UPDATE deliveries SET claimed_by = $5, lease_until = $1 + $6
+                         WHERE id IN (
+                             SELECT id FROM deliveries
+                             WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1
+                               AND (attempts > 0 OR updated_at <= $2) AND plugin = ANY($3)
+                               AND (lease_until IS NULL OR lease_until <= $1 OR claimed_by = $5)
+                             ORDER BY next_attempt_at, id LIMIT $4
+                             FOR UPDATE SKIP LOCKED)
+                         RETURNING id, plugin, attempts, event_key, replays, next_attempt_at)
+                     SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays
+                     FROM claimed c JOIN events e ON e.key = c.event_key
+                     ORDER BY c.next_attempt_at, c.id",
+                    &[
+                        &now,
+                        &fresh_after,
+                        &plugins,
+                        &limit,
+                        &claim.host,
+                        &claim.lease_ms,
+                    ],
                 )
                 .await
                 .map_err(classify)?;
@@ -237,7 +287,8 @@ impl PgStore {
                     .execute(
                         "UPDATE deliveries SET status = $2, attempts = attempts + 1,
                              next_attempt_at = $3, last_failure_kind = $4,
-                             last_failure_message = $5, plugin_version = $6, updated_at = $7
+                             last_failure_message = $5, plugin_version = $6, updated_at = $7,
+                             claimed_by = NULL, lease_until = NULL
                          WHERE id = $1 AND replays = $8",
                         &[
                             &a.id,
@@ -265,7 +316,7 @@ impl PgStore {
                         tx.execute(
                             "UPDATE deliveries SET status = 'failed', next_attempt_at = $2,
                                  last_failure_kind = 'host-error', last_failure_message = $3,
-                                 updated_at = $4
+                                 updated_at = $4, claimed_by = NULL, lease_until = NULL
                              WHERE id = $1",
                             &[&a.id, &(now + KV_CONFLICT_RETRY_MS), &conflict, &now],
                         )
@@ -359,7 +410,7 @@ impl PgStore {
             let n = tx
                 .execute(
                     "UPDATE deliveries SET status = 'pending', next_attempt_at = $3, updated_at = $3,
-                         replays = replays + 1
+                         replays = replays + 1, claimed_by = NULL, lease_until = NULL
                      WHERE event_key = $1 AND ($2::TEXT IS NULL OR plugin = $2)",
                     &[&key, &plugin, &now],
                 )
@@ -376,7 +427,7 @@ impl PgStore {
             let n = client
                 .execute(
                     "UPDATE deliveries SET status = 'pending', next_attempt_at = $2, updated_at = $2,
-                         replays = replays + 1
+                         replays = replays + 1, claimed_by = NULL, lease_until = NULL
                      WHERE status = 'dead' AND ($1::BIGINT[] IS NULL OR id = ANY($1))",
                     &[&ids, &now_ms()],
                 )
@@ -610,13 +661,17 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 /// The store's thread: take the appends queued, commit them together in
 /// one transaction (group commit), answer everyone. Ends when the store is
 /// dropped.
-async fn group_commit(writer: Arc<Mutex<Client>>, mut queue: mpsc::UnboundedReceiver<Append>) {
+async fn group_commit(
+    writer: Arc<Mutex<Client>>,
+    mut queue: mpsc::UnboundedReceiver<Append>,
+    claim: Claim,
+) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = queue.try_recv() {
             batch.push(more);
         }
-        let results = append_batch(&mut *writer.lock().await, &batch).await;
+        let results = append_batch(&mut *writer.lock().await, &batch, &claim).await;
         for (append, result) in batch.into_iter().zip(results) {
             let _ = append.reply.send(result);
         }
@@ -625,7 +680,11 @@ async fn group_commit(writer: Arc<Mutex<Client>>, mut queue: mpsc::UnboundedRece
 
 /// One transaction for the batch, each append in its own savepoint: one
 /// that fails is rolled back alone and only its caller is told.
-async fn append_batch(client: &mut Client, batch: &[Append]) -> Vec<Result<Appended, StoreError>> {
+async fn append_batch(
+    client: &mut Client,
+    batch: &[Append],
+    claim: &Claim,
+) -> Vec<Result<Appended, StoreError>> {
     let failed_all = |error: StoreError| vec![Err(error); batch.len()];
     let mut tx = match client.transaction().await {
         Ok(tx) => tx,
@@ -638,7 +697,7 @@ async fn append_batch(client: &mut Client, batch: &[Append]) -> Vec<Result<Appen
             Ok(savepoint) => savepoint,
             Err(error) => return failed_all(classify(error)),
         };
-        let appended = append(&savepoint, event, plugins, now).await;
+        let appended = append(&savepoint, event, plugins, now, claim).await;
         results.push(match appended {
             Ok(appended) => savepoint
                 .commit()
@@ -659,6 +718,7 @@ async fn append(
     event: &Event,
     plugins: &[Arc<str>],
     now: i64,
+    claim: &Claim,
 ) -> Result<Appended, tokio_postgres::Error> {
     let inserted = tx
         .execute(
@@ -679,9 +739,18 @@ async fn append(
     for plugin in plugins {
         let row = tx
             .query_one(
-                "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
-                 VALUES ($1, $2, 'pending', 0, $3, $3, $3) RETURNING id",
-                &[&event.key(), &&**plugin, &now],
+                // The appending host runs it first (the dispatcher's fast
+                // path): it is this host's until recorded or the lease ends.
+                "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at,
+                     created_at, updated_at, claimed_by, lease_until)
+                 VALUES ($1, $2, 'pending', 0, $3, $3, $3, $4, $5) RETURNING id",
+                &[
+                    &event.key(),
+                    &&**plugin,
+                    &now,
+                    &claim.host,
+                    &(now + claim.lease_ms),
+                ],
             )
             .await?;
         ids.push(row.get(0));
@@ -939,7 +1008,10 @@ mod tests {
                 .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
                 .max()
                 .expect("a PostgreSQL version");
-            let dir = std::env::temp_dir().join(format!("hooks-pg-{}", std::process::id()));
+            static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+            let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = format!("{}-{n}", std::process::id());
+            let dir = std::env::temp_dir().join(format!("hooks-pg-{id}"));
             std::fs::create_dir_all(&dir).unwrap();
             let as_postgres = |args: &[&str]| {
                 let status = Command::new("runuser")
@@ -955,7 +1027,7 @@ mod tests {
                 .arg(&dir)
                 .status()
                 .unwrap();
-            let port = 20000 + (std::process::id() % 20000) as u16;
+            let port = 20000 + (std::process::id() % 2000) as u16 * 10 + n;
             let data = dir.join("data");
             let (data, log) = (data.to_str().unwrap(), dir.join("log"));
             let initdb = bin.join("initdb");
@@ -1028,7 +1100,7 @@ mod tests {
             let two = b.append_if_new(event.clone(), plugins.clone());
             (one.await.unwrap().unwrap(), two.await.unwrap().unwrap())
         });
-        let mut outcomes = [one, two];
+        let mut outcomes = [one.clone(), two];
         outcomes.sort_by_key(|o| matches!(o, Appended::Duplicate));
         assert!(
             matches!(&outcomes[0], Appended::New(ids) if ids.len() == 2),
@@ -1036,9 +1108,19 @@ mod tests {
         );
         assert_eq!(outcomes[1], Appended::Duplicate);
 
-        // Either host sees both deliveries due, and records them.
+        // The host that appended them holds them: the other sees none due.
+        let (a, b) = if matches!(one, Appended::New(_)) {
+            (a, b)
+        } else {
+            (b, a)
+        };
         assert_eq!(b.outstanding().unwrap(), 2);
-        let due = b.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
+        assert!(
+            b.due(now_ms() + 1, now_ms() + 1, &plugins, 10)
+                .unwrap()
+                .is_empty()
+        );
+        let due = a.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
         assert_eq!(due.len(), 2);
         assert_eq!(due[0].event.as_ref().unwrap().key(), "evt_1");
         let attempts = due
@@ -1123,5 +1205,30 @@ mod tests {
         assert_eq!(orders.status, Status::Failed);
         assert_eq!(orders.last_failure_kind, Some(FailureKind::HostError));
         assert_eq!(b.deliveries(&Filter::default()).unwrap().len(), 2);
+    }
+
+    /// A host that dies holding deliveries loses them when its lease ends:
+    /// then another host claims and runs them, and until then none does.
+    #[test]
+    fn an_expired_lease_passes_the_delivery_to_another_host() {
+        let cluster = Cluster::start();
+        let short = std::time::Duration::from_millis(500);
+        let dying = PgStore::open_with_lease(&cluster.url, short).unwrap();
+        let other = PgStore::open_with_lease(&cluster.url, short).unwrap();
+        let event = Arc::new(Event::parse(br#"{"id":"evt_2","type":"t","data":{}}"#).unwrap());
+        let plugins: Vec<Arc<str>> = vec!["p".into()];
+        let ticket = dying.append_if_new(event, plugins.clone());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        assert!(matches!(
+            runtime.block_on(ticket).unwrap().unwrap(),
+            Appended::New(_)
+        ));
+        let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+        assert_eq!(due(&other), 0, "leased to the host that appended it");
+        drop(dying);
+        std::thread::sleep(short + std::time::Duration::from_millis(100));
+        assert_eq!(due(&other), 1, "the lease ran out: claimed");
+        let third = PgStore::open_with_lease(&cluster.url, short).unwrap();
+        assert_eq!(due(&third), 0, "held again, by the host that claimed it");
     }
 }
