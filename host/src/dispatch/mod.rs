@@ -17,6 +17,7 @@ mod in_flight;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -256,6 +257,7 @@ impl Dispatcher {
         match ticket.await.map_err(|_| StoreError::Closed)?? {
             Appended::Duplicate => Ok(Accepted::Duplicate),
             Appended::New(ids) => {
+                let mut queued = 0;
                 for (id, plugin) in ids.iter().zip(plugins) {
                     let due = Due {
                         id: *id,
@@ -267,6 +269,11 @@ impl Dispatcher {
                     if !self.shared.enqueue(due, false) {
                         break;
                     }
+                    queued += 1;
+                }
+                if queued < ids.len() {
+                    // For another host, or this one's poller, to take.
+                    self.shared.store.release(ids[queued..].to_vec());
                 }
                 Ok(Accepted::New(ids.len()))
             }
@@ -371,12 +378,23 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 /// Find due deliveries for the plugins that can take them, every
 /// [`POLL_INTERVAL`] until shutdown.
 fn poll_loop(shared: &DispatchState) {
+    let wakeups = shared.store.wakeups();
     while !shared.stopping() {
         if let Err(panic) = contain(|| poll_once(shared)) {
             shared.in_flight.end_poll();
             tracing::error!(panic, "the poller panicked; it polls again next interval");
         }
-        std::thread::sleep(POLL_INTERVAL);
+        match &wakeups {
+            // Woken early when another host makes work due; a burst of
+            // signals is one poll.
+            Some(wakeups) => match wakeups.recv_timeout(POLL_INTERVAL) {
+                Ok(()) => while wakeups.try_recv().is_ok() {},
+                Err(RecvTimeoutError::Timeout) => {}
+                // The store stopped listening: poll on the interval alone.
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(POLL_INTERVAL),
+            },
+            None => std::thread::sleep(POLL_INTERVAL),
+        }
     }
 }
 

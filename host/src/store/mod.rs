@@ -226,6 +226,18 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;
 
+    /// Give up this host's hold on deliveries it will not run now (its
+    /// queue was full), so another host may: they are pending all the same.
+    /// Does not wait. A store with one host holds nothing.
+    fn release(&self, _ids: Vec<DeliveryId>) {}
+
+    /// A signal each time deliveries may have become due elsewhere (another
+    /// host released or replayed some): the poller looks at once rather than
+    /// at its next interval. `None`: nothing but this host changes the store.
+    fn wakeups(&self) -> Option<std::sync::mpsc::Receiver<()>> {
+        None
+    }
+
     /// Names of the store's own threads that have ended while it is open
     /// (a store that needs none has none to lose).
     fn threads_gone(&self) -> Vec<String> {

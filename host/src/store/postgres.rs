@@ -143,7 +143,13 @@ pub struct PgStore {
     writer: Arc<Mutex<Client>>,
     appends: Option<mpsc::UnboundedSender<Append>>,
     thread: Option<JoinHandle<()>>,
+    /// Signals from `LISTEN hooks_due`, until the poller takes them.
+    wakeups: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
+
+/// The channel every host listens on: deliveries became due (released,
+/// replayed).
+const DUE_CHANNEL: &str = "hooks_due";
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -167,6 +173,8 @@ impl PgStore {
             .map_err(|e| StoreError::Failed(e.to_string()))?;
         let (mut writer, reader) = runtime
             .block_on(async { Ok::<_, StoreError>((connect(url).await?, connect(url).await?)) })?;
+        let (wake, wakeups) = std::sync::mpsc::channel();
+        runtime.block_on(listen(url, wake))?;
         runtime.block_on(migrate(&mut writer))?;
         let writer = Arc::new(Mutex::new(writer));
         let (appends, queue) = mpsc::unbounded_channel();
@@ -183,6 +191,7 @@ impl PgStore {
             writer,
             appends: Some(appends),
             thread: Some(thread),
+            wakeups: std::sync::Mutex::new(Some(wakeups)),
         })
     }
 
@@ -415,6 +424,7 @@ impl PgStore {
                     &[&key, &plugin, &now],
                 )
                 .await?;
+            tx.execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL]).await?;
             tx.commit().await?;
             Ok(n as usize)
         })
@@ -432,6 +442,7 @@ impl PgStore {
                     &[&ids, &now_ms()],
                 )
                 .await?;
+            client.execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL]).await?;
             Ok(n as usize)
         })
     }
@@ -600,6 +611,41 @@ fn due_row(row: &tokio_postgres::Row) -> Due {
         replays: row.get(5),
         event,
     }
+}
+
+/// A third connection, `LISTEN`ing on [`DUE_CHANNEL`]: each notification is
+/// a wake-up for the poller.
+async fn listen(url: &str, wake: std::sync::mpsc::Sender<()>) -> Result<(), StoreError> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(classify)?;
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    if wake.send(()).is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    tracing::error!(%error, "the PostgreSQL listening connection ended; polling only");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {DUE_CHANNEL}"))
+        .await
+        .map_err(classify)?;
+    // The connection lives as long as its client.
+    tokio::spawn(async move {
+        let _client = client;
+        std::future::pending::<()>().await
+    });
+    Ok(())
 }
 
 async fn connect(url: &str) -> Result<Client, StoreError> {
@@ -920,6 +966,36 @@ impl Store for PgStore {
         PgStore::outstanding(self)
     }
 
+    fn release(&self, ids: Vec<DeliveryId>) {
+        let (writer, host) = (self.writer.clone(), self.claim.host.clone());
+        self.handle.spawn(async move {
+            let client = writer.lock().await;
+            let released = client
+                .execute(
+                    "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
+                     WHERE id = ANY($1) AND claimed_by = $2",
+                    &[&ids, &host],
+                )
+                .await;
+            let notified = match released {
+                Ok(_) => {
+                    client
+                        .execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL])
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            if let Err(error) = notified {
+                // Held until the lease ends: then any host takes them.
+                tracing::warn!(%error, deliveries = ids.len(), "could not release deliveries");
+            }
+        });
+    }
+
+    fn wakeups(&self) -> Option<std::sync::mpsc::Receiver<()>> {
+        self.wakeups.lock().expect("wakeups lock").take()
+    }
+
     fn threads_gone(&self) -> Vec<String> {
         match &self.thread {
             Some(thread) if thread.is_finished() => vec!["store-postgres".to_owned()],
@@ -1230,5 +1306,29 @@ mod tests {
         assert_eq!(due(&other), 1, "the lease ran out: claimed");
         let third = PgStore::open_with_lease(&cluster.url, short).unwrap();
         assert_eq!(due(&third), 0, "held again, by the host that claimed it");
+    }
+
+    /// A delivery one host releases (its queue was full) wakes the other
+    /// hosts at once, and one of them claims it.
+    #[test]
+    fn a_released_delivery_wakes_the_others() {
+        let cluster = Cluster::start();
+        let busy = PgStore::open(&cluster.url).unwrap();
+        let idle = PgStore::open(&cluster.url).unwrap();
+        let woken = idle.wakeups().expect("listening");
+        let event = Arc::new(Event::parse(br#"{"id":"evt_3","type":"t","data":{}}"#).unwrap());
+        let plugins: Vec<Arc<str>> = vec!["p".into()];
+        let ticket = busy.append_if_new(event, plugins.clone());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let Appended::New(ids) = runtime.block_on(ticket).unwrap().unwrap() else {
+            panic!("stored")
+        };
+        let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+        assert_eq!(due(&idle), 0);
+        Store::release(&busy, ids);
+        woken
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("woken by the release");
+        assert_eq!(due(&idle), 1);
     }
 }
