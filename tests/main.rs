@@ -21,4 +21,5 @@ mod plugins;
 mod quarantine;
 mod receiver;
 mod reload;
+mod scale_out;
 mod untrusted_text;

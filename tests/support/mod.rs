@@ -1,6 +1,8 @@
 //! Shared test support: build real plugin components, lay out plugin
 //! directories, start the real server on port 0 and talk to it over HTTP.
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,188 @@
+//! Past one machine: several hosts on one PostgreSQL store, each test on a
+//! throwaway cluster of its own (the Debian `postgresql` package, which
+//! `scripts/test` installs; run as root).
+
+use std::sync::Arc;
+
+use crate::support::postgres::Cluster;
+use stateset_hooks::Event;
+use stateset_hooks::runtime::FailureKind;
+use stateset_hooks::runtime::kv::{KvOp, KvRead};
+use stateset_hooks::store::{
+    Appended, Attempt, Filter, PgStore, RecordedAs, Status, Store, now_ms,
+};
+
+/// Two hosts open the store at once (their migrations take turns under
+/// the advisory lock), and the same event sent to both is stored once.
+#[test]
+fn two_hosts_store_one_event_once() {
+    let cluster = Cluster::start();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| PgStore::open(&cluster.url).unwrap());
+        let b = s.spawn(|| PgStore::open(&cluster.url).unwrap());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let event =
+        Arc::new(Event::parse(br#"{"id":"evt_1","type":"order.created","data":{}}"#).unwrap());
+    let plugins: Vec<Arc<str>> = vec!["orders".into(), "payments".into()];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (one, two) = runtime.block_on(async {
+        let one = a.append_if_new(event.clone(), plugins.clone());
+        let two = b.append_if_new(event.clone(), plugins.clone());
+        (one.await.unwrap().unwrap(), two.await.unwrap().unwrap())
+    });
+    let mut outcomes = [one.clone(), two];
+    outcomes.sort_by_key(|o| matches!(o, Appended::Duplicate));
+    assert!(
+        matches!(&outcomes[0], Appended::New(ids) if ids.len() == 2),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], Appended::Duplicate);
+
+    // The host that appended them holds them: the other sees none due.
+    let (a, b) = if matches!(one, Appended::New(_)) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(b.outstanding().unwrap(), 2);
+    assert!(
+        b.due(now_ms() + 1, now_ms() + 1, &plugins, 10)
+            .unwrap()
+            .is_empty()
+    );
+    let due = a.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
+    assert_eq!(due.len(), 2);
+    assert_eq!(due[0].event.as_ref().unwrap().key(), "evt_1");
+    let attempts = due
+        .iter()
+        .map(|d| Attempt {
+            id: d.id,
+            replays: d.replays,
+            plugin_version: "v".into(),
+            status: Status::Succeeded,
+            next_attempt_at: now_ms(),
+            failure: None,
+            plugin: d.plugin.clone(),
+            kv: Arc::default(),
+            kv_quota: 0,
+        })
+        .collect();
+    assert_eq!(
+        a.record(attempts).unwrap(),
+        [RecordedAs::Given, RecordedAs::Given]
+    );
+    assert_eq!(a.outstanding().unwrap(), 0);
+    assert!(
+        a.due(now_ms() + 1, now_ms() + 1, &plugins, 10)
+            .unwrap()
+            .is_empty()
+    );
+    // Replayed, one plugin: due again, and its kv writes commit with it;
+    // a compare-and-swap that no longer holds conflicts.
+    assert_eq!(b.replay_event("evt_1", Some("orders")).unwrap(), 1);
+    let due = a.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
+    assert_eq!(due.len(), 1);
+    let kv_attempt = |ops: Vec<KvOp>, replays| Attempt {
+        id: due[0].id,
+        replays,
+        plugin_version: "v".into(),
+        status: Status::Succeeded,
+        next_attempt_at: now_ms(),
+        failure: None,
+        plugin: "orders".into(),
+        kv: ops.into(),
+        kv_quota: 1 << 20,
+    };
+    let set = KvOp::Set {
+        key: "\u{1F600}".into(),
+        value: b"12".to_vec(),
+        expires_at: None,
+    };
+    let add = KvOp::Increment {
+        key: "n".into(),
+        delta: 5,
+    };
+    let made = a
+        .record(vec![kv_attempt(vec![set, add], due[0].replays)])
+        .unwrap();
+    assert_eq!(made, [RecordedAs::Given]);
+    assert_eq!(b.kv_get("orders", "n").unwrap().as_deref(), Some(&b"5"[..]));
+    assert_eq!(b.kv_keys("orders", "", 10).unwrap(), ["n", "\u{1F600}"]);
+    assert_eq!(
+        b.kv_usage("orders").unwrap(),
+        (4 + 2) + (1 + 1),
+        "bytes, not characters"
+    );
+    assert_eq!(b.replay_event("evt_1", Some("orders")).unwrap(), 1);
+    let cas = KvOp::CompareAndSwap {
+        key: "n".into(),
+        expected: None,
+        new: b"x".to_vec(),
+    };
+    let made = a
+        .record(vec![kv_attempt(vec![cas], due[0].replays + 1)])
+        .unwrap();
+    assert!(
+        matches!(&made[0], RecordedAs::Conflict(m) if m.contains("changed")),
+        "{made:?}"
+    );
+    let stored = b.event("evt_1").unwrap().unwrap();
+    let orders = stored
+        .deliveries
+        .iter()
+        .find(|d| d.plugin == "orders")
+        .unwrap();
+    assert_eq!(orders.status, Status::Failed);
+    assert_eq!(orders.last_failure_kind, Some(FailureKind::HostError));
+    assert_eq!(b.deliveries(&Filter::default()).unwrap().len(), 2);
+}
+
+/// A host that dies holding deliveries loses them when its lease ends:
+/// then another host claims and runs them, and until then none does.
+#[test]
+fn an_expired_lease_passes_the_delivery_to_another_host() {
+    let cluster = Cluster::start();
+    let short = std::time::Duration::from_millis(500);
+    let dying = PgStore::open_with_lease(&cluster.url, short).unwrap();
+    let other = PgStore::open_with_lease(&cluster.url, short).unwrap();
+    let event = Arc::new(Event::parse(br#"{"id":"evt_2","type":"t","data":{}}"#).unwrap());
+    let plugins: Vec<Arc<str>> = vec!["p".into()];
+    let ticket = dying.append_if_new(event, plugins.clone());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    assert!(matches!(
+        runtime.block_on(ticket).unwrap().unwrap(),
+        Appended::New(_)
+    ));
+    let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+    assert_eq!(due(&other), 0, "leased to the host that appended it");
+    drop(dying);
+    std::thread::sleep(short + std::time::Duration::from_millis(100));
+    assert_eq!(due(&other), 1, "the lease ran out: claimed");
+    let third = PgStore::open_with_lease(&cluster.url, short).unwrap();
+    assert_eq!(due(&third), 0, "held again, by the host that claimed it");
+}
+
+/// A delivery one host releases (its queue was full) wakes the other
+/// hosts at once, and one of them claims it.
+#[test]
+fn a_released_delivery_wakes_the_others() {
+    let cluster = Cluster::start();
+    let busy = PgStore::open(&cluster.url).unwrap();
+    let idle = PgStore::open(&cluster.url).unwrap();
+    let woken = idle.wakeups().expect("listening");
+    let event = Arc::new(Event::parse(br#"{"id":"evt_3","type":"t","data":{}}"#).unwrap());
+    let plugins: Vec<Arc<str>> = vec!["p".into()];
+    let ticket = busy.append_if_new(event, plugins.clone());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Appended::New(ids) = runtime.block_on(ticket).unwrap().unwrap() else {
+        panic!("stored")
+    };
+    let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+    assert_eq!(due(&idle), 0);
+    Store::release(&busy, ids);
+    woken
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("woken by the release");
+    assert_eq!(due(&idle), 1);
+}

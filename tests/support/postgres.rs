@@ -1,0 +1,94 @@
+//! A throwaway PostgreSQL cluster per test, for the store shared by
+//! several hosts.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A throwaway PostgreSQL cluster on loopback, in a temporary directory,
+/// stopped and removed when dropped. Needs the Debian `postgresql`
+/// package and root (it runs the server as `postgres`).
+pub struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    pub url: String,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/test installs it)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .max()
+            .expect("a PostgreSQL version");
+        static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("hooks-pg-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let as_postgres = |args: &[&str]| {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{args:?}");
+        };
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        let port = 20000 + (std::process::id() % 2000) as u16 * 10 + n;
+        let data = dir.join("data");
+        let (data, log) = (data.to_str().unwrap(), dir.join("log"));
+        let initdb = bin.join("initdb");
+        as_postgres(&[
+            initdb.to_str().unwrap(),
+            "-D",
+            data,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]);
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off",
+            dir.display()
+        );
+        let pg_ctl = bin.join("pg_ctl");
+        as_postgres(&[
+            pg_ctl.to_str().unwrap(),
+            "-D",
+            data,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "-o",
+            &options,
+            "start",
+        ]);
+        Self {
+            bin,
+            dir,
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_ctl)
+            .args(["-D"])
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
