@@ -186,3 +186,64 @@ fn a_released_delivery_wakes_the_others() {
         .expect("woken by the release");
     assert_eq!(due(&idle), 1);
 }
+
+/// Two hosts behind one load balancer, one PostgreSQL store: events sent to
+/// either (every tenth to both), and each stored once, each delivery run
+/// once, the plugin's shared kv counter exact.
+#[test]
+fn two_hosts_share_one_store_and_run_each_delivery_once() {
+    use crate::support::*;
+    use serde_json::json;
+
+    const EVENTS: usize = 120;
+    let cluster = Cluster::start();
+    let dirs = [PluginDir::new(), PluginDir::new()];
+    for dir in &dirs {
+        dir.add(
+            "counter",
+            "misbehave",
+            Some("subscriptions = [\"order.*\"]\n"),
+        );
+    }
+    let flags = ["--store", cluster.url.as_str()];
+    let mut hosts = dirs
+        .each_ref()
+        .map(|dir| ServeProcess::start_with(dir, Some("info"), &flags));
+    for i in 0..EVENTS {
+        let body = event(
+            &format!("evt_{i}"),
+            "order.created",
+            json!({ "misbehave": "count" }),
+        );
+        hosts[i % 2].send_blocking(body.clone());
+        if i % 10 == 0 {
+            hosts[(i + 1) % 2].send_blocking(body);
+        }
+    }
+    let store = PgStore::open(&cluster.url).unwrap();
+    let succeeded = Filter {
+        status: Some(Status::Succeeded),
+        ..Filter::default()
+    };
+    let deadline = std::time::Instant::now() + REPORT_TIMEOUT;
+    while store.deliveries(&succeeded).unwrap().len() < EVENTS {
+        assert!(std::time::Instant::now() < deadline, "not all delivered");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let all = store.deliveries(&Filter::default()).unwrap();
+    assert_eq!(
+        all.len(),
+        EVENTS,
+        "each event stored once, one delivery each"
+    );
+    assert!(all.iter().all(|d| d.attempts == 1), "each run once");
+    let count = store.kv_get("counter", "count").unwrap().unwrap();
+    assert_eq!(
+        count,
+        EVENTS.to_string().into_bytes(),
+        "both hosts' increments kept"
+    );
+    for host in &mut hosts {
+        host.stop();
+    }
+}
