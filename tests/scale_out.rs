@@ -247,3 +247,37 @@ fn two_hosts_share_one_store_and_run_each_delivery_once() {
         host.stop();
     }
 }
+
+/// PostgreSQL going away is a busy store (the sender gets 503 and retries),
+/// not a dead host: once it is back, the store connects again.
+#[test]
+fn the_store_reconnects_when_postgresql_comes_back() {
+    use stateset_hooks::store::StoreError;
+    let cluster = Cluster::start();
+    let store = PgStore::open(&cluster.url).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let append = |id: &str| {
+        let body = format!(r#"{{"id":"{id}","type":"t","data":{{}}}}"#);
+        let event = Arc::new(Event::parse(body.as_bytes()).unwrap());
+        runtime
+            .block_on(store.append_if_new(event, vec!["p".into()]))
+            .unwrap()
+    };
+    assert!(matches!(append("evt_before"), Ok(Appended::New(_))));
+    cluster.ctl("stop");
+    assert!(matches!(append("evt_down"), Err(StoreError::Busy(_))));
+    assert!(matches!(store.outstanding(), Err(StoreError::Busy(_))));
+    cluster.ctl("start");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match append("evt_after") {
+            Ok(appended) => {
+                assert!(matches!(appended, Appended::New(_)));
+                break;
+            }
+            Err(error) => assert!(std::time::Instant::now() < deadline, "{error}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(store.outstanding().unwrap(), 2, "evt_before and evt_after");
+}

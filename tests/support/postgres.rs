@@ -11,6 +11,7 @@ pub struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
     pub url: String,
+    options: String,
 }
 
 impl Cluster {
@@ -72,10 +73,32 @@ impl Cluster {
             "start",
         ]);
         Self {
+            options,
             bin,
             dir,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         }
+    }
+}
+
+impl Cluster {
+    /// `pg_ctl stop` or `start` again: the server goes away and comes back,
+    /// with its data.
+    pub fn ctl(&self, action: &str) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_ctl)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-l"])
+            .arg(self.dir.join("log"))
+            .args(["-m", "fast", "-w"])
+            .args(["-o", &self.options, action])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl {action}");
     }
 }
 

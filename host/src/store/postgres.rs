@@ -137,10 +137,10 @@ struct Append {
 pub struct PgStore {
     handle: tokio::runtime::Handle,
     claim: Claim,
-    /// Reads, pipelined: `Client` takes `&self`.
-    reader: Arc<Client>,
+    /// Reads.
+    reader: Arc<Link>,
     /// Transactions, one at a time.
-    writer: Arc<Mutex<Client>>,
+    writer: Arc<Link>,
     appends: Option<mpsc::UnboundedSender<Append>>,
     thread: Option<JoinHandle<()>>,
     /// Signals from `LISTEN hooks_due`, until the poller takes them.
@@ -176,7 +176,7 @@ impl PgStore {
         let (wake, wakeups) = std::sync::mpsc::channel();
         runtime.block_on(listen(url, wake))?;
         runtime.block_on(migrate(&mut writer))?;
-        let writer = Arc::new(Mutex::new(writer));
+        let writer = Arc::new(Link::new(url, writer));
         let (appends, queue) = mpsc::unbounded_channel();
         let handle = runtime.handle().clone();
         let (committer, appender) = (writer.clone(), claim.clone());
@@ -187,7 +187,7 @@ impl PgStore {
         Ok(Self {
             handle,
             claim,
-            reader: Arc::new(reader),
+            reader: Arc::new(Link::new(url, reader)),
             writer,
             appends: Some(appends),
             thread: Some(thread),
@@ -249,7 +249,7 @@ impl PgStore {
             // lease, or is claiming this instant, are skipped.
             let rows = writer
                 .lock()
-                .await
+                .await?
                 .query(
                     "WITH claimed AS (
                          UPDATE deliveries SET claimed_by = $5, lease_until = $1 + $6
@@ -283,7 +283,7 @@ impl PgStore {
     pub fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
         let writer = self.writer.clone();
         self.run(async move {
-            let mut client = writer.lock().await;
+            let mut client = writer.lock().await?;
             let tx = client.transaction().await.map_err(classify)?;
             let now = now_ms();
             let mut made = Vec::with_capacity(attempts.len());
@@ -350,6 +350,8 @@ impl PgStore {
             let status = filter.status.map(Status::as_str);
             let limit = filter.limit.map_or(i64::MAX, |n| n as i64);
             let rows = reader
+                .lock()
+                .await?
                 .query(
                     &format!(
                         "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
@@ -371,6 +373,8 @@ impl PgStore {
         let key = key.to_owned();
         self.run(async move {
             let Some(row) = reader
+                .lock()
+                .await?
                 .query_opt(
                     "SELECT key, event_type, received_at, body FROM events WHERE key = $1",
                     &[&key],
@@ -381,6 +385,8 @@ impl PgStore {
                 return Ok(None);
             };
             let deliveries = reader
+                .lock()
+                .await?
                 .query(
                     &format!(
                         "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
@@ -496,6 +502,8 @@ impl PgStore {
         let reader = self.reader.clone();
         self.run(async move {
             let rows = reader
+                .lock()
+                .await?
                 .query(
                     "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
                      FROM plugins ORDER BY name",
@@ -526,11 +534,11 @@ impl PgStore {
     fn write<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(tokio::sync::OwnedMutexGuard<Client>) -> Fut + Send + 'static,
+        F: FnOnce(LinkGuard) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, tokio_postgres::Error>> + Send,
     {
         let writer = self.writer.clone();
-        self.run(async move { work(writer.lock_owned().await).await.map_err(classify) })
+        self.run(async move { work(writer.lock().await?).await.map_err(classify) })
     }
 
     /// Deliveries waiting for their first attempt (or replayed).
@@ -538,6 +546,8 @@ impl PgStore {
         let reader = self.reader.clone();
         self.run(async move {
             let row = reader
+                .lock()
+                .await?
                 .query_one(
                     "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
                     &[],
@@ -610,6 +620,65 @@ fn due_row(row: &tokio_postgres::Row) -> Due {
         attempts: row.get::<_, i32>(2) as u32,
         replays: row.get(5),
         event,
+    }
+}
+
+/// A connection that comes back: each use checks it, and a closed one (the
+/// server restarted, the network dropped) is replaced. While the server is
+/// unreachable, uses fail at once as busy (the sender gets 503 with
+/// `Retry-After`; workers leave deliveries pending) and a new connection is
+/// tried at most once a second. The loss and the recovery are logged once
+/// each.
+struct Link {
+    url: String,
+    client: Arc<Mutex<Option<Client>>>,
+    /// When connecting last failed; `None` while connected.
+    down_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+type LinkGuard = tokio::sync::OwnedMappedMutexGuard<Option<Client>, Client>;
+
+/// How long an unreachable server is left alone between tries.
+const RECONNECT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Link {
+    fn new(url: &str, client: Client) -> Self {
+        Self {
+            url: url.to_owned(),
+            client: Arc::new(Mutex::new(Some(client))),
+            down_since: std::sync::Mutex::new(None),
+        }
+    }
+
+    async fn lock(&self) -> Result<LinkGuard, StoreError> {
+        let mut slot = self.client.clone().lock_owned().await;
+        if slot.as_ref().is_some_and(Client::is_closed) {
+            tracing::warn!("the PostgreSQL connection closed; reconnecting");
+            *slot = None;
+            *self.down_since.lock().expect("link lock") = Some(std::time::Instant::now());
+        }
+        if slot.is_none() {
+            let since = *self.down_since.lock().expect("link lock");
+            if since.is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF) {
+                return Err(StoreError::Busy("PostgreSQL is unreachable".into()));
+            }
+            match connect(&self.url).await {
+                Ok(client) => {
+                    tracing::info!("PostgreSQL connection open again");
+                    *self.down_since.lock().expect("link lock") = None;
+                    *slot = Some(client);
+                }
+                Err(error) => {
+                    *self.down_since.lock().expect("link lock") = Some(std::time::Instant::now());
+                    return Err(StoreError::Busy(format!(
+                        "PostgreSQL is unreachable: {error}"
+                    )));
+                }
+            }
+        }
+        Ok(tokio::sync::OwnedMutexGuard::map(slot, |slot| {
+            slot.as_mut().expect("connected above")
+        }))
     }
 }
 
@@ -707,17 +776,16 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 /// The store's thread: take the appends queued, commit them together in
 /// one transaction (group commit), answer everyone. Ends when the store is
 /// dropped.
-async fn group_commit(
-    writer: Arc<Mutex<Client>>,
-    mut queue: mpsc::UnboundedReceiver<Append>,
-    claim: Claim,
-) {
+async fn group_commit(writer: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Append>, claim: Claim) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = queue.try_recv() {
             batch.push(more);
         }
-        let results = append_batch(&mut *writer.lock().await, &batch, &claim).await;
+        let results = match writer.lock().await {
+            Ok(mut client) => append_batch(&mut client, &batch, &claim).await,
+            Err(error) => vec![Err(error); batch.len()],
+        };
         for (append, result) in batch.into_iter().zip(results) {
             let _ = append.reply.send(result);
         }
@@ -812,6 +880,14 @@ async fn apply_kv(
     now: i64,
 ) -> Result<Result<(), String>, tokio_postgres::Error> {
     let plugin = &*a.plugin;
+    // One plugin's kv commits take turns across every host, so a read here
+    // (an increment's value, a compare-and-swap's check, the usage) is still
+    // true when its write lands: without it two hosts' increments race.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("kv:{plugin}")],
+    )
+    .await?;
     tx.execute(
         "DELETE FROM plugin_kv WHERE plugin = $1 AND expires_at IS NOT NULL AND expires_at <= $2",
         &[&plugin, &now],
@@ -969,7 +1045,13 @@ impl Store for PgStore {
     fn release(&self, ids: Vec<DeliveryId>) {
         let (writer, host) = (self.writer.clone(), self.claim.host.clone());
         self.handle.spawn(async move {
-            let client = writer.lock().await;
+            let client = match writer.lock().await {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::warn!(%error, deliveries = ids.len(), "could not release deliveries");
+                    return;
+                }
+            };
             let released = client
                 .execute(
                     "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
@@ -1009,6 +1091,8 @@ impl KvRead for PgStore {
         let (reader, plugin, key) = (self.reader.clone(), plugin.to_owned(), key.to_owned());
         self.run(async move {
             let row = reader
+                .lock()
+                .await?
                 .query_opt(
                     "SELECT value FROM plugin_kv WHERE plugin = $1 AND key = $2
                        AND (expires_at IS NULL OR expires_at > $3)",
@@ -1026,6 +1110,8 @@ impl KvRead for PgStore {
         let limit = limit as i64;
         self.run(async move {
             let rows = reader
+                .lock()
+                .await?
                 .query(
                     "SELECT key FROM plugin_kv WHERE plugin = $1 AND starts_with(key, $2)
                        AND (expires_at IS NULL OR expires_at > $3) ORDER BY key COLLATE \"C\" LIMIT $4",
@@ -1042,6 +1128,8 @@ impl KvRead for PgStore {
         let (reader, plugin) = (self.reader.clone(), plugin.to_owned());
         self.run(async move {
             let row = reader
+                .lock()
+                .await?
                 .query_opt(
                     "SELECT bytes FROM plugin_kv_usage WHERE plugin = $1",
                     &[&plugin],
