@@ -281,3 +281,21 @@ fn the_store_reconnects_when_postgresql_comes_back() {
     }
     assert_eq!(store.outstanding().unwrap(), 2, "evt_before and evt_after");
 }
+
+/// A database migrated by a newer build is refused, naming both versions;
+/// hosts starting together migrate in turn (the advisory lock).
+#[test]
+fn a_newer_schema_is_refused() {
+    let cluster = Cluster::start();
+    drop(PgStore::open(&cluster.url).unwrap());
+    cluster.psql("UPDATE hooks_schema SET version = version + 1");
+    let error = PgStore::open(&cluster.url).unwrap_err().to_string();
+    let newer = stateset_hooks::store::PG_SCHEMA_VERSION + 1;
+    assert!(
+        error.contains(&format!(
+            "schema version {newer}, newer than version {}",
+            newer - 1
+        )),
+        "{error}"
+    );
+}

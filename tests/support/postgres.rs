@@ -102,6 +102,18 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Run `sql` with `psql` as the superuser.
+    pub fn psql(&self, sql: &str) {
+        let status = Command::new(self.bin.join("psql"))
+            .args(["-q", "-v", "ON_ERROR_STOP=1", &self.url, "-c", sql])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "psql -c {sql}");
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let pg_ctl = self.bin.join("pg_ctl");
