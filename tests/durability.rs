@@ -116,8 +116,7 @@ async fn failures_retry_with_backoff_then_succeed_or_die_and_replay() {
     config.retry.max_attempts = 3;
     let mut server = TestServer::start(config).await;
     let output = Command::new(BIN)
-        .arg("--db")
-        .arg(plugins.path().join("stateset-hooks.db"))
+        .args(store_args(&plugins))
         .args(["dlq", "replay", "--all"])
         .output()
         .unwrap();

@@ -141,7 +141,27 @@ pub fn config(plugins: &PluginDir) -> Config {
     // One worker: reports arrive in the order events were sent, so a later
     // event's report proves an earlier event reached no (other) plugin.
     config.workers = 1;
+    // The same tests on the other store: `scripts/test` runs the
+    // store-behaviour modules again with a cluster of its own.
+    if let Some(server) = postgres::shared_server() {
+        config.postgres = Some(postgres::database_for(&server, plugins.path()));
+    }
     config
+}
+
+/// The command-line flags that name the store `config(plugins)` uses:
+/// `--db FILE`, or `--store URL` when the tests run on PostgreSQL.
+pub fn store_args(plugins: &PluginDir) -> Vec<std::ffi::OsString> {
+    match postgres::shared_server() {
+        Some(server) => vec![
+            "--store".into(),
+            postgres::database_for(&server, plugins.path()).into(),
+        ],
+        None => vec![
+            "--db".into(),
+            plugins.path().join("stateset-hooks.db").into(),
+        ],
+    }
 }
 
 /// The real server on 127.0.0.1:0, in this process.

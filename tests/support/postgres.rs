@@ -1,5 +1,7 @@
-//! A throwaway PostgreSQL cluster per test, for the store shared by
-//! several hosts.
+//! PostgreSQL for the tests: a throwaway cluster per test, for the store
+//! shared by several hosts; and, when `scripts/test` runs the
+//! store-behaviour tests a second time, a fresh database per server on the
+//! cluster it started (`STATESET_TEST_POSTGRES`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,11 +18,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL is installed (scripts/test installs it)")
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .max()
-            .expect("a PostgreSQL version");
+        let bin = bin();
         static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
@@ -126,4 +124,43 @@ impl Drop for Cluster {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The server `scripts/test` started for the second run of the
+/// store-behaviour tests (`postgres://…/postgres`), if any.
+pub fn shared_server() -> Option<String> {
+    std::env::var("STATESET_TEST_POSTGRES").ok()
+}
+
+/// The database on `server` for the plugin directory `dir`, created empty
+/// the first time: each test its own, and a test restarting its server on
+/// the same directory finds its data again.
+pub fn database_for(server: &str, dir: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    let digest = hex::encode(sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes()));
+    let name = format!("hooks_{}", &digest[..16]);
+    let psql = |sql: &str| {
+        Command::new(bin().join("psql"))
+            .args(["-qtA", "-v", "ON_ERROR_STOP=1", server, "-c", sql])
+            .output()
+            .unwrap()
+    };
+    let exists = psql(&format!(
+        "SELECT 1 FROM pg_database WHERE datname = '{name}'"
+    ));
+    if String::from_utf8_lossy(&exists.stdout).trim() != "1" {
+        let created = psql(&format!("CREATE DATABASE {name}"));
+        assert!(created.status.success(), "CREATE DATABASE {name}");
+    }
+    let (base, _) = server.rsplit_once('/').expect("a URL ending in /database");
+    format!("{base}/{name}")
+}
+
+/// The newest installed PostgreSQL's binaries.
+fn bin() -> PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/test installs it)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .max()
+        .expect("a PostgreSQL version")
 }
