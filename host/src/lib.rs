@@ -29,7 +29,7 @@
 //! - [`event`]: the envelope (`id`, `type`, `data`), known types, idempotency key.
 //! - [`runtime`]: wasmtime engine, WIT bindings, limits, capabilities, failures.
 //! - [`status`]: plugin states, counters and the `plugins list` table, as types.
-//! - [`store`]: durable events and deliveries (SQLite), behind the `Store` trait.
+//! - [`store`]: durable events and deliveries (SQLite, or PostgreSQL for several hosts), behind the `Store` trait.
 //! - [`manifest`]: a plugin's optional `NAME.toml` (subscriptions, limits, config).
 //! - [`plugin_file`]: reading the untrusted plugin directory: regular files, size caps.
 //! - [`health`]: per-plugin counters and quarantine.

@@ -3,8 +3,8 @@
 //!
 //! [`Store`] is shaped by what the host needs (append an event if its key is
 //! new, find due deliveries, record outcomes, list and replay), not by SQL.
-//! [`SqliteStore`] is the embedded implementation; a distributed one can sit
-//! behind the same trait. What to retry and when is decided in `retry.rs`.
+//! [`SqliteStore`] is the embedded implementation, for one host;
+//! [`PgStore`] is PostgreSQL, for several hosts sharing one database. What to retry and when is decided in `retry.rs`.
 
 mod postgres;
 mod sqlite;

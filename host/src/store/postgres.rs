@@ -1,13 +1,20 @@
-//! The PostgreSQL store: several hosts, one database. WORK IN PROGRESS on
-//! the `pg-store` branch (issue 13): schema and migrations under an advisory
-//! lock, group-committed appends, due deliveries and recorded attempts.
-//! Still to come: the rest of [`Store`], leases (`FOR UPDATE SKIP LOCKED`),
-//! `LISTEN/NOTIFY` wake-ups, kv, reconnection, and the contract tests shared
-//! with SQLite.
+//! The PostgreSQL store: several hosts, one database (`--store
+//! postgres://…`).
 //!
-//! One thread owns a single-threaded tokio runtime and two connections: one
-//! for transactions (group-committed appends, recorded attempts), one for
-//! reads. The store's blocking methods spawn their work onto that runtime and
+//! - Idempotency is the `events` primary key, across hosts; appends are
+//!   group-committed and acknowledged after the commit.
+//! - Work is claimed, not assigned: a host holds the deliveries it appended
+//!   or claimed (`FOR UPDATE SKIP LOCKED`) under a lease; recording or
+//!   replaying releases them, and an expired lease lets another host claim
+//!   them. `LISTEN/NOTIFY` wakes every host when deliveries are released or
+//!   replayed.
+//! - One plugin's kv commits take turns across hosts (an advisory lock).
+//! - The schema is migrated at start under an advisory lock; a newer one is
+//!   refused. A connection lost is a busy store (503) until it comes back.
+//!
+//! One thread owns a single-threaded tokio runtime and three connections:
+//! one for transactions (group-committed appends, claims, recorded
+//! attempts), one for reads, one listening. The store's blocking methods spawn their work onto that runtime and
 //! wait for the answer, so they may be called from any thread, in a runtime
 //! or not, as [`super::SqliteStore`]'s are.
 
@@ -209,327 +216,6 @@ impl PgStore {
         answer.recv().map_err(|_| StoreError::Closed)?
     }
 
-    /// Store `event` with one pending delivery per plugin unless its key is
-    /// already stored; resolves after the commit.
-    pub fn append_if_new(
-        &self,
-        event: Arc<Event>,
-        plugins: Vec<Arc<str>>,
-    ) -> oneshot::Receiver<Result<Appended, StoreError>> {
-        let (reply, ticket) = oneshot::channel();
-        if let Some(appends) = &self.appends {
-            let _ = appends.send(Append {
-                event,
-                plugins,
-                reply,
-            });
-        }
-        ticket
-    }
-
-    /// Deliveries due at `now` for these plugins, oldest first, leaving out
-    /// never-attempted ones created after `fresh_after`. (No lease yet: one
-    /// host at a time.)
-    pub fn due(
-        &self,
-        now: i64,
-        fresh_after: i64,
-        plugins: &[Arc<str>],
-        limit: usize,
-    ) -> Result<Vec<Due>, StoreError> {
-        if plugins.is_empty() {
-            return Ok(Vec::new());
-        }
-        let writer = self.writer.clone();
-        let claim = self.claim.clone();
-        let plugins: Vec<String> = plugins.iter().map(|p| p.to_string()).collect();
-        let limit = limit as i64;
-        self.run(async move {
-            // Claimed, not assigned: rows another host holds under a live
-            // lease, or is claiming this instant, are skipped.
-            let rows = writer
-                .lock()
-                .await?
-                .query(
-                    "WITH claimed AS (
-                         UPDATE deliveries SET claimed_by = $5, lease_until = $1 + $6
-                         WHERE id IN (
-                             SELECT id FROM deliveries
-                             WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1
-                               AND (attempts > 0 OR updated_at <= $2) AND plugin = ANY($3)
-                               AND (lease_until IS NULL OR lease_until <= $1 OR claimed_by = $5)
-                             ORDER BY next_attempt_at, id LIMIT $4
-                             FOR UPDATE SKIP LOCKED)
-                         RETURNING id, plugin, attempts, event_key, replays, next_attempt_at)
-                     SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays
-                     FROM claimed c JOIN events e ON e.key = c.event_key
-                     ORDER BY c.next_attempt_at, c.id",
-                    &[
-                        &now,
-                        &fresh_after,
-                        &plugins,
-                        &limit,
-                        &claim.host,
-                        &claim.lease_ms,
-                    ],
-                )
-                .await
-                .map_err(classify)?;
-            Ok(rows.iter().map(due_row).collect())
-        })
-    }
-
-    /// Record attempts in one transaction, saying what became of each.
-    pub fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
-        let writer = self.writer.clone();
-        self.run(async move {
-            let mut client = writer.lock().await?;
-            let tx = client.transaction().await.map_err(classify)?;
-            let now = now_ms();
-            let mut made = Vec::with_capacity(attempts.len());
-            for a in &attempts {
-                let (kind, message) = match &a.failure {
-                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
-                    None => (None, None),
-                };
-                let updated = tx
-                    .execute(
-                        "UPDATE deliveries SET status = $2, attempts = attempts + 1,
-                             next_attempt_at = $3, last_failure_kind = $4,
-                             last_failure_message = $5, plugin_version = $6, updated_at = $7,
-                             claimed_by = NULL, lease_until = NULL
-                         WHERE id = $1 AND replays = $8",
-                        &[
-                            &a.id,
-                            &a.status.as_str(),
-                            &a.next_attempt_at,
-                            &kind,
-                            &message,
-                            &&*a.plugin_version,
-                            &now,
-                            &a.replays,
-                        ],
-                    )
-                    .await
-                    .map_err(classify)?;
-                let mut recorded_as = RecordedAs::Given;
-                if updated == 0 {
-                    recorded_as = RecordedAs::Superseded;
-                } else if a.status == Status::Succeeded && !a.kv.is_empty() {
-                    tx.batch_execute("SAVEPOINT attempt").await.map_err(classify)?;
-                    if let Err(conflict) = apply_kv(&tx, a, now).await.map_err(classify)? {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT attempt")
-                            .await
-                            .map_err(classify)?;
-                        tracing::warn!(delivery = a.id, plugin = %a.plugin, "{conflict}: the delivery runs again");
-                        tx.execute(
-                            "UPDATE deliveries SET status = 'failed', next_attempt_at = $2,
-                                 last_failure_kind = 'host-error', last_failure_message = $3,
-                                 updated_at = $4, claimed_by = NULL, lease_until = NULL
-                             WHERE id = $1",
-                            &[&a.id, &(now + KV_CONFLICT_RETRY_MS), &conflict, &now],
-                        )
-                        .await
-                        .map_err(classify)?;
-                        recorded_as = RecordedAs::Conflict(conflict);
-                    }
-                    tx.batch_execute("RELEASE SAVEPOINT attempt").await.map_err(classify)?;
-                }
-                made.push(recorded_as);
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(made)
-        })
-    }
-
-    /// Deliveries matching `filter`, newest first.
-    pub fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let reader = self.reader.clone();
-        let filter = filter.clone();
-        self.run(async move {
-            let status = filter.status.map(Status::as_str);
-            let limit = filter.limit.map_or(i64::MAX, |n| n as i64);
-            let rows = reader
-                .lock()
-                .await?
-                .query(
-                    &format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
-                         WHERE ($1::TEXT IS NULL OR d.status = $1) AND ($2::TEXT IS NULL OR d.plugin = $2)
-                           AND ($3::TEXT IS NULL OR e.event_type = $3)
-                         ORDER BY d.id DESC LIMIT $4"
-                    ),
-                    &[&status, &filter.plugin, &filter.event_type, &limit],
-                )
-                .await
-                .map_err(classify)?;
-            rows.iter().map(delivery_row).collect()
-        })
-    }
-
-    /// One event and its deliveries.
-    pub fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
-        let reader = self.reader.clone();
-        let key = key.to_owned();
-        self.run(async move {
-            let Some(row) = reader
-                .lock()
-                .await?
-                .query_opt(
-                    "SELECT key, event_type, received_at, body FROM events WHERE key = $1",
-                    &[&key],
-                )
-                .await
-                .map_err(classify)?
-            else {
-                return Ok(None);
-            };
-            let deliveries = reader
-                .lock()
-                .await?
-                .query(
-                    &format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
-                         WHERE d.event_key = $1 ORDER BY d.plugin"
-                    ),
-                    &[&key],
-                )
-                .await
-                .map_err(classify)?;
-            Ok(Some(EventRecord {
-                key: row.get(0),
-                event_type: row.get(1),
-                received_at: row.get(2),
-                body: String::from_utf8_lossy(row.get::<_, &[u8]>(3)).into_owned(),
-                deliveries: deliveries.iter().map(delivery_row).collect::<Result<_, _>>()?,
-            }))
-        })
-    }
-
-    /// Make an event's deliveries (or one plugin's, added if it had none)
-    /// pending again, due now; returns how many.
-    pub fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
-        let (key, plugin) = (key.to_owned(), plugin.map(str::to_owned));
-        self.write(move |mut client| async move {
-            let tx = client.transaction().await?;
-            let now = now_ms();
-            if let Some(plugin) = &plugin {
-                tx.execute(
-                    "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
-                     SELECT key, $2, 'pending', 0, $3, $3, $3 FROM events WHERE key = $1
-                     ON CONFLICT (event_key, plugin) DO NOTHING",
-                    &[&key, plugin, &now],
-                )
-                .await?;
-            }
-            let n = tx
-                .execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $3, updated_at = $3,
-                         replays = replays + 1, claimed_by = NULL, lease_until = NULL
-                     WHERE event_key = $1 AND ($2::TEXT IS NULL OR plugin = $2)",
-                    &[&key, &plugin, &now],
-                )
-                .await?;
-            tx.execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL]).await?;
-            tx.commit().await?;
-            Ok(n as usize)
-        })
-    }
-
-    /// Make dead deliveries pending again: these ids, or all when `None`.
-    pub fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError> {
-        let ids = ids.map(<[DeliveryId]>::to_vec);
-        self.write(move |client| async move {
-            let n = client
-                .execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $2, updated_at = $2,
-                         replays = replays + 1, claimed_by = NULL, lease_until = NULL
-                     WHERE status = 'dead' AND ($1::BIGINT[] IS NULL OR id = ANY($1))",
-                    &[&ids, &now_ms()],
-                )
-                .await?;
-            client.execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL]).await?;
-            Ok(n as usize)
-        })
-    }
-
-    /// Delete events received before `before` all of whose deliveries
-    /// succeeded; returns how many.
-    pub fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
-        self.write(move |client| async move {
-            let n = client
-                .execute(
-                    "DELETE FROM events WHERE received_at < $1 AND NOT EXISTS (
-                         SELECT 1 FROM deliveries d WHERE d.event_key = events.key
-                           AND d.status != 'succeeded')",
-                    &[&before],
-                )
-                .await?;
-            Ok(n as usize)
-        })
-    }
-
-    /// Replace the saved plugin status table with `rows`.
-    pub fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
-        self.write(move |mut client| async move {
-            let tx = client.transaction().await?;
-            tx.execute("DELETE FROM plugins", &[]).await?;
-            for r in &rows {
-                let limits = serde_json::to_string(&r.limits).expect("limits serialize");
-                let counters = serde_json::to_string(&r.counters).expect("counters serialize");
-                tx.execute(
-                    "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    &[
-                        &r.name,
-                        &r.version,
-                        &r.state.as_str(),
-                        &r.reason,
-                        &r.subscriptions,
-                        &limits,
-                        &counters,
-                        &r.updated_at,
-                    ],
-                )
-                .await?;
-            }
-            tx.commit().await
-        })
-    }
-
-    /// The plugin status table as last saved, by name.
-    pub fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
-        let reader = self.reader.clone();
-        self.run(async move {
-            let rows = reader
-                .lock()
-                .await?
-                .query(
-                    "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
-                     FROM plugins ORDER BY name",
-                    &[],
-                )
-                .await
-                .map_err(classify)?;
-            rows.iter()
-                .map(|row| {
-                    let state: String = row.get(2);
-                    Ok(PluginStatus {
-                        name: row.get(0),
-                        version: row.get(1),
-                        state: PluginState::parse(&state)
-                            .ok_or_else(|| unreadable("plugins.state", &state))?,
-                        reason: row.get(3),
-                        subscriptions: row.get(4),
-                        limits: json(row.get(5))?,
-                        counters: json(row.get(6))?,
-                        updated_at: row.get(7),
-                    })
-                })
-                .collect()
-        })
-    }
-
     /// Run `work` with the writing connection, one at a time.
     fn write<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
     where
@@ -539,23 +225,6 @@ impl PgStore {
     {
         let writer = self.writer.clone();
         self.run(async move { work(writer.lock().await?).await.map_err(classify) })
-    }
-
-    /// Deliveries waiting for their first attempt (or replayed).
-    pub fn outstanding(&self) -> Result<usize, StoreError> {
-        let reader = self.reader.clone();
-        self.run(async move {
-            let row = reader
-                .lock()
-                .await?
-                .query_one(
-                    "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
-                    &[],
-                )
-                .await
-                .map_err(classify)?;
-            Ok(row.get::<_, i64>(0) as usize)
-        })
     }
 }
 
@@ -980,10 +649,24 @@ async fn apply_kv(
 }
 
 impl Store for PgStore {
+    /// Store `event` with one pending delivery per plugin unless its key is
+    /// already stored; resolves after the commit.
     fn append_if_new(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> AppendTicket {
-        PgStore::append_if_new(self, event, plugins)
+        let (reply, ticket) = oneshot::channel();
+        if let Some(appends) = &self.appends {
+            let _ = appends.send(Append {
+                event,
+                plugins,
+                reply,
+            });
+        }
+        ticket
     }
 
+    /// Claims the deliveries due at `now` for these plugins, oldest first:
+    /// those no other host holds under a live lease (leaving out
+    /// never-attempted ones created after `fresh_after`), now this host's
+    /// for the lease.
     fn due(
         &self,
         now: i64,
@@ -991,31 +674,236 @@ impl Store for PgStore {
         plugins: &[Arc<str>],
         limit: usize,
     ) -> Result<Vec<Due>, StoreError> {
-        PgStore::due(self, now, fresh_after, plugins, limit)
+        if plugins.is_empty() {
+            return Ok(Vec::new());
+        }
+        let writer = self.writer.clone();
+        let claim = self.claim.clone();
+        let plugins: Vec<String> = plugins.iter().map(|p| p.to_string()).collect();
+        let limit = limit as i64;
+        self.run(async move {
+            // Claimed, not assigned: rows another host holds under a live
+            // lease, or is claiming this instant, are skipped.
+            let rows = writer
+                .lock()
+                .await?
+                .query(
+                    "WITH claimed AS (
+                         UPDATE deliveries SET claimed_by = $5, lease_until = $1 + $6
+                         WHERE id IN (
+                             SELECT id FROM deliveries
+                             WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1
+                               AND (attempts > 0 OR updated_at <= $2) AND plugin = ANY($3)
+                               AND (lease_until IS NULL OR lease_until <= $1 OR claimed_by = $5)
+                             ORDER BY next_attempt_at, id LIMIT $4
+                             FOR UPDATE SKIP LOCKED)
+                         RETURNING id, plugin, attempts, event_key, replays, next_attempt_at)
+                     SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays
+                     FROM claimed c JOIN events e ON e.key = c.event_key
+                     ORDER BY c.next_attempt_at, c.id",
+                    &[
+                        &now,
+                        &fresh_after,
+                        &plugins,
+                        &limit,
+                        &claim.host,
+                        &claim.lease_ms,
+                    ],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(rows.iter().map(due_row).collect())
+        })
     }
 
+    /// Record attempts in one transaction, saying what became of each.
     fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
-        PgStore::record(self, attempts)
+        let writer = self.writer.clone();
+        self.run(async move {
+            let mut client = writer.lock().await?;
+            let tx = client.transaction().await.map_err(classify)?;
+            let now = now_ms();
+            let mut made = Vec::with_capacity(attempts.len());
+            for a in &attempts {
+                let (kind, message) = match &a.failure {
+                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+                    None => (None, None),
+                };
+                let updated = tx
+                    .execute(
+                        "UPDATE deliveries SET status = $2, attempts = attempts + 1,
+                             next_attempt_at = $3, last_failure_kind = $4,
+                             last_failure_message = $5, plugin_version = $6, updated_at = $7,
+                             claimed_by = NULL, lease_until = NULL
+                         WHERE id = $1 AND replays = $8",
+                        &[
+                            &a.id,
+                            &a.status.as_str(),
+                            &a.next_attempt_at,
+                            &kind,
+                            &message,
+                            &&*a.plugin_version,
+                            &now,
+                            &a.replays,
+                        ],
+                    )
+                    .await
+                    .map_err(classify)?;
+                let mut recorded_as = RecordedAs::Given;
+                if updated == 0 {
+                    recorded_as = RecordedAs::Superseded;
+                } else if a.status == Status::Succeeded && !a.kv.is_empty() {
+                    tx.batch_execute("SAVEPOINT attempt").await.map_err(classify)?;
+                    if let Err(conflict) = apply_kv(&tx, a, now).await.map_err(classify)? {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT attempt")
+                            .await
+                            .map_err(classify)?;
+                        tracing::warn!(delivery = a.id, plugin = %a.plugin, "{conflict}: the delivery runs again");
+                        tx.execute(
+                            "UPDATE deliveries SET status = 'failed', next_attempt_at = $2,
+                                 last_failure_kind = 'host-error', last_failure_message = $3,
+                                 updated_at = $4, claimed_by = NULL, lease_until = NULL
+                             WHERE id = $1",
+                            &[&a.id, &(now + KV_CONFLICT_RETRY_MS), &conflict, &now],
+                        )
+                        .await
+                        .map_err(classify)?;
+                        recorded_as = RecordedAs::Conflict(conflict);
+                    }
+                    tx.batch_execute("RELEASE SAVEPOINT attempt").await.map_err(classify)?;
+                }
+                made.push(recorded_as);
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(made)
+        })
     }
 
+    /// Deliveries matching `filter`, newest first.
     fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
-        PgStore::deliveries(self, filter)
+        let reader = self.reader.clone();
+        let filter = filter.clone();
+        self.run(async move {
+            let status = filter.status.map(Status::as_str);
+            let limit = filter.limit.map_or(i64::MAX, |n| n as i64);
+            let rows = reader
+                .lock()
+                .await?
+                .query(
+                    &format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
+                         WHERE ($1::TEXT IS NULL OR d.status = $1) AND ($2::TEXT IS NULL OR d.plugin = $2)
+                           AND ($3::TEXT IS NULL OR e.event_type = $3)
+                         ORDER BY d.id DESC LIMIT $4"
+                    ),
+                    &[&status, &filter.plugin, &filter.event_type, &limit],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter().map(delivery_row).collect()
+        })
     }
 
+    /// One event and its deliveries.
     fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
-        PgStore::event(self, key)
+        let reader = self.reader.clone();
+        let key = key.to_owned();
+        self.run(async move {
+            let Some(row) = reader
+                .lock()
+                .await?
+                .query_opt(
+                    "SELECT key, event_type, received_at, body FROM events WHERE key = $1",
+                    &[&key],
+                )
+                .await
+                .map_err(classify)?
+            else {
+                return Ok(None);
+            };
+            let deliveries = reader
+                .lock()
+                .await?
+                .query(
+                    &format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
+                         WHERE d.event_key = $1 ORDER BY d.plugin"
+                    ),
+                    &[&key],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(Some(EventRecord {
+                key: row.get(0),
+                event_type: row.get(1),
+                received_at: row.get(2),
+                body: String::from_utf8_lossy(row.get::<_, &[u8]>(3)).into_owned(),
+                deliveries: deliveries.iter().map(delivery_row).collect::<Result<_, _>>()?,
+            }))
+        })
     }
 
+    /// Make an event's deliveries (or one plugin's, added if it had none)
+    /// pending again, due now; returns how many.
     fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
-        PgStore::replay_event(self, key, plugin)
+        let (key, plugin) = (key.to_owned(), plugin.map(str::to_owned));
+        self.write(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let now = now_ms();
+            if let Some(plugin) = &plugin {
+                tx.execute(
+                    "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at, created_at, updated_at)
+                     SELECT key, $2, 'pending', 0, $3, $3, $3 FROM events WHERE key = $1
+                     ON CONFLICT (event_key, plugin) DO NOTHING",
+                    &[&key, plugin, &now],
+                )
+                .await?;
+            }
+            let n = tx
+                .execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $3, updated_at = $3,
+                         replays = replays + 1, claimed_by = NULL, lease_until = NULL
+                     WHERE event_key = $1 AND ($2::TEXT IS NULL OR plugin = $2)",
+                    &[&key, &plugin, &now],
+                )
+                .await?;
+            tx.execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL]).await?;
+            tx.commit().await?;
+            Ok(n as usize)
+        })
     }
 
+    /// Make dead deliveries pending again: these ids, or all when `None`.
     fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError> {
-        PgStore::replay_dead(self, ids)
+        let ids = ids.map(<[DeliveryId]>::to_vec);
+        self.write(move |client| async move {
+            let n = client
+                .execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $2, updated_at = $2,
+                         replays = replays + 1, claimed_by = NULL, lease_until = NULL
+                     WHERE status = 'dead' AND ($1::BIGINT[] IS NULL OR id = ANY($1))",
+                    &[&ids, &now_ms()],
+                )
+                .await?;
+            client.execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL]).await?;
+            Ok(n as usize)
+        })
     }
 
+    /// Delete events received before `before` all of whose deliveries
+    /// succeeded; returns how many.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
-        PgStore::purge_succeeded(self, before)
+        self.write(move |client| async move {
+            let n = client
+                .execute(
+                    "DELETE FROM events WHERE received_at < $1 AND NOT EXISTS (
+                         SELECT 1 FROM deliveries d WHERE d.event_key = events.key
+                           AND d.status != 'succeeded')",
+                    &[&before],
+                )
+                .await?;
+            Ok(n as usize)
+        })
     }
 
     fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError> {
@@ -1030,16 +918,82 @@ impl Store for PgStore {
         })
     }
 
+    /// Replace the saved plugin status table with `rows`.
     fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
-        PgStore::save_plugins(self, rows)
+        self.write(move |mut client| async move {
+            let tx = client.transaction().await?;
+            tx.execute("DELETE FROM plugins", &[]).await?;
+            for r in &rows {
+                let limits = serde_json::to_string(&r.limits).expect("limits serialize");
+                let counters = serde_json::to_string(&r.counters).expect("counters serialize");
+                tx.execute(
+                    "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[
+                        &r.name,
+                        &r.version,
+                        &r.state.as_str(),
+                        &r.reason,
+                        &r.subscriptions,
+                        &limits,
+                        &counters,
+                        &r.updated_at,
+                    ],
+                )
+                .await?;
+            }
+            tx.commit().await
+        })
     }
 
+    /// The plugin status table as last saved, by name.
     fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
-        PgStore::plugins(self)
+        let reader = self.reader.clone();
+        self.run(async move {
+            let rows = reader
+                .lock()
+                .await?
+                .query(
+                    "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
+                     FROM plugins ORDER BY name",
+                    &[],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let state: String = row.get(2);
+                    Ok(PluginStatus {
+                        name: row.get(0),
+                        version: row.get(1),
+                        state: PluginState::parse(&state)
+                            .ok_or_else(|| unreadable("plugins.state", &state))?,
+                        reason: row.get(3),
+                        subscriptions: row.get(4),
+                        limits: json(row.get(5))?,
+                        counters: json(row.get(6))?,
+                        updated_at: row.get(7),
+                    })
+                })
+                .collect()
+        })
     }
 
+    /// Deliveries waiting for their first attempt (or replayed).
     fn outstanding(&self) -> Result<usize, StoreError> {
-        PgStore::outstanding(self)
+        let reader = self.reader.clone();
+        self.run(async move {
+            let row = reader
+                .lock()
+                .await?
+                .query_one(
+                    "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
+                    &[],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {
