@@ -71,13 +71,7 @@ async fn plugins_are_added_replaced_and_removed_under_traffic() {
                 let mut order = template.clone();
                 order["id"] = json!(format!("evt_traffic_{}", sent.load(Ordering::Relaxed)));
                 let body = serde_json::to_vec(&order).unwrap();
-                let response = client
-                    .post(&url)
-                    .header("X-StateSet-Signature", sign(&body))
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
+                let response = post_signed(&client, &url, body).await.unwrap();
                 assert_eq!(response.status(), 200, "no 5xx, no refusal during reloads");
                 sent.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;

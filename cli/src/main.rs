@@ -25,14 +25,8 @@ use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The SQLite database of events and deliveries (with --store, only
-    /// where the admin token file `<db>.admin` goes).
-    #[arg(long, global = true, value_name = "PATH", default_value = stateset_hooks::store::DEFAULT_DB_PATH)]
-    db: PathBuf,
-    /// A PostgreSQL store shared by several hosts, instead of the SQLite
-    /// file: `postgres://user@host:port/database`.
-    #[arg(long, global = true, value_name = "URL", env = "STATESET_STORE")]
-    store: Option<String>,
+    #[command(flatten)]
+    store: store_commands::StoreArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,9 +111,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let location = store_commands::Location {
-        db: cli.db.clone(),
-        postgres: cli.store.clone(),
+    let location = match cli.store.location() {
+        Ok(location) => location,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
     };
     let result = match cli.command {
         Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(args, &location, s)),
@@ -153,7 +150,7 @@ fn main() -> ExitCode {
         } => run::run(&run::Args {
             plugin: &plugin,
             event: &event,
-            db: &cli.db,
+            store: &location,
             limits: &limits,
             allow_env: &allow_plugin_env,
         }),

@@ -1,7 +1,7 @@
 //! `stateset-hooks run`: one plugin on one event, no server, no secret; prints
 //! the result, fuel used, time, peak memory, the lines it logged and the kv
-//! writes it would commit. It reads the plugin's kv state from `--db` when
-//! that exists and changes nothing there.
+//! writes it would commit. It reads the plugin's kv state from the store
+//! (`--db` when that exists, or `--store`) and changes nothing there.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -13,7 +13,7 @@ use stateset_hooks::manifest::EnvGrant;
 use stateset_hooks::runtime::Runtime;
 use stateset_hooks::runtime::kv::{EmptyKv, KvOp, KvRead};
 use stateset_hooks::signature::SECRET_ENV;
-use stateset_hooks::store::KvSnapshot;
+use stateset_hooks::store::{KvSnapshot, PgStore};
 use stateset_hooks::text::escape_controls;
 use stateset_hooks::{Event, Secret};
 
@@ -23,7 +23,7 @@ use crate::serve::LimitArgs;
 pub struct Args<'a> {
     pub plugin: &'a Path,
     pub event: &'a Path,
-    pub db: &'a Path,
+    pub store: &'a crate::store_commands::Location,
     pub limits: &'a LimitArgs,
     pub allow_env: &'a [String],
 }
@@ -32,7 +32,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let Args {
         plugin,
         event,
-        db,
+        store,
         limits,
         allow_env,
     } = *args;
@@ -44,10 +44,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let event = Event::parse(&body)
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
     let runtime = Runtime::new(None, 1)?;
-    let state: Arc<dyn KvRead> = if db.exists() {
-        Arc::new(KvSnapshot::open(db)?)
-    } else {
-        Arc::new(EmptyKv)
+    let state: Arc<dyn KvRead> = match &store.postgres {
+        Some(options) => {
+            Arc::new(PgStore::open_read_only(options.clone()).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        None if store.db.exists() => Arc::new(KvSnapshot::open(&store.db)?),
+        None => Arc::new(EmptyKv),
     };
     runtime.use_kv(state);
     // As the server would grant it, withholding the secret if one is set.

@@ -1,18 +1,23 @@
-//! The `events`, `dlq` and `plugins` commands: read and replay the store,
-//! also while the server runs (SQLite in WAL mode lets both at the file at
-//! once; the server's poller picks replayed deliveries up within its poll
-//! interval). `plugins release` alone asks the running server, over its
-//! token-protected admin route.
+//! Where the store is (`--db`, or `--store` and its flags) and the `events`,
+//! `dlq`, `plugins` and `kv` commands: read and replay the store, also while
+//! the server runs (SQLite in WAL mode lets both at the file at once;
+//! PostgreSQL serves everyone; the server's poller picks replayed deliveries
+//! up within its poll interval, or at once on PostgreSQL). `plugins
+//! release` alone asks the running server, over its token-protected admin
+//! route.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use stateset_hooks::admin::{AdminFile, RELEASE_ROUTE};
 use stateset_hooks::config::DEFAULT_BUSY_TIMEOUT;
 use stateset_hooks::status::Table;
-use stateset_hooks::store::{DeliveryRecord, Filter, PgStore, SqliteStore, Status, Store, now_ms};
+use stateset_hooks::store::{
+    DeliveryRecord, Filter, PgOptions, PgStore, SqliteStore, Status, Store, now_ms,
+};
 use stateset_hooks::text::escape_controls;
 
 #[derive(Debug, Subcommand)]
@@ -110,17 +115,78 @@ fn parse_status(s: &str) -> Result<Status, String> {
         .ok_or_else(|| format!("unknown status {s:?}: pending, succeeded, failed or dead"))
 }
 
-/// Where the store is: the SQLite file, or a PostgreSQL URL (`--store`).
+/// Where the store is, for every command: the SQLite file, or PostgreSQL.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The SQLite database of events and deliveries (with --store, only
+    /// where the admin token file `<db>.admin` goes).
+    #[arg(long, global = true, value_name = "PATH", default_value = stateset_hooks::store::DEFAULT_DB_PATH)]
+    db: PathBuf,
+    /// A PostgreSQL store shared by several hosts, instead of the SQLite
+    /// file: `postgres://user:password@host:port/database`, with
+    /// `?sslmode=disable|prefer|require` (default prefer: TLS when the
+    /// server offers it, its certificate always verified).
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "STATESET_STORE",
+        hide_env_values = true
+    )]
+    store: Option<String>,
+    /// PostgreSQL connections for claims, attempts and reads; each host
+    /// opens two more (appends, LISTEN).
+    #[arg(long, global = true, value_name = "N", default_value_t = stateset_hooks::store::DEFAULT_POOL_SIZE)]
+    store_pool: usize,
+    /// The server cancels a store statement running longer (the request
+    /// gets 503 with Retry-After).
+    #[arg(long, global = true, value_name = "MS", default_value_t = stateset_hooks::store::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64)]
+    store_statement_timeout_ms: u64,
+    /// How long a delivery a host appended or claimed stays its own: after
+    /// a host dies, another runs its deliveries once this has passed.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = stateset_hooks::store::DEFAULT_LEASE.as_secs())]
+    store_lease_secs: u64,
+    /// PEM certificates trusted for the PostgreSQL server's TLS besides the
+    /// web's public roots (a private CA, or the server's own certificate).
+    #[arg(long, global = true, value_name = "FILE")]
+    store_ca: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn location(&self) -> anyhow::Result<Location> {
+        let postgres = match &self.store {
+            None => None,
+            Some(url) => {
+                let mut options =
+                    PgOptions::new(url).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+                if self.store_pool == 0 {
+                    bail!("--store-pool must be at least 1");
+                }
+                options.pool_size = self.store_pool;
+                options.statement_timeout = Duration::from_millis(self.store_statement_timeout_ms);
+                options.lease = Duration::from_secs(self.store_lease_secs);
+                options.ca_file = self.store_ca.clone();
+                Some(options)
+            }
+        };
+        Ok(Location {
+            db: self.db.clone(),
+            postgres,
+        })
+    }
+}
+
+/// Where the store is: the SQLite file, or PostgreSQL (`--store`).
 #[derive(Debug, Clone)]
 pub struct Location {
-    pub db: std::path::PathBuf,
-    pub postgres: Option<String>,
+    pub db: PathBuf,
+    pub postgres: Option<PgOptions>,
 }
 
 fn open(at: &Location) -> anyhow::Result<Box<dyn Store>> {
-    if let Some(url) = &at.postgres {
+    if let Some(options) = &at.postgres {
         return Ok(Box::new(
-            PgStore::open(url).map_err(|e| anyhow::anyhow!("{e}"))?,
+            PgStore::open(options.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
         ));
     }
     let db = &at.db;

@@ -170,10 +170,9 @@ pub struct Config {
     pub queue_capacity: usize,
     /// The SQLite database file.
     pub db_path: PathBuf,
-    /// A PostgreSQL store (`postgres://user@host:port/db`) instead of the
-    /// SQLite file: several hosts share it. `db_path` then only places the
-    /// admin token file (`<db>.admin`).
-    pub postgres: Option<String>,
+    /// A PostgreSQL store instead of the SQLite file: several hosts share
+    /// it. `db_path` then only places the admin token file (`<db>.admin`).
+    pub postgres: Option<crate::store::PgOptions>,
     /// How long a store write waits for a lock before failing as busy (503).
     pub busy_timeout: Duration,
     /// Retry schedule for failed deliveries.

@@ -57,7 +57,9 @@ impl Hooks {
     pub fn new(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let store: Arc<dyn Store> = match &config.postgres {
-            Some(url) => Arc::new(PgStore::open(url).map_err(|e| anyhow::anyhow!("{e}"))?),
+            Some(options) => {
+                Arc::new(PgStore::open(options.clone()).map_err(|e| anyhow::anyhow!("{e}"))?)
+            }
             None => Arc::new(
                 SqliteStore::open_capped(
                     &config.db_path,

@@ -144,7 +144,10 @@ pub fn config(plugins: &PluginDir) -> Config {
     // The same tests on the other store: `scripts/test` runs the
     // store-behaviour modules again with a cluster of its own.
     if let Some(server) = postgres::shared_server() {
-        config.postgres = Some(postgres::database_for(&server, plugins.path()));
+        config.postgres = Some(
+            stateset_hooks::store::PgOptions::new(&postgres::database_for(&server, plugins.path()))
+                .unwrap(),
+        );
     }
     config
 }
@@ -429,6 +432,20 @@ impl Drop for ServeProcess {
 
 pub fn sign(body: &[u8]) -> String {
     Secret::new(SECRET).unwrap().sign(body)
+}
+
+/// POST `body` to `url`, signed with the test secret.
+pub async fn post_signed(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(url)
+        .header("X-StateSet-Signature", sign(&body))
+        .body(body)
+        .send()
+        .await
 }
 
 /// An example event shipped under `examples/events/`.

@@ -18,6 +18,21 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A cluster that speaks TLS, with a certificate for 127.0.0.1 signed by
+    /// a CA of its own ([`Cluster::ca`]).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The CA certificate (PEM) that signed a TLS cluster's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Self {
         let bin = bin();
         static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -54,10 +69,17 @@ impl Cluster {
             "UTF8",
             "--no-locale",
         ]);
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off",
             dir.display()
         );
+        if tls {
+            certify(&dir);
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key",
+                dir.display()
+            );
+        }
         let pg_ctl = bin.join("pg_ctl");
         as_postgres(&[
             pg_ctl.to_str().unwrap(),
@@ -80,6 +102,11 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// How a store reaches this cluster, every option at its default.
+    pub fn options(&self) -> stateset_hooks::store::PgOptions {
+        stateset_hooks::store::PgOptions::new(&self.url).unwrap()
+    }
+
     /// `pg_ctl stop` or `start` again: the server goes away and comes back,
     /// with its data.
     pub fn ctl(&self, action: &str) {
@@ -101,6 +128,16 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// What `sql` answers, unaligned, run with `psql` as the superuser.
+    pub fn query(&self, sql: &str) -> String {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-qtA", "-v", "ON_ERROR_STOP=1", &self.url, "-c", sql])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "psql -c {sql}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
     /// Run `sql` with `psql` as the superuser.
     pub fn psql(&self, sql: &str) {
         let status = Command::new(self.bin.join("psql"))
@@ -121,9 +158,51 @@ impl Drop for Cluster {
             .args(["-D"])
             .arg(self.dir.join("data"))
             .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A CA (`ca.pem`) and a server certificate it signed for 127.0.0.1
+/// (`server.pem`, `server.key`, the key readable by `postgres` alone), in
+/// `dir`.
+fn certify(dir: &std::path::Path) {
+    let openssl = |args: &str| {
+        let status = Command::new("openssl")
+            .current_dir(dir)
+            .args(args.split_whitespace())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "openssl {args}");
+    };
+    let new_key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    openssl(&format!(
+        "req -x509 {new_key} -keyout ca.key -out ca.pem -days 2 -subj /CN=hooks-test-ca"
+    ));
+    openssl(&format!(
+        "req {new_key} -keyout server.key -out server.csr -subj /CN=127.0.0.1"
+    ));
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n\
+         extendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+         -out server.pem -days 2 -extfile server.ext",
+    );
+    let key = dir.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let status = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&key)
+        .arg(dir.join("server.pem"))
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// The server `scripts/test` started for the second run of the

@@ -16,7 +16,10 @@ use crate::runtime::FailureKind;
 use crate::runtime::kv::{KvOp, KvRead};
 use crate::status::PluginStatus;
 
-pub use self::postgres::{PG_SCHEMA_VERSION, PgStore};
+pub use self::postgres::{
+    DEFAULT_LEASE, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgOptions,
+    PgStore,
+};
 pub use self::sqlite::{DEFAULT_DB_PATH, KvSnapshot, SCHEMA_VERSION, SqliteStore};
 
 /// Where a delivery stands.

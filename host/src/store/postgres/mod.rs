@@ -18,11 +18,16 @@
 //! wait for the answer, so they may be called from any thread, in a runtime
 //! or not, as [`super::SqliteStore`]'s are.
 
+mod link;
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_postgres::{Client, NoTls};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Client;
+
+pub use self::link::{DEFAULT_LEASE, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT, PgOptions};
+use self::link::{Link, LinkGuard, Pool};
 
 use super::{
     AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
@@ -35,11 +40,6 @@ use crate::status::{PluginState, PluginStatus};
 
 /// The schema version this build reads and writes (`hooks_schema.version`).
 pub const PG_SCHEMA_VERSION: i32 = 1;
-
-/// How long a delivery is one host's once that host appended it or read it
-/// due: past it (the host died, or stalled), any host may run it. Longer
-/// than any call's deadline and its wait in the queue.
-pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// This host's claim on the deliveries it runs.
 #[derive(Debug, Clone)]
@@ -65,8 +65,12 @@ const KV_CONFLICT_RETRY_MS: i64 = 100;
 /// serialises their migrations at start.
 const MIGRATION_LOCK: i64 = 0x5354_4154_4553_4554; // "STATESET"
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS hooks_schema (version INTEGER NOT NULL);
+/// Each schema version's migration from the one before: `MIGRATIONS[0]`
+/// makes version 1. A database at [`PG_SCHEMA_VERSION`] runs none, so a
+/// host starting beside busy ones takes no table locks.
+const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1];
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS events (
     key         TEXT PRIMARY KEY,
     event_type  TEXT NOT NULL,
@@ -131,6 +135,79 @@ BEGIN
 END $$;
 CREATE OR REPLACE TRIGGER plugin_kv_counted AFTER INSERT OR UPDATE OR DELETE ON plugin_kv
     FOR EACH ROW EXECUTE FUNCTION plugin_kv_count();
+-- One call's kv writes, applied in one round trip: NULL when they applied,
+-- else why not ({integer|overflow|changed, key} or {quota, bytes}) and
+-- none of them kept. One plugin's writes take turns across every host (an
+-- advisory lock), so what is read here (an increment's value, a
+-- compare-and-swap's check, the usage) is still true when the write lands.
+CREATE OR REPLACE FUNCTION hooks_apply_kv(p_plugin TEXT, p_now BIGINT, p_quota BIGINT, p_ops JSONB)
+RETURNS TEXT[] LANGUAGE plpgsql AS $$
+DECLARE
+    op JSONB;
+    k TEXT;
+    cur BYTEA;
+    txt TEXT;
+    n NUMERIC;
+    used_before BIGINT;
+    used_after BIGINT;
+    why TEXT;
+    what TEXT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('kv:' || p_plugin, 0));
+    DELETE FROM plugin_kv WHERE plugin = p_plugin AND expires_at IS NOT NULL AND expires_at <= p_now;
+    used_before := COALESCE((SELECT bytes FROM plugin_kv_usage WHERE plugin = p_plugin), 0);
+    BEGIN
+        FOR op IN SELECT value FROM jsonb_array_elements(p_ops) LOOP
+            k := op->>'key';
+            CASE op->>'op'
+            WHEN 'set' THEN
+                INSERT INTO plugin_kv (plugin, key, value, expires_at)
+                    VALUES (p_plugin, k, decode(op->>'value', 'hex'), (op->>'expires_at')::BIGINT)
+                    ON CONFLICT (plugin, key) DO UPDATE
+                    SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at;
+            WHEN 'delete' THEN
+                DELETE FROM plugin_kv WHERE plugin = p_plugin AND key = k;
+            WHEN 'increment' THEN
+                cur := (SELECT value FROM plugin_kv WHERE plugin = p_plugin AND key = k);
+                n := 0;
+                IF cur IS NOT NULL THEN
+                    BEGIN
+                        txt := convert_from(cur, 'UTF8');
+                    EXCEPTION WHEN OTHERS THEN
+                        txt := '';
+                    END;
+                    IF txt !~ '^[+-]?[0-9]+$' OR txt::NUMERIC NOT BETWEEN -9223372036854775808 AND 9223372036854775807 THEN
+                        RAISE SQLSTATE 'HK001' USING MESSAGE = 'integer', DETAIL = k;
+                    END IF;
+                    n := txt::NUMERIC;
+                END IF;
+                n := n + (op->>'delta')::NUMERIC;
+                IF n NOT BETWEEN -9223372036854775808 AND 9223372036854775807 THEN
+                    RAISE SQLSTATE 'HK001' USING MESSAGE = 'overflow', DETAIL = k;
+                END IF;
+                INSERT INTO plugin_kv (plugin, key, value)
+                    VALUES (p_plugin, k, convert_to(n::BIGINT::TEXT, 'UTF8'))
+                    ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value;
+            WHEN 'compare-and-swap' THEN
+                cur := (SELECT value FROM plugin_kv WHERE plugin = p_plugin AND key = k);
+                IF cur IS DISTINCT FROM decode(op->>'expected', 'hex') THEN
+                    RAISE SQLSTATE 'HK001' USING MESSAGE = 'changed', DETAIL = k;
+                END IF;
+                INSERT INTO plugin_kv (plugin, key, value, expires_at)
+                    VALUES (p_plugin, k, decode(op->>'new', 'hex'), NULL)
+                    ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL;
+            END CASE;
+        END LOOP;
+        used_after := COALESCE((SELECT bytes FROM plugin_kv_usage WHERE plugin = p_plugin), 0);
+        IF used_after > used_before AND used_after > p_quota THEN
+            RAISE SQLSTATE 'HK001' USING MESSAGE = 'quota', DETAIL = used_after::TEXT;
+        END IF;
+    EXCEPTION WHEN SQLSTATE 'HK001' THEN
+        GET STACKED DIAGNOSTICS why = MESSAGE_TEXT, what = PG_EXCEPTION_DETAIL;
+        RETURN ARRAY[why, what];
+    END;
+    RETURN NULL;
+END $$;
 ";
 
 /// An append waiting for the next group commit.
@@ -144,10 +221,8 @@ struct Append {
 pub struct PgStore {
     handle: tokio::runtime::Handle,
     claim: Claim,
-    /// Reads.
-    reader: Arc<Link>,
-    /// Transactions, one at a time.
-    writer: Arc<Link>,
+    /// Claims, recorded attempts, reads (appends have their own link).
+    pool: Arc<Pool>,
     appends: Option<mpsc::UnboundedSender<Append>>,
     thread: Option<JoinHandle<()>>,
     /// Signals from `LISTEN hooks_due`, until the poller takes them.
@@ -165,37 +240,50 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
-    /// Connect to `url` (`postgres://user@host:port/db`), migrate the schema
-    /// under the advisory lock, and start the store's thread.
-    pub fn open(url: &str) -> Result<Self, StoreError> {
-        Self::open_with_lease(url, DEFAULT_LEASE)
+    /// Connect as `options` say, migrate the schema under the advisory
+    /// lock, and start the store's thread.
+    pub fn open(options: PgOptions) -> Result<Self, StoreError> {
+        Self::start(options, false)
     }
 
-    /// [`PgStore::open`], holding what this host runs for `lease`.
-    pub fn open_with_lease(url: &str, lease: std::time::Duration) -> Result<Self, StoreError> {
-        let claim = Claim::new(lease);
+    /// [`PgStore::open`] for looking only (`run`'s kv state): every
+    /// transaction read-only, no migration, one connection for reads.
+    pub fn open_read_only(mut options: PgOptions) -> Result<Self, StoreError> {
+        options.read_only = true;
+        options.pool_size = 1;
+        Self::start(options, true)
+    }
+
+    fn start(options: PgOptions, read_only: bool) -> Result<Self, StoreError> {
+        let options = Arc::new(options);
+        let claim = Claim::new(options.lease);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| StoreError::Failed(e.to_string()))?;
-        let (mut writer, reader) = runtime
-            .block_on(async { Ok::<_, StoreError>((connect(url).await?, connect(url).await?)) })?;
         let (wake, wakeups) = std::sync::mpsc::channel();
-        runtime.block_on(listen(url, wake))?;
-        runtime.block_on(migrate(&mut writer))?;
-        let writer = Arc::new(Link::new(url, writer));
+        let (appender, pool) = runtime.block_on(async {
+            let appender = Link::open(&options).await?;
+            if read_only {
+                check_version(&*appender.lock().await?).await?;
+            } else {
+                migrate(&mut *appender.lock().await?).await?;
+                link::listen(options.clone(), DUE_CHANNEL, wake).await?;
+            }
+            let pool = Pool::open(&options).await?;
+            Ok::<_, StoreError>((Arc::new(appender), Arc::new(pool)))
+        })?;
         let (appends, queue) = mpsc::unbounded_channel();
         let handle = runtime.handle().clone();
-        let (committer, appender) = (writer.clone(), claim.clone());
+        let committer = claim.clone();
         let thread = std::thread::Builder::new()
             .name("store-postgres".into())
-            .spawn(move || runtime.block_on(group_commit(committer, queue, appender)))
+            .spawn(move || runtime.block_on(group_commit(appender, queue, committer)))
             .map_err(|e| StoreError::Failed(e.to_string()))?;
         Ok(Self {
             handle,
             claim,
-            reader: Arc::new(Link::new(url, reader)),
-            writer,
+            pool,
             appends: Some(appends),
             thread: Some(thread),
             wakeups: std::sync::Mutex::new(Some(wakeups)),
@@ -216,15 +304,15 @@ impl PgStore {
         answer.recv().map_err(|_| StoreError::Closed)?
     }
 
-    /// Run `work` with the writing connection, one at a time.
+    /// Run `work` with a connection of the pool.
     fn write<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(LinkGuard) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, tokio_postgres::Error>> + Send,
     {
-        let writer = self.writer.clone();
-        self.run(async move { work(writer.lock().await?).await.map_err(classify) })
+        let link = self.pool.get();
+        self.run(async move { work(link.lock().await?).await.map_err(classify) })
     }
 }
 
@@ -292,110 +380,32 @@ fn due_row(row: &tokio_postgres::Row) -> Due {
     }
 }
 
-/// A connection that comes back: each use checks it, and a closed one (the
-/// server restarted, the network dropped) is replaced. While the server is
-/// unreachable, uses fail at once as busy (the sender gets 503 with
-/// `Retry-After`; workers leave deliveries pending) and a new connection is
-/// tried at most once a second. The loss and the recovery are logged once
-/// each.
-struct Link {
-    url: String,
-    client: Arc<Mutex<Option<Client>>>,
-    /// When connecting last failed; `None` while connected.
-    down_since: std::sync::Mutex<Option<std::time::Instant>>,
+async fn schema_version(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<i32>, StoreError> {
+    Ok(client
+        .query_opt("SELECT version FROM hooks_schema", &[])
+        .await
+        .map_err(classify)?
+        .map(|row| row.get(0)))
 }
 
-type LinkGuard = tokio::sync::OwnedMappedMutexGuard<Option<Client>, Client>;
+fn newer(version: i32) -> StoreError {
+    StoreError::Failed(format!(
+        "the database has schema version {version}, newer than version {PG_SCHEMA_VERSION} \
+         that this build of stateset-hooks knows: run a newer stateset-hooks on it"
+    ))
+}
 
-/// How long an unreachable server is left alone between tries.
-const RECONNECT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl Link {
-    fn new(url: &str, client: Client) -> Self {
-        Self {
-            url: url.to_owned(),
-            client: Arc::new(Mutex::new(Some(client))),
-            down_since: std::sync::Mutex::new(None),
-        }
+/// For a store opened read-only: the schema must be there and known.
+async fn check_version(client: &Client) -> Result<(), StoreError> {
+    match schema_version(client).await {
+        Ok(Some(v)) if v > PG_SCHEMA_VERSION => Err(newer(v)),
+        Ok(Some(_)) => Ok(()),
+        Ok(None) | Err(_) => Err(StoreError::Failed(
+            "the database has no stateset-hooks schema: run `serve --store` on it first".into(),
+        )),
     }
-
-    async fn lock(&self) -> Result<LinkGuard, StoreError> {
-        let mut slot = self.client.clone().lock_owned().await;
-        if slot.as_ref().is_some_and(Client::is_closed) {
-            tracing::warn!("the PostgreSQL connection closed; reconnecting");
-            *slot = None;
-            *self.down_since.lock().expect("link lock") = Some(std::time::Instant::now());
-        }
-        if slot.is_none() {
-            let since = *self.down_since.lock().expect("link lock");
-            if since.is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF) {
-                return Err(StoreError::Busy("PostgreSQL is unreachable".into()));
-            }
-            match connect(&self.url).await {
-                Ok(client) => {
-                    tracing::info!("PostgreSQL connection open again");
-                    *self.down_since.lock().expect("link lock") = None;
-                    *slot = Some(client);
-                }
-                Err(error) => {
-                    *self.down_since.lock().expect("link lock") = Some(std::time::Instant::now());
-                    return Err(StoreError::Busy(format!(
-                        "PostgreSQL is unreachable: {error}"
-                    )));
-                }
-            }
-        }
-        Ok(tokio::sync::OwnedMutexGuard::map(slot, |slot| {
-            slot.as_mut().expect("connected above")
-        }))
-    }
-}
-
-/// A third connection, `LISTEN`ing on [`DUE_CHANNEL`]: each notification is
-/// a wake-up for the poller.
-async fn listen(url: &str, wake: std::sync::mpsc::Sender<()>) -> Result<(), StoreError> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(classify)?;
-    tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                    if wake.send(()).is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(error)) => {
-                    tracing::error!(%error, "the PostgreSQL listening connection ended; polling only");
-                    break;
-                }
-                None => break,
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN {DUE_CHANNEL}"))
-        .await
-        .map_err(classify)?;
-    // The connection lives as long as its client.
-    tokio::spawn(async move {
-        let _client = client;
-        std::future::pending::<()>().await
-    });
-    Ok(())
-}
-
-async fn connect(url: &str) -> Result<Client, StoreError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(classify)?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::error!(%error, "the PostgreSQL connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// Bring the schema to [`PG_SCHEMA_VERSION`] under the advisory lock, so
@@ -405,53 +415,46 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(classify)?;
-    // "already exists, skipping" for every table at every start is noise.
-    tx.batch_execute("SET LOCAL client_min_messages = warning")
+    // "already exists, skipping" at a first start is noise.
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS hooks_schema (version INTEGER NOT NULL)",
+    )
+    .await
+    .map_err(classify)?;
+    let version = schema_version(&tx).await?;
+    let from = match version {
+        Some(v) if v > PG_SCHEMA_VERSION => return Err(newer(v)),
+        Some(v) if v == PG_SCHEMA_VERSION => return tx.commit().await.map_err(classify),
+        Some(v) => v,
+        None => 0,
+    };
+    for migration in &MIGRATIONS[from as usize..] {
+        tx.batch_execute(migration).await.map_err(classify)?;
+    }
+    tx.batch_execute("DELETE FROM hooks_schema")
         .await
         .map_err(classify)?;
-    tx.batch_execute(SCHEMA).await.map_err(classify)?;
-    let version: Option<i32> = tx
-        .query_opt("SELECT version FROM hooks_schema", &[])
-        .await
-        .map_err(classify)?
-        .map(|row| row.get(0));
-    match version {
-        Some(v) if v > PG_SCHEMA_VERSION => {
-            return Err(StoreError::Failed(format!(
-                "the database has schema version {v}, newer than version {PG_SCHEMA_VERSION} \
-                 that this build of stateset-hooks knows: run a newer stateset-hooks on it"
-            )));
-        }
-        Some(_) => {
-            tx.execute(
-                "UPDATE hooks_schema SET version = $1",
-                &[&PG_SCHEMA_VERSION],
-            )
-            .await
-            .map_err(classify)?;
-        }
-        None => {
-            tx.execute(
-                "INSERT INTO hooks_schema (version) VALUES ($1)",
-                &[&PG_SCHEMA_VERSION],
-            )
-            .await
-            .map_err(classify)?;
-        }
-    }
+    tx.execute(
+        "INSERT INTO hooks_schema (version) VALUES ($1)",
+        &[&PG_SCHEMA_VERSION],
+    )
+    .await
+    .map_err(classify)?;
+    tracing::info!(from, to = PG_SCHEMA_VERSION, "PostgreSQL schema migrated");
     tx.commit().await.map_err(classify)
 }
 
 /// The store's thread: take the appends queued, commit them together in
 /// one transaction (group commit), answer everyone. Ends when the store is
 /// dropped.
-async fn group_commit(writer: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Append>, claim: Claim) {
+async fn group_commit(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Append>, claim: Claim) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = queue.try_recv() {
             batch.push(more);
         }
-        let results = match writer.lock().await {
+        let results = match link.lock().await {
             Ok(mut client) => append_batch(&mut client, &batch, &claim).await,
             Err(error) => vec![Err(error); batch.len()],
         };
@@ -541,111 +544,50 @@ async fn append(
     Ok(Appended::New(ids))
 }
 
-/// Apply a successful call's kv writes, as `sqlite.rs`'s `apply_kv` does:
-/// the plugin's expired keys go first; `Err` inside is a conflict.
-async fn apply_kv(
-    tx: &tokio_postgres::Transaction<'_>,
-    a: &Attempt,
-    now: i64,
-) -> Result<Result<(), String>, tokio_postgres::Error> {
-    let plugin = &*a.plugin;
-    // One plugin's kv commits take turns across every host, so a read here
-    // (an increment's value, a compare-and-swap's check, the usage) is still
-    // true when its write lands: without it two hosts' increments race.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&format!("kv:{plugin}")],
-    )
-    .await?;
-    tx.execute(
-        "DELETE FROM plugin_kv WHERE plugin = $1 AND expires_at IS NOT NULL AND expires_at <= $2",
-        &[&plugin, &now],
-    )
-    .await?;
-    let usage = async || -> Result<i64, tokio_postgres::Error> {
-        let row = tx
-            .query_opt(
-                "SELECT bytes FROM plugin_kv_usage WHERE plugin = $1",
-                &[&plugin],
-            )
-            .await?;
-        Ok(row.map_or(0, |r| r.get(0)))
-    };
-    let before = usage().await?;
-    for op in a.kv.iter() {
-        let current = async |key: &str| -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
-            let row = tx
-                .query_opt(
-                    "SELECT value FROM plugin_kv WHERE plugin = $1 AND key = $2
-                       AND (expires_at IS NULL OR expires_at > $3)",
-                    &[&plugin, &key, &now],
-                )
-                .await?;
-            Ok(row.map(|r| r.get(0)))
-        };
-        match op {
+/// One call's kv writes as `hooks_apply_kv` takes them: a JSON array,
+/// bytes in hex.
+fn kv_ops_json(ops: &[KvOp]) -> String {
+    use serde_json::json;
+    let ops: Vec<_> = ops
+        .iter()
+        .map(|op| match op {
             KvOp::Set {
                 key,
                 value,
                 expires_at,
-            } => {
-                tx.execute(
-                    "INSERT INTO plugin_kv (plugin, key, value, expires_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value,
-                         expires_at = EXCLUDED.expires_at",
-                    &[&plugin, key, value, expires_at],
-                )
-                .await?;
-            }
-            KvOp::Delete { key } => {
-                tx.execute(
-                    "DELETE FROM plugin_kv WHERE plugin = $1 AND key = $2",
-                    &[&plugin, key],
-                )
-                .await?;
-            }
+            } => json!({ "op": "set", "key": key, "value": hex::encode(value), "expires_at": expires_at }),
+            KvOp::Delete { key } => json!({ "op": "delete", "key": key }),
             KvOp::Increment { key, delta } => {
-                let n = match current(key).await? {
-                    None => 0,
-                    Some(bytes) => match parse_integer(key, &bytes) {
-                        Ok(n) => n,
-                        Err(conflict) => return Ok(Err(format!("kv conflict: {conflict}"))),
-                    },
-                };
-                let Some(sum) = n.checked_add(*delta) else {
-                    return Ok(Err(format!("kv conflict: key {key:?} would overflow")));
-                };
-                tx.execute(
-                    "INSERT INTO plugin_kv (plugin, key, value) VALUES ($1, $2, $3)
-                     ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value",
-                    &[&plugin, key, &sum.to_string().into_bytes()],
-                )
-                .await?;
+                json!({ "op": "increment", "key": key, "delta": delta.to_string() })
             }
-            KvOp::CompareAndSwap { key, expected, new } => {
-                if current(key).await? != *expected {
-                    return Ok(Err(format!(
-                        "kv conflict: key {key:?} changed since the call read it"
-                    )));
-                }
-                tx.execute(
-                    "INSERT INTO plugin_kv (plugin, key, value, expires_at) VALUES ($1, $2, $3, NULL)
-                     ON CONFLICT (plugin, key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL",
-                    &[&plugin, key, new],
-                )
-                .await?;
-            }
+            KvOp::CompareAndSwap { key, expected, new } => json!({
+                "op": "compare-and-swap",
+                "key": key,
+                "expected": expected.as_ref().map(hex::encode),
+                "new": hex::encode(new),
+            }),
+        })
+        .collect();
+    serde_json::Value::from(ops).to_string()
+}
+
+/// Why `hooks_apply_kv` kept none of a call's writes, as the SQLite store
+/// words it.
+fn kv_refusal(why: &[String], quota: i64) -> String {
+    match why {
+        [kind, key] if kind == "integer" => {
+            format!("kv conflict: {}", parse_integer(key, b"").unwrap_err())
         }
-    }
-    let after = usage().await?;
-    let quota = i64::try_from(a.kv_quota).unwrap_or(i64::MAX);
-    if after > before && after > quota {
-        return Ok(Err(format!(
-            "kv quota: this delivery's writes would take the plugin to {after} bytes, \
+        [kind, key] if kind == "overflow" => format!("kv conflict: key {key:?} would overflow"),
+        [kind, key] if kind == "changed" => {
+            format!("kv conflict: key {key:?} changed since the call read it")
+        }
+        [kind, bytes] if kind == "quota" => format!(
+            "kv quota: this delivery's writes would take the plugin to {bytes} bytes, \
              past its quota of {quota}"
-        )));
+        ),
+        other => format!("kv writes refused: {other:?}"),
     }
-    Ok(Ok(()))
 }
 
 impl Store for PgStore {
@@ -677,14 +619,14 @@ impl Store for PgStore {
         if plugins.is_empty() {
             return Ok(Vec::new());
         }
-        let writer = self.writer.clone();
+        let link = self.pool.get();
         let claim = self.claim.clone();
         let plugins: Vec<String> = plugins.iter().map(|p| p.to_string()).collect();
         let limit = limit as i64;
         self.run(async move {
             // Claimed, not assigned: rows another host holds under a live
             // lease, or is claiming this instant, are skipped.
-            let rows = writer
+            let rows = link
                 .lock()
                 .await?
                 .query(
@@ -718,10 +660,25 @@ impl Store for PgStore {
 
     /// Record attempts in one transaction, saying what became of each.
     fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
-        let writer = self.writer.clone();
+        let link = self.pool.get();
         self.run(async move {
-            let mut client = writer.lock().await?;
+            let mut client = link.lock().await?;
             let tx = client.transaction().await.map_err(classify)?;
+            // Prepared once for the batch: one round trip per statement run.
+            let update = tx
+                .prepare(
+                    "UPDATE deliveries SET status = $2, attempts = attempts + 1,
+                         next_attempt_at = $3, last_failure_kind = $4,
+                         last_failure_message = $5, plugin_version = $6, updated_at = $7,
+                         claimed_by = NULL, lease_until = NULL
+                     WHERE id = $1 AND replays = $8",
+                )
+                .await
+                .map_err(classify)?;
+            let apply_kv = tx
+                .prepare("SELECT hooks_apply_kv($1, $2, $3, $4::TEXT::JSONB)")
+                .await
+                .map_err(classify)?;
             let now = now_ms();
             let mut made = Vec::with_capacity(attempts.len());
             for a in &attempts {
@@ -731,11 +688,7 @@ impl Store for PgStore {
                 };
                 let updated = tx
                     .execute(
-                        "UPDATE deliveries SET status = $2, attempts = attempts + 1,
-                             next_attempt_at = $3, last_failure_kind = $4,
-                             last_failure_message = $5, plugin_version = $6, updated_at = $7,
-                             claimed_by = NULL, lease_until = NULL
-                         WHERE id = $1 AND replays = $8",
+                        &update,
                         &[
                             &a.id,
                             &a.status.as_str(),
@@ -749,30 +702,36 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(classify)?;
-                let mut recorded_as = RecordedAs::Given;
                 if updated == 0 {
-                    recorded_as = RecordedAs::Superseded;
-                } else if a.status == Status::Succeeded && !a.kv.is_empty() {
-                    tx.batch_execute("SAVEPOINT attempt").await.map_err(classify)?;
-                    if let Err(conflict) = apply_kv(&tx, a, now).await.map_err(classify)? {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT attempt")
-                            .await
-                            .map_err(classify)?;
-                        tracing::warn!(delivery = a.id, plugin = %a.plugin, "{conflict}: the delivery runs again");
-                        tx.execute(
-                            "UPDATE deliveries SET status = 'failed', next_attempt_at = $2,
-                                 last_failure_kind = 'host-error', last_failure_message = $3,
-                                 updated_at = $4, claimed_by = NULL, lease_until = NULL
-                             WHERE id = $1",
-                            &[&a.id, &(now + KV_CONFLICT_RETRY_MS), &conflict, &now],
-                        )
-                        .await
-                        .map_err(classify)?;
-                        recorded_as = RecordedAs::Conflict(conflict);
-                    }
-                    tx.batch_execute("RELEASE SAVEPOINT attempt").await.map_err(classify)?;
+                    made.push(RecordedAs::Superseded);
+                    continue;
                 }
-                made.push(recorded_as);
+                if a.status != Status::Succeeded || a.kv.is_empty() {
+                    made.push(RecordedAs::Given);
+                    continue;
+                }
+                let quota = i64::try_from(a.kv_quota).unwrap_or(i64::MAX);
+                let refused: Option<Vec<String>> = tx
+                    .query_one(&apply_kv, &[&&*a.plugin, &now, &quota, &kv_ops_json(&a.kv)])
+                    .await
+                    .map_err(classify)?
+                    .get(0);
+                let Some(refused) = refused else {
+                    made.push(RecordedAs::Given);
+                    continue;
+                };
+                let conflict = kv_refusal(&refused, quota);
+                tracing::warn!(delivery = a.id, plugin = %a.plugin, "{conflict}: the delivery runs again");
+                tx.execute(
+                    "UPDATE deliveries SET status = 'failed', next_attempt_at = $2,
+                         last_failure_kind = 'host-error', last_failure_message = $3,
+                         updated_at = $4, claimed_by = NULL, lease_until = NULL
+                     WHERE id = $1",
+                    &[&a.id, &(now + KV_CONFLICT_RETRY_MS), &conflict, &now],
+                )
+                .await
+                .map_err(classify)?;
+                made.push(RecordedAs::Conflict(conflict));
             }
             tx.commit().await.map_err(classify)?;
             Ok(made)
@@ -781,12 +740,12 @@ impl Store for PgStore {
 
     /// Deliveries matching `filter`, newest first.
     fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let reader = self.reader.clone();
+        let link = self.pool.get();
         let filter = filter.clone();
         self.run(async move {
             let status = filter.status.map(Status::as_str);
             let limit = filter.limit.map_or(i64::MAX, |n| n as i64);
-            let rows = reader
+            let rows = link
                 .lock()
                 .await?
                 .query(
@@ -806,10 +765,10 @@ impl Store for PgStore {
 
     /// One event and its deliveries.
     fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
-        let reader = self.reader.clone();
+        let link = self.pool.get();
         let key = key.to_owned();
         self.run(async move {
-            let Some(row) = reader
+            let Some(row) = link
                 .lock()
                 .await?
                 .query_opt(
@@ -821,7 +780,7 @@ impl Store for PgStore {
             else {
                 return Ok(None);
             };
-            let deliveries = reader
+            let deliveries = link
                 .lock()
                 .await?
                 .query(
@@ -922,7 +881,9 @@ impl Store for PgStore {
     fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
         self.write(move |mut client| async move {
             let tx = client.transaction().await?;
-            tx.execute("DELETE FROM plugins", &[]).await?;
+            // Hosts saving at once take turns (else both insert a name).
+            tx.batch_execute("LOCK TABLE plugins IN SHARE ROW EXCLUSIVE MODE; DELETE FROM plugins")
+                .await?;
             for r in &rows {
                 let limits = serde_json::to_string(&r.limits).expect("limits serialize");
                 let counters = serde_json::to_string(&r.counters).expect("counters serialize");
@@ -948,9 +909,9 @@ impl Store for PgStore {
 
     /// The plugin status table as last saved, by name.
     fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
-        let reader = self.reader.clone();
+        let link = self.pool.get();
         self.run(async move {
-            let rows = reader
+            let rows = link
                 .lock()
                 .await?
                 .query(
@@ -981,9 +942,9 @@ impl Store for PgStore {
 
     /// Deliveries waiting for their first attempt (or replayed).
     fn outstanding(&self) -> Result<usize, StoreError> {
-        let reader = self.reader.clone();
+        let link = self.pool.get();
         self.run(async move {
-            let row = reader
+            let row = link
                 .lock()
                 .await?
                 .query_one(
@@ -997,9 +958,9 @@ impl Store for PgStore {
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {
-        let (writer, host) = (self.writer.clone(), self.claim.host.clone());
+        let (link, host) = (self.pool.get(), self.claim.host.clone());
         self.handle.spawn(async move {
-            let client = match writer.lock().await {
+            let client = match link.lock().await {
                 Ok(client) => client,
                 Err(error) => {
                     tracing::warn!(%error, deliveries = ids.len(), "could not release deliveries");
@@ -1042,9 +1003,9 @@ impl Store for PgStore {
 
 impl KvRead for PgStore {
     fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
-        let (reader, plugin, key) = (self.reader.clone(), plugin.to_owned(), key.to_owned());
+        let (link, plugin, key) = (self.pool.get(), plugin.to_owned(), key.to_owned());
         self.run(async move {
-            let row = reader
+            let row = link
                 .lock()
                 .await?
                 .query_opt(
@@ -1060,10 +1021,10 @@ impl KvRead for PgStore {
     }
 
     fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
-        let (reader, plugin, prefix) = (self.reader.clone(), plugin.to_owned(), prefix.to_owned());
+        let (link, plugin, prefix) = (self.pool.get(), plugin.to_owned(), prefix.to_owned());
         let limit = limit as i64;
         self.run(async move {
-            let rows = reader
+            let rows = link
                 .lock()
                 .await?
                 .query(
@@ -1079,9 +1040,9 @@ impl KvRead for PgStore {
     }
 
     fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
-        let (reader, plugin) = (self.reader.clone(), plugin.to_owned());
+        let (link, plugin) = (self.pool.get(), plugin.to_owned());
         self.run(async move {
-            let row = reader
+            let row = link
                 .lock()
                 .await?
                 .query_opt(
@@ -1097,9 +1058,32 @@ impl KvRead for PgStore {
 }
 
 fn classify(error: tokio_postgres::Error) -> StoreError {
-    // Connection-level failures are worth a retry by the sender (503).
-    if error.is_closed() {
-        return StoreError::Busy(format!("PostgreSQL connection closed: {error}"));
+    use tokio_postgres::error::SqlState;
+    // Worth a retry by the sender (503): the connection went, the server is
+    // shutting down or starting, a statement ran out of time, or two
+    // transactions collided.
+    let passing = [
+        SqlState::QUERY_CANCELED,
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::TOO_MANY_CONNECTIONS,
+    ];
+    let unreachable = error.is_closed()
+        || std::error::Error::source(&error).is_some_and(|e| e.is::<std::io::Error>());
+    // The server's own words (`db error` alone says nothing).
+    let text = match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(&error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    };
+    if unreachable || error.code().is_some_and(|code| passing.contains(code)) {
+        return StoreError::Busy(format!("PostgreSQL: {text}"));
     }
-    StoreError::Failed(error.to_string())
+    StoreError::Failed(format!("PostgreSQL: {text}"))
 }
