@@ -6,6 +6,12 @@
 //! default 10; `LOAD_CONNECTIONS`, default 32). Under `cargo test --benches`
 //! it runs one second per phase against the test build, as a smoke test.
 //!
+//! `-- --store postgres` measures the PostgreSQL store instead, on a
+//! throwaway cluster (as the tests start one): acknowledged req/s and
+//! end-to-end events/s of one host and of two hosts sharing the database,
+//! as ratios to one SQLite host in the same run, and how long after one
+//! host's death the other has finished the deliveries the dead one held.
+//!
 //! Prints acknowledged requests per second, acknowledgement latency
 //! percentiles, end-to-end throughput (every plugin call finished), whether
 //! the backlog grew, and the host's peak memory, each also as a ratio to the
@@ -23,7 +29,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use stateset_hooks::Secret;
-use stateset_hooks::store::{Filter, SqliteStore, Status, Store};
+use stateset_hooks::store::{Filter, PgStore, SqliteStore, Status, Store};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -34,7 +40,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 /// Signed bodies: realistic events of all three plugins' types, each with a
 /// unique id so the host stores and dispatches every one.
-fn bodies(n: usize) -> Vec<(Bytes, String)> {
+fn bodies(n: usize, phase: &str) -> Vec<(Bytes, String)> {
     let secret = Secret::new(support::SECRET).unwrap();
     let templates: Vec<serde_json::Value> =
         ["order.created", "payment.succeeded", "inventory.low_stock"]
@@ -44,7 +50,7 @@ fn bodies(n: usize) -> Vec<(Bytes, String)> {
     (0..n)
         .map(|i| {
             let mut event = templates[i % templates.len()].clone();
-            event["id"] = format!("evt_load_{}_{i}", std::process::id()).into();
+            event["id"] = format!("evt_load_{}_{phase}_{i}", std::process::id()).into();
             let body = Bytes::from(serde_json::to_vec(&event).unwrap());
             let signature = secret.sign(&body);
             (body, signature)
@@ -97,9 +103,10 @@ impl Run {
 }
 
 /// `connections` keep-alive clients for `seconds`, each sending as fast as it
-/// can, or at `per_connection_rate` requests per second.
+/// can, or at `per_connection_rate` requests per second; client `c` sends to
+/// `urls[c % urls.len()]` (several hosts behind one balancer).
 async fn load(
-    url: &str,
+    urls: &[String],
     bodies: Arc<Vec<(Bytes, String)>>,
     connections: usize,
     seconds: u64,
@@ -109,7 +116,8 @@ async fn load(
     let start = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|c| {
-            let (url, bodies, stop) = (url.to_owned(), bodies.clone(), stop.clone());
+            let url = urls[c % urls.len()].clone();
+            let (bodies, stop) = (bodies.clone(), stop.clone());
             tokio::spawn(async move {
                 let client = reqwest::Client::builder()
                     .pool_max_idle_per_host(1)
@@ -182,6 +190,52 @@ fn start_host(dir: &support::PluginDir) -> (support::ServeProcess, Duration) {
     (host, started.elapsed())
 }
 
+/// A maximum-rate run, then the wait for its backlog to drain.
+struct Saturated {
+    run: Run,
+    /// Deliveries finished per second, from the first request to the last
+    /// plugin call.
+    end_to_end: f64,
+    backlog: usize,
+    drain: Duration,
+}
+
+async fn saturate(
+    urls: &[String],
+    store: &dyn Store,
+    bodies: Arc<Vec<(Bytes, String)>>,
+    connections: usize,
+    seconds: u64,
+) -> Saturated {
+    let done_before = succeeded(store);
+    let run = load(urls, bodies, connections, seconds, None).await;
+    // Plugin calls keep running after the acks: wait for the backlog to drain.
+    let drained_from = Instant::now();
+    let backlog = store.outstanding().unwrap_or(0);
+    while store.outstanding().unwrap_or(0) > 0 && drained_from.elapsed() < Duration::from_secs(600)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = drained_from.elapsed();
+    let delivered = succeeded(store) - done_before;
+    Saturated {
+        end_to_end: delivered as f64 / (run.elapsed + drain).as_secs_f64(),
+        run,
+        backlog,
+        drain,
+    }
+}
+
+fn succeeded(store: &dyn Store) -> usize {
+    store
+        .deliveries(&Filter {
+            status: Some(Status::Succeeded),
+            limit: Some(usize::MAX >> 1),
+            ..Filter::default()
+        })
+        .map_or(0, |d| d.len())
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -190,10 +244,18 @@ async fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and
     // then this is a smoke run that proves the benchmark works, not a measure.
     let measuring = std::env::args().any(|a| a == "--bench");
+    let args: Vec<String> = std::env::args().collect();
+    let postgres = args.windows(2).any(|w| w == ["--store", "postgres"])
+        || std::env::var("LOAD_STORE").is_ok_and(|s| s == "postgres");
     let seconds = env_or("LOAD_SECONDS", if measuring { 10 } else { 1 });
     let connections = env_or("LOAD_CONNECTIONS", 32) as usize;
     let plugins = support::PluginDir::samples();
-    let bodies = Arc::new(bodies(1_000_000.min(seconds as usize * 40_000).max(10_000)));
+    let n = 1_000_000.min(seconds as usize * 40_000).max(10_000);
+    let bodies = |phase: &str| Arc::new(bodies(n, phase));
+    if postgres {
+        return compare_stores(&plugins, bodies, connections, seconds).await;
+    }
+    let bodies = bodies("sqlite");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let reference_url = format!(
@@ -205,35 +267,21 @@ async fn main() {
     let (cold, cold_startup) = start_host(&plugins);
     drop(cold);
     let (host, warm_startup) = start_host(&plugins);
-    let host_url = host.url();
+    let host_url = [host.url()];
     let store = SqliteStore::open(
         &plugins.path().join("stateset-hooks.db"),
         Duration::from_secs(5),
     )
     .unwrap();
 
-    let reference_max = load(&reference_url, bodies.clone(), connections, seconds, None).await;
-    let host_max = load(&host_url, bodies.clone(), connections, seconds, None).await;
-
-    // Plugin calls keep running after the acks: wait for the backlog to drain.
-    let drained_from = Instant::now();
+    let reference_max = load(&[reference_url], bodies.clone(), connections, seconds, None).await;
+    let Saturated {
+        run: host_max,
+        end_to_end,
+        backlog: backlog_after_max,
+        drain,
+    } = saturate(&host_url, &store, bodies.clone(), connections, seconds).await;
     let pending = |store: &SqliteStore| store.outstanding().unwrap_or(0);
-    let backlog_after_max = pending(&store);
-    while pending(&store) > 0 && drained_from.elapsed() < Duration::from_secs(600) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let drain = drained_from.elapsed();
-    let done = |store: &SqliteStore| {
-        store
-            .deliveries(&Filter {
-                status: Some(Status::Succeeded),
-                limit: Some(usize::MAX >> 1),
-                ..Filter::default()
-            })
-            .map_or(0, |d| d.len())
-    };
-    let delivered = done(&store);
-    let end_to_end = delivered as f64 / (host_max.elapsed + drain).as_secs_f64();
 
     // Half the maximum acknowledged rate, paced: latency, and whether the
     // backlog stays flat while plugins keep up.
@@ -310,5 +358,113 @@ async fn main() {
         "| start-up to ready, 3 plugins: cold / warm cache | {:.0} ms / {:.0} ms | |",
         ms(cold_startup),
         ms(warm_startup)
+    );
+}
+
+/// `--store postgres`: one SQLite host, one PostgreSQL host, two
+/// PostgreSQL hosts on one database, side by side; then one of the two dies
+/// holding deliveries, and the other finishes them once the lease ends.
+async fn compare_stores(
+    samples: &support::PluginDir,
+    bodies: impl Fn(&str) -> Arc<Vec<(Bytes, String)>>,
+    connections: usize,
+    seconds: u64,
+) {
+    const LEASE_SECS: u64 = 5;
+    let filter = "warn,stateset_hooks=info,plugin=off,stateset_hooks::http=warn";
+    let cluster = support::postgres::Cluster::start();
+    let (host, _) = start_host(samples);
+    let store = SqliteStore::open(
+        &samples.path().join("stateset-hooks.db"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let sqlite = saturate(
+        &[host.url()],
+        &store,
+        bodies("sqlite"),
+        connections,
+        seconds,
+    )
+    .await;
+    drop(host);
+
+    // Each phase on a database of its own, each host in a plugin folder of
+    // its own (the same three samples).
+    let dirs: Vec<_> = (0..3).map(|_| support::PluginDir::samples()).collect();
+    let database =
+        |dir: &support::PluginDir| support::postgres::database_for(&cluster.url, dir.path());
+    let serve = |dir: &support::PluginDir, url: &str| {
+        let lease = LEASE_SECS.to_string();
+        let flags = ["--store", url, "--store-lease-secs", &lease];
+        support::ServeProcess::start_with(dir, Some(filter), &flags)
+    };
+    let open =
+        |url: &str| PgStore::open(stateset_hooks::store::PgOptions::new(url).unwrap()).unwrap();
+    let one_url = database(&dirs[0]);
+    let one = serve(&dirs[0], &one_url);
+    let pg_one = saturate(
+        &[one.url()],
+        &open(&one_url),
+        bodies("pg1"),
+        connections,
+        seconds,
+    )
+    .await;
+    drop(one);
+
+    let two_url = database(&dirs[1]);
+    let mut two = [serve(&dirs[1], &two_url), serve(&dirs[2], &two_url)];
+    let store = open(&two_url);
+    let urls = two.each_ref().map(support::ServeProcess::url);
+    let pg_two = saturate(&urls, &store, bodies("pg2"), connections, seconds).await;
+
+    // A burst to the first host alone, then SIGKILL as the last is
+    // acknowledged: what it held is the other's once the lease ends.
+    let burst = load(
+        &urls[..1],
+        bodies("failover"),
+        connections,
+        1.max(seconds / 5),
+        None,
+    )
+    .await;
+    two[0].kill();
+    let died = Instant::now();
+    let held = store.outstanding().unwrap_or(0);
+    while store.outstanding().unwrap_or(0) > 0 && died.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failover = died.elapsed();
+    drop(two);
+
+    println!(
+        "\nload, store compared: {connections} connections, {seconds} s per phase, {} cores, 3 sample plugins\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| store, hosts | acked req/s | ratio | end-to-end events/s | ratio | backlog after, drained in |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, s) in [
+        ("SQLite, one host", &sqlite),
+        ("PostgreSQL, one host", &pg_one),
+        ("PostgreSQL, two hosts", &pg_two),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.0} | {:.2} | {}, {:.1} s |",
+            s.run.rate(),
+            s.run.rate() / sqlite.run.rate(),
+            s.end_to_end,
+            s.end_to_end / sqlite.end_to_end,
+            s.backlog,
+            s.drain.as_secs_f64()
+        );
+    }
+    println!(
+        "\nfailover: a burst of {} events to one host, killed at its last ack holding {held} \
+         deliveries; the other host finished them {:.1} s later (lease {LEASE_SECS} s)",
+        burst.acked,
+        failover.as_secs_f64()
     );
 }

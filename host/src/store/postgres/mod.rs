@@ -254,32 +254,59 @@ impl PgStore {
         Self::start(options, true)
     }
 
+    /// Connect and migrate on the store's own thread and runtime (so this
+    /// may be called from inside another runtime), then leave the thread
+    /// committing appends.
     fn start(options: PgOptions, read_only: bool) -> Result<Self, StoreError> {
-        let options = Arc::new(options);
         let claim = Claim::new(options.lease);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Failed(e.to_string()))?;
         let (wake, wakeups) = std::sync::mpsc::channel();
-        let (appender, pool) = runtime.block_on(async {
-            let appender = Link::open(&options).await?;
-            if read_only {
-                check_version(&*appender.lock().await?).await?;
-            } else {
-                migrate(&mut *appender.lock().await?).await?;
-                link::listen(options.clone(), DUE_CHANNEL, wake).await?;
-            }
-            let pool = Pool::open(&options).await?;
-            Ok::<_, StoreError>((Arc::new(appender), Arc::new(pool)))
-        })?;
         let (appends, queue) = mpsc::unbounded_channel();
-        let handle = runtime.handle().clone();
+        let (ready, started) = std::sync::mpsc::channel();
         let committer = claim.clone();
         let thread = std::thread::Builder::new()
             .name("store-postgres".into())
-            .spawn(move || runtime.block_on(group_commit(appender, queue, committer)))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        return drop(ready.send(Err(StoreError::Failed(error.to_string()))));
+                    }
+                };
+                let options = Arc::new(options);
+                let opened = runtime.block_on(async {
+                    let appender = Link::open(&options).await?;
+                    if read_only {
+                        check_version(&*appender.lock().await?).await?;
+                    } else {
+                        migrate(&mut *appender.lock().await?).await?;
+                        link::listen(options.clone(), DUE_CHANNEL, wake).await?;
+                    }
+                    let pool = Pool::open(&options).await?;
+                    Ok::<_, StoreError>((Arc::new(appender), Arc::new(pool)))
+                });
+                match opened {
+                    Ok((appender, pool)) => {
+                        let _ = ready.send(Ok((runtime.handle().clone(), pool)));
+                        runtime.block_on(group_commit(appender, queue, committer));
+                    }
+                    Err(error) => drop(ready.send(Err(error))),
+                }
+            })
             .map_err(|e| StoreError::Failed(e.to_string()))?;
+        let (handle, pool) = match started.recv() {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                return Err(error);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(StoreError::Closed);
+            }
+        };
         Ok(Self {
             handle,
             claim,
@@ -464,9 +491,103 @@ async fn group_commit(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Append
     }
 }
 
-/// One transaction for the batch, each append in its own savepoint: one
-/// that fails is rolled back alone and only its caller is told.
+/// The batch in one transaction and two statements (the events, then the
+/// new ones' deliveries). Should that fail, each append again in a
+/// savepoint of its own, so that one bad event fails alone and only its
+/// sender is told.
 async fn append_batch(
+    client: &mut Client,
+    batch: &[Append],
+    claim: &Claim,
+) -> Vec<Result<Appended, StoreError>> {
+    match append_together(client, batch, claim).await {
+        Ok(results) => results,
+        Err(error) => {
+            tracing::debug!(error = %classify(error), "appending one by one");
+            append_each(client, batch, claim).await
+        }
+    }
+}
+
+async fn append_together(
+    client: &mut Client,
+    batch: &[Append],
+    claim: &Claim,
+) -> Result<Vec<Result<Appended, StoreError>>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let now = now_ms();
+    // In key order, so that two hosts' batches lock the same keys in the
+    // same order (no deadlock).
+    let mut events: Vec<&Event> = batch.iter().map(|a| &*a.event).collect();
+    events.sort_by_key(|e| e.key());
+    let keys: Vec<&str> = events.iter().map(|e| e.key()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type()).collect();
+    let bodies: Vec<&[u8]> = events.iter().map(|e| e.payload().as_bytes()).collect();
+    let mut fresh: std::collections::HashSet<String> = tx
+        .query(
+            "INSERT INTO events (key, event_type, received_at, body)
+             SELECT k, t, $3, b FROM unnest($1::TEXT[], $2::TEXT[], $4::BYTEA[]) AS e (k, t, b)
+             ON CONFLICT (key) DO NOTHING RETURNING key",
+            &[&keys, &types, &now, &bodies],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    // The first append of a key just stored is new; the others (sent twice
+    // at once) are duplicates.
+    let new: Vec<bool> = batch.iter().map(|a| fresh.remove(a.event.key())).collect();
+    let (mut owners, mut plugins) = (Vec::new(), Vec::new());
+    for (append, _) in batch.iter().zip(&new).filter(|(_, new)| **new) {
+        for plugin in &append.plugins {
+            owners.push(append.event.key());
+            plugins.push(&**plugin);
+        }
+    }
+    // The appending host runs them first (the dispatcher's fast path): they
+    // are this host's until recorded or the lease ends.
+    let ids: std::collections::HashMap<(String, String), DeliveryId> = tx
+        .query(
+            "INSERT INTO deliveries (event_key, plugin, status, attempts, next_attempt_at,
+                 created_at, updated_at, claimed_by, lease_until)
+             SELECT k, p, 'pending', 0, $3, $3, $3, $4, $5
+             FROM unnest($1::TEXT[], $2::TEXT[]) AS d (k, p)
+             RETURNING event_key, plugin, id",
+            &[
+                &owners,
+                &plugins,
+                &now,
+                &claim.host,
+                &(now + claim.lease_ms),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+        .collect();
+    tx.commit().await?;
+    Ok(batch
+        .iter()
+        .zip(new)
+        .map(|(append, new)| {
+            if !new {
+                return Ok(Appended::Duplicate);
+            }
+            let key = append.event.key().to_owned();
+            Ok(Appended::New(
+                append
+                    .plugins
+                    .iter()
+                    .map(|plugin| ids[&(key.clone(), plugin.to_string())])
+                    .collect(),
+            ))
+        })
+        .collect())
+}
+
+/// Each append in a savepoint of its own: one that fails is rolled back
+/// alone and only its caller is told.
+async fn append_each(
     client: &mut Client,
     batch: &[Append],
     claim: &Claim,
