@@ -373,11 +373,7 @@ async fn a_crash_loses_no_acknowledged_event() {
     // Restart on the same database: everything acknowledged is there and
     // every delivery for it completes.
     let mut restarted = ServeProcess::start(&plugins, Some("info"));
-    let store = SqliteStore::open(
-        &plugins.path().join("stateset-hooks.db"),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let store = ServeProcess::store(&plugins);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let done = store

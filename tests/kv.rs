@@ -79,7 +79,7 @@ fn a_counter_survives_sigkill_exactly() {
     }
     // Three seconds of work, one worker: killed mid-stream without warning.
     host.kill();
-    let before = counted(&ServeProcess::store(&plugins), "counter");
+    let before = counted(&*ServeProcess::store(&plugins), "counter");
     assert!(
         before < EVENTS as i64,
         "all counted before the kill: {before}"
@@ -87,24 +87,22 @@ fn a_counter_survives_sigkill_exactly() {
     let mut host = ServeProcess::start(&plugins, Some("info"));
     let store = ServeProcess::store(&plugins);
     let deadline = Instant::now() + REPORT_TIMEOUT;
-    while counted(&store, "counter") < EVENTS as i64 {
+    while counted(&*store, "counter") < EVENTS as i64 {
         assert!(
             Instant::now() < deadline,
             "counted {}",
-            counted(&store, "counter")
+            counted(&*store, "counter")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(counted(&store, "counter"), EVENTS as i64);
+    assert_eq!(counted(&*store, "counter"), EVENTS as i64);
     host.stop();
 
     // What an operator sees.
-    let db = plugins.path().join("stateset-hooks.db");
     let cli = |args: &[&str]| {
         let output = std::process::Command::new(BIN)
-            .arg("--db")
-            .arg(&db)
+            .args(store_args(&plugins))
             .arg("kv")
             .args(args)
             .output()

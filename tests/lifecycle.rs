@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use stateset_hooks::store::{Status, Store};
+use stateset_hooks::store::Status;
 use stateset_hooks::{Config, ConfigError, Hooks};
 
 async fn start(config: Config) -> anyhow::Result<Hooks> {

@@ -153,12 +153,18 @@ pub fn config(plugins: &PluginDir) -> Config {
 }
 
 /// The command-line flags that name the store `config(plugins)` uses:
-/// `--db FILE`, or `--store URL` when the tests run on PostgreSQL.
+/// `--db FILE`, and `--store URL` when the tests run on PostgreSQL.
 pub fn store_args(plugins: &PluginDir) -> Vec<std::ffi::OsString> {
     match postgres::shared_server() {
         Some(server) => vec![
+            "--db".into(),
+            plugins.path().join("stateset-hooks.db").into(),
             "--store".into(),
             postgres::database_for(&server, plugins.path()).into(),
+            // A host killed and started again is a new host: what the dead
+            // one held waits for its lease, which the tests keep short.
+            "--store-lease-secs".into(),
+            "3".into(),
         ],
         None => vec![
             "--db".into(),
@@ -323,8 +329,7 @@ impl ServeProcess {
             command.env("RUST_LOG", filter);
         }
         let mut child = command
-            .arg("--db")
-            .arg(plugins.path().join("stateset-hooks.db"))
+            .args(store_args(plugins))
             .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
             .arg(plugins.path())
             .arg("--cache-dir")
@@ -413,13 +418,22 @@ impl ServeProcess {
         self.child.wait().unwrap()
     }
 
-    /// The database this server uses, opened beside it.
-    pub fn store(plugins: &PluginDir) -> stateset_hooks::store::SqliteStore {
-        stateset_hooks::store::SqliteStore::open(
-            &plugins.path().join("stateset-hooks.db"),
-            Duration::from_secs(5),
-        )
-        .unwrap()
+    /// The store this server uses, opened beside it.
+    pub fn store(plugins: &PluginDir) -> Box<dyn stateset_hooks::store::Store> {
+        match postgres::shared_server() {
+            Some(server) => {
+                let url = postgres::database_for(&server, plugins.path());
+                let options = stateset_hooks::store::PgOptions::new(&url).unwrap();
+                Box::new(stateset_hooks::store::PgStore::open(options).unwrap())
+            }
+            None => Box::new(
+                stateset_hooks::store::SqliteStore::open(
+                    &plugins.path().join("stateset-hooks.db"),
+                    Duration::from_secs(5),
+                )
+                .unwrap(),
+            ),
+        }
     }
 }
 
