@@ -539,3 +539,63 @@ fn a_newer_schema_is_refused() {
         "{error}"
     );
 }
+
+/// Retention, one body for both stores: events all of whose deliveries
+/// succeeded are deleted once old enough, the rest are kept; kv entries
+/// whose TTL ran out are deleted.
+#[test]
+fn retention_purges_alike_on_both_stores() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = stateset_hooks::store::SqliteStore::open(
+        &dir.path().join("hooks.db"),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    let postgres = PgStore::open(cluster.options()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for store in [&sqlite as &dyn Store, &postgres] {
+        let mut ids = Vec::new();
+        for key in ["evt_done", "evt_dead", "evt_waiting"] {
+            let body = format!(r#"{{"id":"{key}","type":"t","data":{{}}}}"#);
+            let event = Arc::new(Event::parse(body.as_bytes()).unwrap());
+            let Appended::New(new) = runtime
+                .block_on(store.append_if_new(event, vec!["p".into()]))
+                .unwrap()
+                .unwrap()
+            else {
+                panic!("stored")
+            };
+            ids.extend(new);
+        }
+        let ttl = KvOp::Set {
+            key: "short".into(),
+            value: b"1".to_vec(),
+            expires_at: Some(now_ms() - 1),
+        };
+        let attempt = |id, status, kv: Vec<KvOp>| Attempt {
+            id,
+            replays: 0,
+            plugin_version: "v".into(),
+            status,
+            next_attempt_at: now_ms(),
+            failure: None,
+            plugin: "p".into(),
+            kv: kv.into(),
+            kv_quota: 1 << 20,
+        };
+        store
+            .record(vec![
+                attempt(ids[0], Status::Succeeded, vec![ttl]),
+                attempt(ids[1], Status::Dead, vec![]),
+            ])
+            .unwrap();
+        assert_eq!(store.purge_succeeded(now_ms() + 1).unwrap(), 1, "{store:?}");
+        assert!(store.event("evt_done").unwrap().is_none());
+        assert!(store.event("evt_dead").unwrap().is_some());
+        assert!(store.event("evt_waiting").unwrap().is_some());
+        assert_eq!(store.purge_succeeded(now_ms() - 60_000).unwrap(), 0);
+        assert_eq!(store.purge_expired_kv(now_ms()).unwrap(), 1, "{store:?}");
+        assert_eq!(store.kv_usage("p").unwrap(), 0);
+    }
+}
