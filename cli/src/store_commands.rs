@@ -159,8 +159,17 @@ impl StoreArgs {
             Some(url) => {
                 let mut options =
                     PgOptions::new(url).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
-                if self.store_pool == 0 {
-                    bail!("--store-pool must be at least 1");
+                for (flag, value) in [
+                    ("--store-pool", self.store_pool as u64),
+                    (
+                        "--store-statement-timeout-ms",
+                        self.store_statement_timeout_ms,
+                    ),
+                    ("--store-lease-secs", self.store_lease_secs),
+                ] {
+                    if value == 0 {
+                        bail!("{flag} must be at least 1");
+                    }
                 }
                 options.pool_size = self.store_pool;
                 options.statement_timeout = Duration::from_millis(self.store_statement_timeout_ms);

@@ -466,7 +466,7 @@ fn record_loop(shared: &DispatchState, records: &Receiver<Recorded>, closed: &Re
             }
         };
         let mut batch = vec![first];
-        batch.extend(records.try_iter().take(1023));
+        batch.extend(records.try_iter().take(shared.store.record_batch() - 1));
         write(shared, batch);
     }
 }

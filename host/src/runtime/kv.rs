@@ -281,6 +281,10 @@ impl KvSession {
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
             return Err(format!("kv keys are 1 to {MAX_KEY_BYTES} bytes").into());
         }
+        // No store keeps text with NUL in it alike (PostgreSQL refuses it).
+        if key.contains('\0') {
+            return Err(String::from("kv keys may not contain NUL").into());
+        }
         if value_bytes > MAX_VALUE_BYTES {
             return Err(format!("kv values are at most {MAX_VALUE_BYTES} bytes").into());
         }

@@ -229,6 +229,12 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;
 
+    /// The most attempts one [`Store::record`] call should carry: one
+    /// transaction's worth.
+    fn record_batch(&self) -> usize {
+        1024
+    }
+
     /// Give up this host's hold on deliveries it will not run now (its
     /// queue was full), so another host may: they are pending all the same.
     /// Does not wait. A store with one host holds nothing.

@@ -71,9 +71,23 @@ impl PgOptions {
     /// `prefer` by default. The error never repeats the URL (it may hold a
     /// password).
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        let config = url.parse().map_err(|e: tokio_postgres::Error| {
-            StoreError::Failed(format!("the PostgreSQL URL does not parse: {e}"))
-        })?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| {
+                StoreError::Failed(format!("the PostgreSQL URL does not parse: {e}"))
+            })?;
+        // A server that stops answering (a partition, not a refusal) is
+        // noticed in seconds, not at the kernel's TCP timeouts: requests get
+        // 503 rather than hang. The URL's own settings win.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        #[cfg(target_os = "linux")]
+        config.tcp_user_timeout(Duration::from_secs(30));
         Ok(Self {
             config,
             pool_size: DEFAULT_POOL_SIZE,
@@ -306,7 +320,9 @@ struct RustlsConnect(Arc<rustls::ClientConfig>);
 
 struct RustlsConnector {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    /// `None` for a host that is no TLS name (a Unix socket's directory,
+    /// over which TLS is never asked for).
+    name: Option<ServerName<'static>>,
 }
 
 impl<S> MakeTlsConnect<S> for RustlsConnect
@@ -315,12 +331,12 @@ where
 {
     type Stream = RustlsStream;
     type TlsConnect = RustlsConnector;
-    type Error = rustls::pki_types::InvalidDnsNameError;
+    type Error = std::convert::Infallible;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnector, Self::Error> {
         Ok(RustlsConnector {
             config: self.0.clone(),
-            name: ServerName::try_from(domain.to_owned())?,
+            name: ServerName::try_from(domain.to_owned()).ok(),
         })
     }
 }
@@ -336,7 +352,13 @@ where
     fn connect(self, stream: S) -> Self::Future {
         let connector = tokio_rustls::TlsConnector::from(self.config);
         Box::pin(async move {
-            let stream = connector.connect(self.name, stream).await?;
+            let name = self.name.ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the store's host is not a name TLS can verify",
+                )
+            })?;
+            let stream = connector.connect(name, stream).await?;
             Ok(RustlsStream(Box::pin(stream)))
         })
     }

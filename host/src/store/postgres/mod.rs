@@ -711,7 +711,16 @@ fn kv_refusal(why: &[String], quota: i64) -> String {
     }
 }
 
+/// Attempts per recording transaction: a plugin's hot kv rows (a counter
+/// every event bumps) get a new row version per write, and a transaction
+/// that writes one a thousand times slows down with each.
+const RECORD_BATCH: usize = 64;
+
 impl Store for PgStore {
+    fn record_batch(&self) -> usize {
+        RECORD_BATCH
+    }
+
     /// Store `event` with one pending delivery per plugin unless its key is
     /// already stored; resolves after the commit.
     fn append_if_new(&self, event: Arc<Event>, plugins: Vec<Arc<str>>) -> AppendTicket {
@@ -781,7 +790,7 @@ impl Store for PgStore {
 
     /// Record attempts in one transaction, saying what became of each.
     fn record(&self, attempts: Vec<Attempt>) -> Result<Vec<RecordedAs>, StoreError> {
-        let link = self.pool.get();
+        let (link, host) = (self.pool.get(), self.claim.host.clone());
         self.run(async move {
             let mut client = link.lock().await?;
             let tx = client.transaction().await.map_err(classify)?;
@@ -792,7 +801,7 @@ impl Store for PgStore {
                          next_attempt_at = $3, last_failure_kind = $4,
                          last_failure_message = $5, plugin_version = $6, updated_at = $7,
                          claimed_by = NULL, lease_until = NULL
-                     WHERE id = $1 AND replays = $8",
+                     WHERE id = $1 AND replays = $8 AND (claimed_by IS NULL OR claimed_by = $9)",
                 )
                 .await
                 .map_err(classify)?;
@@ -800,11 +809,30 @@ impl Store for PgStore {
                 .prepare("SELECT hooks_apply_kv($1, $2, $3, $4::TEXT::JSONB)")
                 .await
                 .map_err(classify)?;
+            // Every plugin's kv lock at once, in name order: two hosts
+            // recording for the same plugins never wait on each other in a
+            // circle.
+            let mut writers: Vec<&str> = attempts
+                .iter()
+                .filter(|a| a.status == Status::Succeeded && !a.kv.is_empty())
+                .map(|a| &*a.plugin)
+                .collect();
+            writers.sort_unstable();
+            writers.dedup();
+            for plugin in writers {
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('kv:' || $1, 0))",
+                    &[&plugin],
+                )
+                .await
+                .map_err(classify)?;
+            }
             let now = now_ms();
             let mut made = Vec::with_capacity(attempts.len());
             for a in &attempts {
+                // PostgreSQL text cannot hold NUL; a plugin's message can.
                 let (kind, message) = match &a.failure {
-                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+                    Some((kind, message)) => (Some(kind.as_str()), Some(message.replace('\0', "\u{FFFD}"))),
                     None => (None, None),
                 };
                 let updated = tx
@@ -819,10 +847,13 @@ impl Store for PgStore {
                             &&*a.plugin_version,
                             &now,
                             &a.replays,
+                            &host,
                         ],
                     )
                     .await
                     .map_err(classify)?;
+                // Replayed meanwhile, or claimed by another host once this
+                // host's lease ran out: that run is the one that counts.
                 if updated == 0 {
                     made.push(RecordedAs::Superseded);
                     continue;
