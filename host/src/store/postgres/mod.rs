@@ -767,7 +767,9 @@ impl Store for PgStore {
                              WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1
                                AND (attempts > 0 OR updated_at <= $2) AND plugin = ANY($3)
                                AND (lease_until IS NULL OR lease_until <= $1 OR claimed_by = $5)
-                             ORDER BY next_attempt_at, id LIMIT $4
+                             -- Those nobody holds first: this host's own
+                             -- are mostly in its queue already.
+                             ORDER BY claimed_by IS NOT NULL, next_attempt_at, id LIMIT $4
                              FOR UPDATE SKIP LOCKED)
                          RETURNING id, plugin, attempts, event_key, replays, next_attempt_at)
                      SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays
