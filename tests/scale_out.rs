@@ -189,6 +189,27 @@ fn a_released_delivery_wakes_the_others() {
     assert_eq!(due(&idle), 1);
 }
 
+/// A host shutting down gives up what it still holds (its queue, its cut
+/// calls): another host claims it at once, not when the lease ends.
+#[test]
+fn a_host_stopping_hands_over_what_it_held() {
+    let cluster = Cluster::start();
+    let stopping = PgStore::open(cluster.options()).unwrap();
+    let other = PgStore::open(cluster.options()).unwrap();
+    let event = Arc::new(Event::parse(br#"{"id":"evt_4","type":"t","data":{}}"#).unwrap());
+    let plugins: Vec<Arc<str>> = vec!["p".into(), "q".into()];
+    let ticket = stopping.append_if_new(event, plugins.clone());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    assert!(matches!(
+        runtime.block_on(ticket).unwrap().unwrap(),
+        Appended::New(_)
+    ));
+    let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+    assert_eq!(due(&other), 0, "held by the host that appended them");
+    stopping.release_held();
+    assert_eq!(due(&other), 2, "handed over");
+}
+
 /// Two hosts behind a load balancer on one PostgreSQL store: 5,000 events
 /// round-robin, every tenth also sent to the other host (500 duplicates).
 /// One host is SIGKILLed mid-stream and started again. Every event is
@@ -502,6 +523,8 @@ fn postgresql_restarting_under_load_loses_nothing() {
     let log = host.log().join("\n");
     assert!(log.contains("reconnecting"), "{log}");
     assert!(log.contains("PostgreSQL connection open again"), "{log}");
+    // The store's outage failed calls as the host's error, not the plugin's.
+    assert!(!log.contains("quarantined"), "{log}");
     assert!(host.stop().success());
 }
 

@@ -88,6 +88,12 @@ impl Health {
                     Change::None
                 }
             }
+            Err(failure) if failure.kind == FailureKind::HostError => {
+                // The host's failure (its store was down): counted, but
+                // neither for nor against the plugin's quarantine.
+                self.failed[failure.kind.index()].fetch_add(1, Ordering::Relaxed);
+                Change::None
+            }
             Err(failure) => {
                 self.failed[failure.kind.index()].fetch_add(1, Ordering::Relaxed);
                 // Bounded: past the threshold the plugin is quarantined and

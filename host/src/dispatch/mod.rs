@@ -348,6 +348,8 @@ impl Dispatcher {
         drop(threads.record);
         drop(threads.close);
         let _ = threads.recorder.join();
+        // What is still pending here (queued, or cut) is another host's.
+        self.shared.store.release_held();
     }
 
     /// Wait up to `limit` for every worker to exit; how many still run.

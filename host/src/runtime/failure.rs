@@ -31,7 +31,8 @@ pub enum FailureKind {
     /// The component could not be instantiated for this call.
     LoadError,
     /// The host failed, not the plugin: a panic while handling the delivery,
-    /// or a stored event that cannot be handed to a plugin.
+    /// a stored event that cannot be handed to a plugin, or the store
+    /// failing a kv read during the call.
     HostError,
 }
 
@@ -101,6 +102,13 @@ pub struct Failure {
     pub message: String,
 }
 
+/// An error of the host's own inside a call (the store failed a kv read):
+/// the call fails as [`FailureKind::HostError`], which is not the plugin's
+/// doing and does not count towards its quarantine.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct HostFault(pub String);
+
 impl Failure {
     pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
@@ -113,6 +121,9 @@ impl Failure {
     pub(crate) fn from_wasmtime(error: &wasmtime::Error) -> Self {
         if let Some(limit) = error.downcast_ref::<MemoryLimitExceeded>() {
             return Self::new(FailureKind::OutOfMemory, limit.to_string());
+        }
+        if let Some(fault) = error.downcast_ref::<HostFault>() {
+            return Self::new(FailureKind::HostError, fault.to_string());
         }
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => Self::new(FailureKind::OutOfFuel, "all fuel consumed"),

@@ -42,6 +42,7 @@ use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, con
 use self::output::{CallTag, Capture, Output};
 use crate::text::escape_controls;
 
+use self::failure::HostFault;
 pub use self::failure::{Failure, FailureKind, NotRun};
 pub use self::limits::{
     DEFAULT_ERROR_BYTES, DEFAULT_FUEL, DEFAULT_MAX_FUEL, DEFAULT_MAX_MEMORY_BYTES,
@@ -633,9 +634,8 @@ fn add_kv_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     type Ctx<'a> = StoreContextMut<'a, CallState>;
     fn trap(error: KvError) -> wasmtime::Error {
         match error {
-            KvError::Refused(message) | KvError::Store(message) => {
-                wasmtime::Error::msg(format!("kv: {message}"))
-            }
+            KvError::Refused(message) => wasmtime::Error::msg(format!("kv: {message}")),
+            KvError::Store(message) => wasmtime::Error::new(HostFault(format!("kv: {message}"))),
         }
     }
     fn answer<T>(result: Result<T, KvError>) -> wasmtime::Result<(Result<T, String>,)> {

@@ -240,6 +240,11 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// Does not wait. A store with one host holds nothing.
     fn release(&self, _ids: Vec<DeliveryId>) {}
 
+    /// At shutdown: give up the hold on every delivery this host has not
+    /// finished, so other hosts (or this one's next start) run them now,
+    /// not once the lease ends. Waits for it.
+    fn release_held(&self) {}
+
     /// A signal each time deliveries may have become due elsewhere (another
     /// host released or replayed some): the poller looks at once rather than
     /// at its next interval. `None`: nothing but this host changes the store.

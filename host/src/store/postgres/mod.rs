@@ -665,6 +665,29 @@ async fn append(
     Ok(Appended::New(ids))
 }
 
+/// Give up this host's hold on `ids` (all it holds when `None`) and wake
+/// every host's poller.
+async fn release_claims(
+    link: Arc<Link>,
+    host: String,
+    ids: Option<Vec<DeliveryId>>,
+) -> Result<u64, StoreError> {
+    let client = link.lock().await?;
+    let released = client
+        .execute(
+            "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
+             WHERE claimed_by = $2 AND ($1::BIGINT[] IS NULL OR id = ANY($1))",
+            &[&ids, &host],
+        )
+        .await
+        .map_err(classify)?;
+    client
+        .execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL])
+        .await
+        .map_err(classify)?;
+    Ok(released)
+}
+
 /// One call's kv writes as `hooks_apply_kv` takes them: a JSON array,
 /// bytes in hex.
 fn kv_ops_json(ops: &[KvOp]) -> String {
@@ -1114,33 +1137,23 @@ impl Store for PgStore {
     fn release(&self, ids: Vec<DeliveryId>) {
         let (link, host) = (self.pool.get(), self.claim.host.clone());
         self.handle.spawn(async move {
-            let client = match link.lock().await {
-                Ok(client) => client,
-                Err(error) => {
-                    tracing::warn!(%error, deliveries = ids.len(), "could not release deliveries");
-                    return;
-                }
-            };
-            let released = client
-                .execute(
-                    "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL
-                     WHERE id = ANY($1) AND claimed_by = $2",
-                    &[&ids, &host],
-                )
-                .await;
-            let notified = match released {
-                Ok(_) => {
-                    client
-                        .execute("SELECT pg_notify($1, '')", &[&DUE_CHANNEL])
-                        .await
-                }
-                Err(error) => Err(error),
-            };
-            if let Err(error) = notified {
+            let n = ids.len();
+            if let Err(error) = release_claims(link, host, Some(ids)).await {
                 // Held until the lease ends: then any host takes them.
-                tracing::warn!(%error, deliveries = ids.len(), "could not release deliveries");
+                tracing::warn!(%error, deliveries = n, "could not release deliveries");
             }
         });
+    }
+
+    fn release_held(&self) {
+        let (link, host) = (self.pool.get(), self.claim.host.clone());
+        match self.run(release_claims(link, host, None)) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deliveries = n, "released the deliveries this host held"),
+            Err(error) => {
+                tracing::warn!(%error, "could not release the deliveries this host held; they wait for their lease")
+            }
+        }
     }
 
     fn wakeups(&self) -> Option<std::sync::mpsc::Receiver<()>> {
