@@ -389,20 +389,19 @@ async fn compare_stores(
     .await;
     drop(host);
 
-    // Each phase on a database of its own, each host in a plugin folder of
-    // its own (the same three samples).
-    let dirs: Vec<_> = (0..3).map(|_| support::PluginDir::samples()).collect();
+    // Each phase on a database of its own; every host loads the same three
+    // samples from one folder (one compile cache).
     let database =
-        |dir: &support::PluginDir| support::postgres::database_for(&cluster.url, dir.path());
-    let serve = |dir: &support::PluginDir, url: &str| {
+        |phase: &str| support::postgres::database_for(&cluster.url, &samples.path().join(phase));
+    let serve = |url: &str| {
         let lease = LEASE_SECS.to_string();
         let flags = ["--store", url, "--store-lease-secs", &lease];
-        support::ServeProcess::start_with(dir, Some(filter), &flags)
+        support::ServeProcess::start_with(samples, Some(filter), &flags)
     };
     let open =
         |url: &str| PgStore::open(stateset_hooks::store::PgOptions::new(url).unwrap()).unwrap();
-    let one_url = database(&dirs[0]);
-    let one = serve(&dirs[0], &one_url);
+    let one_url = database("pg1");
+    let one = serve(&one_url);
     let pg_one = saturate(
         &[one.url()],
         &open(&one_url),
@@ -413,8 +412,8 @@ async fn compare_stores(
     .await;
     drop(one);
 
-    let two_url = database(&dirs[1]);
-    let mut two = [serve(&dirs[1], &two_url), serve(&dirs[2], &two_url)];
+    let two_url = database("pg2");
+    let mut two = [serve(&two_url), serve(&two_url)];
     let store = open(&two_url);
     let urls = two.each_ref().map(support::ServeProcess::url);
     let pg_two = saturate(&urls, &store, bodies("pg2"), connections, seconds).await;
