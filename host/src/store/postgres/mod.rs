@@ -224,6 +224,8 @@ pub struct PgStore {
     /// Claims, recorded attempts, reads (appends have their own link).
     pool: Arc<Pool>,
     appends: Option<mpsc::UnboundedSender<Append>>,
+    /// Deliveries to release, gathered into one statement by [`releaser`].
+    releases: mpsc::UnboundedSender<Vec<DeliveryId>>,
     thread: Option<JoinHandle<()>>,
     /// Signals from `LISTEN hooks_due`, until the poller takes them.
     wakeups: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
@@ -261,6 +263,8 @@ impl PgStore {
         let claim = Claim::new(options.lease);
         let (wake, wakeups) = std::sync::mpsc::channel();
         let (appends, queue) = mpsc::unbounded_channel();
+        let (releases, to_release) = mpsc::unbounded_channel();
+        let releasing = claim.host.clone();
         let (ready, started) = std::sync::mpsc::channel();
         let committer = claim.clone();
         let thread = std::thread::Builder::new()
@@ -289,6 +293,7 @@ impl PgStore {
                 });
                 match opened {
                     Ok((appender, pool)) => {
+                        runtime.spawn(releaser(pool.clone(), releasing, to_release));
                         let _ = ready.send(Ok((runtime.handle().clone(), pool)));
                         runtime.block_on(group_commit(appender, queue, committer));
                     }
@@ -312,6 +317,7 @@ impl PgStore {
             claim,
             pool,
             appends: Some(appends),
+            releases,
             thread: Some(thread),
             wakeups: std::sync::Mutex::new(Some(wakeups)),
         })
@@ -663,6 +669,26 @@ async fn append(
         ids.push(row.get(0));
     }
     Ok(Appended::New(ids))
+}
+
+/// Releases as they come, gathered: whatever queued meanwhile is one
+/// statement and one notification (a host past its queue's capacity
+/// releases on every request).
+async fn releaser(
+    pool: Arc<Pool>,
+    host: String,
+    mut releases: mpsc::UnboundedReceiver<Vec<DeliveryId>>,
+) {
+    while let Some(mut ids) = releases.recv().await {
+        while let Ok(more) = releases.try_recv() {
+            ids.extend(more);
+        }
+        let n = ids.len();
+        if let Err(error) = release_claims(pool.get(), host.clone(), Some(ids)).await {
+            // Held until the lease ends: then any host takes them.
+            tracing::warn!(%error, deliveries = n, "could not release deliveries");
+        }
+    }
 }
 
 /// Give up this host's hold on `ids` (all it holds when `None`) and wake
@@ -1135,14 +1161,7 @@ impl Store for PgStore {
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {
-        let (link, host) = (self.pool.get(), self.claim.host.clone());
-        self.handle.spawn(async move {
-            let n = ids.len();
-            if let Err(error) = release_claims(link, host, Some(ids)).await {
-                // Held until the lease ends: then any host takes them.
-                tracing::warn!(%error, deliveries = n, "could not release deliveries");
-            }
-        });
+        let _ = self.releases.send(ids);
     }
 
     fn release_held(&self) {
