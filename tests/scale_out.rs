@@ -233,7 +233,8 @@ fn two_hosts_one_store_one_dies() {
             Some("subscriptions = [\"order.*\"]\n"),
         );
     }
-    let flags = ["--store", cluster.url.as_str(), "--store-lease-secs", "3"];
+    // Longer than a full queue takes to drain here, short enough to wait for.
+    let flags = ["--store", cluster.url.as_str(), "--store-lease-secs", "10"];
     let start = |dir| ServeProcess::start_with(dir, Some("info"), &flags);
     let mut hosts = [start(&dirs[0]), start(&dirs[1])];
     let urls = Arc::new(RwLock::new(hosts.each_ref().map(ServeProcess::url)));
