@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use serde_json::json;
 use stateset_hooks::runtime::kv::KvRead;
+use stateset_hooks::runtime::{Failure, FailureKind};
 
 fn counted(store: &dyn KvRead, plugin: &str) -> i64 {
     store
@@ -213,10 +214,6 @@ async fn the_orders_sample_counts_distinct_orders_per_customer() {
 /// is awaited like any host future, and the call ends as a timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
-    use stateset_hooks::loader::{Grants, load_file};
-    use stateset_hooks::runtime::{FailureKind, Runtime};
-    use std::sync::Arc;
-
     struct Hung;
     impl KvRead for Hung {
         fn kv_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
@@ -230,8 +227,41 @@ async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
             unreachable!()
         }
     }
+    let (failure, elapsed) = read_through(std::sync::Arc::new(Hung)).await;
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure:?}");
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+}
+
+/// A store whose read fails (PostgreSQL restarting) fails the call as the
+/// host's error, not the plugin's: retried, and no step towards quarantine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_store_read_is_the_hosts_error() {
+    struct Down;
+    impl KvRead for Down {
+        fn kv_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+            Err("store busy: PostgreSQL is unreachable".into())
+        }
+        fn kv_keys(&self, _: &str, _: &str, _: usize) -> Result<Vec<String>, String> {
+            unreachable!()
+        }
+        fn kv_usage(&self, _: &str) -> Result<u64, String> {
+            unreachable!()
+        }
+    }
+    let (failure, _) = read_through(std::sync::Arc::new(Down)).await;
+    assert_eq!(failure.kind, FailureKind::HostError, "{failure:?}");
+    assert!(failure.message.contains("unreachable"), "{failure:?}");
+}
+
+/// A plugin's `kv-get` call (300 ms deadline) on `store`: how it failed,
+/// and how long it took.
+async fn read_through(store: std::sync::Arc<dyn KvRead>) -> (Failure, Duration) {
+    use stateset_hooks::loader::{Grants, load_file};
+    use stateset_hooks::runtime::Runtime;
+    use std::sync::Arc;
+
     let runtime = Arc::new(Runtime::new(None, 1).unwrap());
-    runtime.use_kv(Arc::new(Hung));
+    runtime.use_kv(store);
     let plugins = PluginDir::new();
     plugins.add("reader", "misbehave", Some("[limits]\ntimeout_ms = 300\n"));
     let path = plugins.path().join("reader.wasm");
@@ -253,13 +283,7 @@ async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
     .await
     .unwrap()
     .unwrap();
-    let failure = outcome.result.unwrap_err();
-    assert_eq!(failure.kind, FailureKind::Timeout, "{failure:?}");
-    assert!(
-        outcome.elapsed < Duration::from_secs(2),
-        "{:?}",
-        outcome.elapsed
-    );
+    (outcome.result.unwrap_err(), outcome.elapsed)
 }
 
 /// Two deliveries claim one key side by side: the second to commit

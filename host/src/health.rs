@@ -203,6 +203,26 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_own_errors_neither_quarantine_nor_release() {
+        let health = Health::default();
+        for event in ["a", "b", "c", "d", "e", "f"] {
+            let change = health.record(event, &fail(FailureKind::HostError), 5, 0);
+            assert_eq!(change, Change::None, "the store was down, not the plugin");
+        }
+        assert!(!health.is_quarantined());
+        assert_eq!(health.snapshot().failed, [(FailureKind::HostError, 6)]);
+        // Nor does one break a run of the plugin's own failures.
+        for event in ["a", "b", "c", "d"] {
+            health.record(event, &fail(FailureKind::Trap), 5, 0);
+        }
+        health.record("x", &fail(FailureKind::HostError), 5, 0);
+        assert_eq!(
+            health.record("e", &fail(FailureKind::Trap), 5, 0),
+            Change::Quarantined
+        );
+    }
+
+    #[test]
     fn quarantines_once_after_a_run_of_different_failing_events() {
         let health = Health::default();
         for event in ["a", "b", "c", "d"] {
