@@ -12,6 +12,22 @@ use stateset_hooks::store::{
     Appended, Attempt, Filter, PgStore, RecordedAs, Status, Store, now_ms,
 };
 
+/// An attempt of `plugin` on delivery `id` with these kv writes (within a
+/// 1 MiB quota).
+fn attempt(id: i64, replays: i64, status: Status, plugin: &str, kv: Vec<KvOp>) -> Attempt {
+    Attempt {
+        id,
+        replays,
+        plugin_version: "v".into(),
+        status,
+        next_attempt_at: now_ms(),
+        failure: None,
+        plugin: plugin.into(),
+        kv: kv.into(),
+        kv_quota: 1 << 20,
+    }
+}
+
 /// Two hosts open the store at once (their migrations take turns under
 /// the advisory lock), and the same event sent to both is stored once.
 #[test]
@@ -56,17 +72,7 @@ fn two_hosts_store_one_event_once() {
     assert_eq!(due[0].event.as_ref().unwrap().key(), "evt_1");
     let attempts = due
         .iter()
-        .map(|d| Attempt {
-            id: d.id,
-            replays: d.replays,
-            plugin_version: "v".into(),
-            status: Status::Succeeded,
-            next_attempt_at: now_ms(),
-            failure: None,
-            plugin: d.plugin.clone(),
-            kv: Arc::default(),
-            kv_quota: 0,
-        })
+        .map(|d| attempt(d.id, d.replays, Status::Succeeded, &d.plugin, vec![]))
         .collect();
     assert_eq!(
         a.record(attempts).unwrap(),
@@ -83,17 +89,8 @@ fn two_hosts_store_one_event_once() {
     assert_eq!(b.replay_event("evt_1", Some("orders")).unwrap(), 1);
     let due = a.due(now_ms() + 1, now_ms() + 1, &plugins, 10).unwrap();
     assert_eq!(due.len(), 1);
-    let kv_attempt = |ops: Vec<KvOp>, replays| Attempt {
-        id: due[0].id,
-        replays,
-        plugin_version: "v".into(),
-        status: Status::Succeeded,
-        next_attempt_at: now_ms(),
-        failure: None,
-        plugin: "orders".into(),
-        kv: ops.into(),
-        kv_quota: 1 << 20,
-    };
+    let kv_attempt =
+        |ops: Vec<KvOp>, replays| attempt(due[0].id, replays, Status::Succeeded, "orders", ops);
     let set = KvOp::Set {
         key: "\u{1F600}".into(),
         value: b"12".to_vec(),
@@ -602,21 +599,10 @@ fn retention_purges_alike_on_both_stores() {
             value: b"1".to_vec(),
             expires_at: Some(now_ms() - 1),
         };
-        let attempt = |id, status, kv: Vec<KvOp>| Attempt {
-            id,
-            replays: 0,
-            plugin_version: "v".into(),
-            status,
-            next_attempt_at: now_ms(),
-            failure: None,
-            plugin: "p".into(),
-            kv: kv.into(),
-            kv_quota: 1 << 20,
-        };
         store
             .record(vec![
-                attempt(ids[0], Status::Succeeded, vec![ttl]),
-                attempt(ids[1], Status::Dead, vec![]),
+                attempt(ids[0], 0, Status::Succeeded, "p", vec![ttl]),
+                attempt(ids[1], 0, Status::Dead, "p", vec![]),
             ])
             .unwrap();
         assert_eq!(store.purge_succeeded(now_ms() + 1).unwrap(), 1, "{store:?}");

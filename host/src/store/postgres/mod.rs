@@ -338,7 +338,7 @@ impl PgStore {
     }
 
     /// Run `work` with a connection of the pool.
-    fn write<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    fn with_connection<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(LinkGuard) -> Fut + Send + 'static,
@@ -1009,7 +1009,7 @@ impl Store for PgStore {
     /// pending again, due now; returns how many.
     fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
         let (key, plugin) = (key.to_owned(), plugin.map(str::to_owned));
-        self.write(move |mut client| async move {
+        self.with_connection(move |mut client| async move {
             let tx = client.transaction().await?;
             let now = now_ms();
             if let Some(plugin) = &plugin {
@@ -1038,7 +1038,7 @@ impl Store for PgStore {
     /// Make dead deliveries pending again: these ids, or all when `None`.
     fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError> {
         let ids = ids.map(<[DeliveryId]>::to_vec);
-        self.write(move |client| async move {
+        self.with_connection(move |client| async move {
             let n = client
                 .execute(
                     "UPDATE deliveries SET status = 'pending', next_attempt_at = $2, updated_at = $2,
@@ -1055,7 +1055,7 @@ impl Store for PgStore {
     /// Delete events received before `before` all of whose deliveries
     /// succeeded; returns how many.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
-        self.write(move |client| async move {
+        self.with_connection(move |client| async move {
             let n = client
                 .execute(
                     "DELETE FROM events WHERE received_at < $1 AND NOT EXISTS (
@@ -1069,7 +1069,7 @@ impl Store for PgStore {
     }
 
     fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError> {
-        self.write(move |client| async move {
+        self.with_connection(move |client| async move {
             let n = client
                 .execute(
                     "DELETE FROM plugin_kv WHERE expires_at IS NOT NULL AND expires_at <= $1",
@@ -1082,7 +1082,7 @@ impl Store for PgStore {
 
     /// Replace the saved plugin status table with `rows`.
     fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError> {
-        self.write(move |mut client| async move {
+        self.with_connection(move |mut client| async move {
             let tx = client.transaction().await?;
             // Hosts saving at once take turns (else both insert a name).
             tx.batch_execute("LOCK TABLE plugins IN SHARE ROW EXCLUSIVE MODE; DELETE FROM plugins")
@@ -1145,17 +1145,13 @@ impl Store for PgStore {
 
     /// Deliveries waiting for their first attempt (or replayed).
     fn outstanding(&self) -> Result<usize, StoreError> {
-        let link = self.pool.get();
-        self.run(async move {
-            let row = link
-                .lock()
-                .await?
+        self.with_connection(|client| async move {
+            let row = client
                 .query_one(
                     "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'",
                     &[],
                 )
-                .await
-                .map_err(classify)?;
+                .await?;
             Ok(row.get::<_, i64>(0) as usize)
         })
     }
@@ -1189,54 +1185,45 @@ impl Store for PgStore {
 
 impl KvRead for PgStore {
     fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
-        let (link, plugin, key) = (self.pool.get(), plugin.to_owned(), key.to_owned());
-        self.run(async move {
-            let row = link
-                .lock()
-                .await?
+        let (plugin, key) = (plugin.to_owned(), key.to_owned());
+        self.with_connection(|client| async move {
+            let row = client
                 .query_opt(
                     "SELECT value FROM plugin_kv WHERE plugin = $1 AND key = $2
                        AND (expires_at IS NULL OR expires_at > $3)",
                     &[&plugin, &key, &now_ms()],
                 )
-                .await
-                .map_err(classify)?;
+                .await?;
             Ok(row.map(|r| r.get(0)))
         })
         .map_err(|e| e.to_string())
     }
 
     fn kv_keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
-        let (link, plugin, prefix) = (self.pool.get(), plugin.to_owned(), prefix.to_owned());
+        let (plugin, prefix) = (plugin.to_owned(), prefix.to_owned());
         let limit = limit as i64;
-        self.run(async move {
-            let rows = link
-                .lock()
-                .await?
+        self.with_connection(move |client| async move {
+            let rows = client
                 .query(
                     "SELECT key FROM plugin_kv WHERE plugin = $1 AND starts_with(key, $2)
                        AND (expires_at IS NULL OR expires_at > $3) ORDER BY key COLLATE \"C\" LIMIT $4",
                     &[&plugin, &prefix, &now_ms(), &limit],
                 )
-                .await
-                .map_err(classify)?;
+                .await?;
             Ok(rows.iter().map(|r| r.get(0)).collect())
         })
         .map_err(|e| e.to_string())
     }
 
     fn kv_usage(&self, plugin: &str) -> Result<u64, String> {
-        let (link, plugin) = (self.pool.get(), plugin.to_owned());
-        self.run(async move {
-            let row = link
-                .lock()
-                .await?
+        let plugin = plugin.to_owned();
+        self.with_connection(|client| async move {
+            let row = client
                 .query_opt(
                     "SELECT bytes FROM plugin_kv_usage WHERE plugin = $1",
                     &[&plugin],
                 )
-                .await
-                .map_err(classify)?;
+                .await?;
             Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
         })
         .map_err(|e| e.to_string())
