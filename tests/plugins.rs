@@ -203,6 +203,44 @@ async fn no_state_leaks_from_one_event_to_the_next() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_cannot_read_what_an_earlier_call_left_in_memory() {
+    // One call leaves a secret in a static, 1 MiB of heap and its stack; the
+    // next instance (the same pool slot: one worker) searches every byte of
+    // its linear memory for it. Fuel enough for the byte-by-byte search.
+    let plugins = PluginDir::new();
+    plugins.add(
+        "misbehave",
+        "misbehave",
+        Some("subscriptions = [\"order.*\"]\n[limits]\nfuel = 100000000\n"),
+    );
+    let mut server = TestServer::start(config(&plugins)).await;
+    let secret = |id: &str, mode: &str, first: bool| {
+        let data = json!({ "misbehave": mode, "secret": "left behind", "remember_first": first });
+        event(id, "order.created", data)
+    };
+    for (id, mode, first) in [
+        ("evt_remember", "remember", false),
+        ("evt_recall", "recall", false),
+        ("evt_remember_2", "remember", false),
+        ("evt_recall_2", "recall", false),
+        // The search finds what its own call left: it can fail.
+        ("evt_remember_and_recall", "recall", true),
+    ] {
+        assert_eq!(server.send(&secret(id, mode, first)).await.0, 200);
+    }
+    let reports = server.reports(5).await;
+    for report in &reports[..4] {
+        assert_eq!(report.outcome.result, Ok(()), "{report:#?}");
+    }
+    let failure = reports[4].outcome.result.clone().unwrap_err();
+    assert!(
+        failure.message.starts_with("found ") && failure.message.ends_with(" copies of the secret"),
+        "{failure:?}"
+    );
+    server.stop().await;
+}
+
 /// A plugin built against each released WIT version loads and runs beside
 /// the others: the host keeps that promise for every version, not only the
 /// newest (the samples use 0.3.0 through the SDK).

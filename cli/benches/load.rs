@@ -1,9 +1,11 @@
-//! End-to-end load: the host (a child process, release build, the three sample
-//! plugins, durable store, every limit on) against a reference endpoint that
-//! only verifies the signature and parses the JSON, side by side in one run.
+//! End-to-end load: the host (a child process, release build, durable store,
+//! every limit on) with no plugins and with the three sample plugins, against
+//! a reference endpoint that only verifies the signature and parses the JSON,
+//! side by side in one run. wrk generates the maximum-rate load (`load.lua`:
+//! every request a unique signed event); reqwest clients the paced one.
 //!
 //! `cargo bench -p stateset-hooks-cli --bench load` (`LOAD_SECONDS=N` per phase,
-//! default 10; `LOAD_CONNECTIONS`, default 32). Under `cargo test --benches`
+//! default 10; `LOAD_CONNECTIONS`, default 64). Under `cargo test --benches`
 //! it runs one second per phase against the test build, as a smoke test.
 //!
 //! `-- --store postgres` measures the PostgreSQL store instead, on a
@@ -12,10 +14,10 @@
 //! as ratios to one SQLite host in the same run, and how long after one
 //! host's death the other has finished the deliveries the dead one held.
 //!
-//! Prints acknowledged requests per second, acknowledgement latency
-//! percentiles, end-to-end throughput (every plugin call finished), whether
-//! the backlog grew, and the host's peak memory, each also as a ratio to the
-//! reference where that means something.
+//! Prints acknowledged requests per second as ratios to the reference,
+//! acknowledgement latency percentiles, whether every delivery succeeded and
+//! how long after the load the last one did, whether the backlog grows at
+//! half the maximum rate, and the host's peak memory.
 
 #[allow(dead_code)] // the benchmarks use a part of it
 #[path = "../../tests/support/mod.rs"]
@@ -38,24 +40,46 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The example events the load sends, one of each sample plugin's types.
+const EVENTS: [&str; 3] = ["order.created", "payment.succeeded", "inventory.low_stock"];
+
 /// Signed bodies: realistic events of all three plugins' types, each with a
-/// unique id so the host stores and dispatches every one.
+/// unique event id and order id (as `load.lua` makes them for wrk), so the
+/// host stores and dispatches every one and no two touch the same order's
+/// key-value state.
 fn bodies(n: usize, phase: &str) -> Vec<(Bytes, String)> {
     let secret = Secret::new(support::SECRET).unwrap();
-    let templates: Vec<serde_json::Value> =
-        ["order.created", "payment.succeeded", "inventory.low_stock"]
-            .iter()
-            .map(|name| serde_json::from_slice(&support::example_event(name)).unwrap())
-            .collect();
+    let templates: Vec<String> = EVENTS
+        .iter()
+        .map(|name| String::from_utf8(support::example_event(name)).unwrap())
+        .collect();
     (0..n)
         .map(|i| {
-            let mut event = templates[i % templates.len()].clone();
-            event["id"] = format!("evt_load_{}_{phase}_{i}", std::process::id()).into();
-            let body = Bytes::from(serde_json::to_vec(&event).unwrap());
+            let suffix = format!("_{}_{phase}_{i}", std::process::id());
+            let body = Bytes::from(unique_ids(&templates[i % templates.len()], &suffix));
             let signature = secret.sign(&body);
             (body, signature)
         })
         .collect()
+}
+
+/// `text` with `suffix` after every event id (`"evt_…"`) and order id
+/// (`"ord_…"`).
+fn unique_ids(text: &str, suffix: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4 * suffix.len());
+    let mut rest = text;
+    while let Some(at) = ["\"evt_", "\"ord_"]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        let end = at + 1 + rest[at + 1..].find('"').unwrap();
+        out.push_str(&rest[..end]);
+        out.push_str(suffix);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The reference: verify, parse, answer. No store, no plugins.
@@ -80,11 +104,13 @@ async fn reference(listener: tokio::net::TcpListener) {
     axum::serve(listener, app).await.unwrap();
 }
 
+/// One load phase: what was acknowledged, and how fast.
 struct Run {
     acked: usize,
     refused: usize,
     elapsed: Duration,
-    latencies: Vec<Duration>,
+    /// Acknowledgement latency at the 50th, 99th and 99.9th percentiles.
+    percentiles: [Duration; 3],
 }
 
 impl Run {
@@ -92,13 +118,58 @@ impl Run {
         self.acked as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn percentile(&self, p: f64) -> Duration {
-        let mut sorted = self.latencies.clone();
-        sorted.sort();
-        sorted
-            .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
+    fn latency_ms(&self) -> String {
+        let [p50, p99, p999] = self.percentiles.map(|d| d.as_secs_f64() * 1e3);
+        format!("{p50:.2} / {p99:.2} / {p999:.2}")
+    }
+}
+
+/// wrk (`-t2`) with `connections` keep-alive connections for `seconds` at
+/// its maximum rate against `url`, sending what `load.lua` makes.
+fn wrk(url: &str, connections: usize, seconds: u64) -> Run {
+    let events: Vec<String> = EVENTS
+        .iter()
+        .map(|name| {
+            let path = support::workspace_root().join(format!("examples/events/{name}.json"));
+            path.display().to_string()
+        })
+        .collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/load.lua");
+    let output = std::process::Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s")])
+        .args(["--latency", "-s", script, url])
+        .env("LOAD_SECRET", support::SECRET)
+        .env("LOAD_EVENTS", events.join(":"))
+        .env(
+            "LOAD_RUN",
+            format!("{}{}", std::process::id(), support::now_ms()),
+        )
+        .output()
+        .expect("wrk runs the load (`apt-get install wrk`; scripts/bench installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let result = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("wrk-result "))
+        .unwrap_or_else(|| {
+            panic!(
+                "wrk printed no result: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    let field = |name: &str| -> u64 {
+        result
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {result}"))
+    };
+    let requests = field("requests") as usize;
+    let refused = field("non_2xx") as usize;
+    Run {
+        acked: requests - refused,
+        refused: refused + field("socket_errors") as usize,
+        elapsed: Duration::from_micros(field("duration_us")),
+        percentiles: ["p50_us", "p99_us", "p999_us"].map(|p| Duration::from_micros(field(p))),
     }
 }
 
@@ -157,19 +228,27 @@ async fn load(
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
-    let mut run = Run {
-        acked: 0,
-        refused: 0,
-        elapsed,
-        latencies: Vec::new(),
-    };
+    let (mut acked, mut refused, mut latencies) = (0, 0, Vec::new());
     for task in tasks {
-        let (acked, refused, latencies) = task.await.unwrap();
-        run.acked += acked;
-        run.refused += refused;
-        run.latencies.extend(latencies);
+        let (a, r, l) = task.await.unwrap();
+        acked += a;
+        refused += r;
+        latencies.extend(l);
     }
-    run
+    latencies.sort();
+    let at = |p: f64| {
+        let i = (latencies.len() as f64 * p) as usize;
+        latencies
+            .get(i.min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Run {
+        acked,
+        refused,
+        elapsed,
+        percentiles: [at(0.5), at(0.99), at(0.999)],
+    }
 }
 
 fn peak_rss_kib(child: &Child) -> u64 {
@@ -248,7 +327,7 @@ async fn main() {
     let postgres = args.windows(2).any(|w| w == ["--store", "postgres"])
         || std::env::var("LOAD_STORE").is_ok_and(|s| s == "postgres");
     let seconds = env_or("LOAD_SECONDS", if measuring { 10 } else { 1 });
-    let connections = env_or("LOAD_CONNECTIONS", 32) as usize;
+    let connections = env_or("LOAD_CONNECTIONS", 64) as usize;
     let plugins = support::PluginDir::samples();
     let n = 1_000_000.min(seconds as usize * 40_000).max(10_000);
     let bodies = |phase: &str| Arc::new(bodies(n, phase));
@@ -263,45 +342,59 @@ async fn main() {
         listener.local_addr().unwrap()
     );
     tokio::spawn(reference(listener));
+    // wrk runs as a blocking child process: off the runtime that serves
+    // the reference.
+    let max_rate =
+        |url: String| tokio::task::spawn_blocking(move || wrk(&url, connections, seconds));
+    let reference_max = max_rate(reference_url).await.unwrap();
+
+    // The store alone: no plugins, so every event is stored and nothing runs.
+    let empty = support::PluginDir::new();
+    let (store_only, _) = start_host(&empty);
+    let store_only_max = max_rate(store_only.url()).await.unwrap();
+    drop(store_only);
+
     // Start-up with the three plugins: cold (empty compile cache), then warm.
     let (cold, cold_startup) = start_host(&plugins);
     drop(cold);
     let (host, warm_startup) = start_host(&plugins);
-    let host_url = [host.url()];
     let store = SqliteStore::open(
         &plugins.path().join("stateset-hooks.db"),
         Duration::from_secs(5),
     )
     .unwrap();
+    let host_max = max_rate(host.url()).await.unwrap();
+    // Plugin calls go on after the acks: how long until the backlog is done,
+    // and whether every delivery succeeded.
+    let drained_from = Instant::now();
+    let backlog = store.outstanding().unwrap_or(0);
+    while store.outstanding().unwrap_or(0) > 0 && drained_from.elapsed() < Duration::from_secs(600)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drain = drained_from.elapsed();
+    let delivered = succeeded(&store);
 
-    let reference_max = load(&[reference_url], bodies.clone(), connections, seconds, None).await;
-    let Saturated {
-        run: host_max,
-        end_to_end,
-        backlog: backlog_after_max,
-        drain,
-    } = saturate(&host_url, &store, bodies.clone(), connections, seconds).await;
-    let pending = |store: &SqliteStore| store.outstanding().unwrap_or(0);
-
-    // Half the maximum acknowledged rate, paced: latency, and whether the
-    // backlog stays flat while plugins keep up.
+    // Half the maximum acknowledged rate, paced (reqwest clients, as wrk
+    // cannot pace): latency, and whether the backlog stays flat while
+    // plugins keep up.
     let half = host_max.rate() / 2.0;
-    let backlog_before = pending(&store);
+    let backlog_before = store.outstanding().unwrap_or(0);
     let paced = load(
-        &host_url,
-        bodies.clone(),
+        &[host.url()],
+        bodies,
         connections,
         seconds,
         Some(half / connections as f64),
     )
     .await;
-    let backlog_end = pending(&store);
+    let backlog_end = store.outstanding().unwrap_or(0);
     let peak_kib = peak_rss_kib(&host.child);
     drop(host);
 
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ratio = |run: &Run| run.rate() / reference_max.rate();
     println!(
-        "\nload: {connections} connections, {seconds} s per phase, {} cores, events of 3 types (3 sample plugins)\n",
+        "\nload: wrk -t2 -c{connections}, {seconds} s per phase, {} cores, events of 3 types (3 sample plugins)\n",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("| figure | value | ratio to reference |");
@@ -311,43 +404,36 @@ async fn main() {
         reference_max.rate()
     );
     println!(
-        "| host (durable store) acked req/s | {:.0} | {:.2} |",
+        "| host, store only (no plugins) acked req/s | {:.0} | {:.2} |",
+        store_only_max.rate(),
+        ratio(&store_only_max)
+    );
+    println!(
+        "| host, 3 sample plugins, acked req/s | {:.0} | {:.2} |",
         host_max.rate(),
-        host_max.rate() / reference_max.rate()
+        ratio(&host_max)
     );
     println!(
-        "| host refused (503) during max run | {} | |",
-        host_max.refused
+        "| refused (non-200 or socket error) in the max runs: store only / plugins | {} / {} | |",
+        store_only_max.refused, host_max.refused
     );
     println!(
-        "| host ack latency p50 / p99 / p999 at max, ms | {:.2} / {:.2} / {:.2} | reference {:.2} / {:.2} / {:.2} |",
-        ms(host_max.percentile(0.5)),
-        ms(host_max.percentile(0.99)),
-        ms(host_max.percentile(0.999)),
-        ms(reference_max.percentile(0.5)),
-        ms(reference_max.percentile(0.99)),
-        ms(reference_max.percentile(0.999))
-    );
-    println!(
-        "| end-to-end events/s (all plugin calls done) | {:.0} | {:.2} of acked |",
-        end_to_end,
-        end_to_end / host_max.rate()
-    );
-    println!(
-        "| backlog after max run, drained in | {} deliveries, {:.1} s | |",
-        backlog_after_max,
+        "| deliveries succeeded / acked, backlog at the end, drained in | {delivered} / {}, {backlog}, {:.1} s | |",
+        host_max.acked,
         drain.as_secs_f64()
     );
     println!(
-        "| paced at half max ({:.0} req/s): acked req/s | {:.0} | |",
-        half,
+        "| ack latency p50 / p99 / p999 at max, ms | {} | reference {} |",
+        host_max.latency_ms(),
+        reference_max.latency_ms()
+    );
+    println!(
+        "| paced at half max ({half:.0} req/s): acked req/s | {:.0} | |",
         paced.rate()
     );
     println!(
-        "| paced: ack latency p50 / p99 / p999, ms | {:.2} / {:.2} / {:.2} | |",
-        ms(paced.percentile(0.5)),
-        ms(paced.percentile(0.99)),
-        ms(paced.percentile(0.999))
+        "| paced: ack latency p50 / p99 / p999, ms | {} | |",
+        paced.latency_ms()
     );
     println!("| paced: backlog at start / end | {backlog_before} / {backlog_end} | |");
     println!(
@@ -356,8 +442,8 @@ async fn main() {
     );
     println!(
         "| start-up to ready, 3 plugins: cold / warm cache | {:.0} ms / {:.0} ms | |",
-        ms(cold_startup),
-        ms(warm_startup)
+        cold_startup.as_secs_f64() * 1e3,
+        warm_startup.as_secs_f64() * 1e3
     );
 }
 

@@ -83,7 +83,17 @@ pub(crate) const MAX_CONCURRENT_CALLS: u32 = 1 << 16;
 /// microseconds, not a round of `mmap`s. Sized for `concurrent_calls` calls
 /// at once, each able to reach every per-call maximum below, so a call that
 /// holds a [`Slots`] permit never finds the pool exhausted.
-pub(crate) fn pooling(concurrent_calls: u32) -> InstanceAllocationStrategy {
+///
+/// How a slot's memory is reset between calls, so nothing of one call is
+/// readable in the next: with `pagemap_scan` (Linux 6.7 and later) the
+/// kernel says which pages the call wrote, and up to
+/// [`KEEP_RESIDENT_SCANNED`] of them are restored in place by memset; the
+/// rest, and everything without it, is given back with `madvise` and
+/// faulted in again copy-on-write. Each `madvise` changes page tables of a
+/// process whose other threads may have cached them, which costs every core
+/// an interrupt (a TLB shootdown); that was the largest single cost of a
+/// call under load.
+pub(crate) fn pooling(concurrent_calls: u32, pagemap_scan: bool) -> InstanceAllocationStrategy {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(concurrent_calls)
         .total_core_instances(concurrent_calls * MAX_INSTANCES as u32)
@@ -97,16 +107,28 @@ pub(crate) fn pooling(concurrent_calls: u32) -> InstanceAllocationStrategy {
         .total_stacks(concurrent_calls)
         // Interpreters (CPython, SpiderMonkey) have large instance contexts.
         .max_core_instance_size(4 << 20)
-        .max_component_instance_size(4 << 20)
-        // Reset the first 64 KiB by memset rather than madvise, so a small
-        // plugin's next instance finds them resident. Measured on the
-        // do-nothing and orders plugins (plugin_call bench): 0 KiB costs the
-        // do-nothing call 3 µs more; 1 MiB costs the orders call 15 µs more
-        // (a memset of mostly untouched stack).
-        .linear_memory_keep_resident(64 << 10)
-        .table_keep_resident(64 << 10);
+        .max_component_instance_size(4 << 20);
+    if pagemap_scan {
+        pool.pagemap_scan(wasmtime::Enabled::Yes)
+            .linear_memory_keep_resident(KEEP_RESIDENT_SCANNED)
+            .table_keep_resident(KEEP_RESIDENT_SCANNED);
+    } else {
+        // Without the scan the first bytes are reset by memset whether the
+        // call wrote them or not. Measured on the do-nothing and orders
+        // plugins (plugin_call bench): 0 KiB costs the do-nothing call 3 µs
+        // more; 1 MiB costs the orders call 15 µs more (a memset of mostly
+        // untouched stack).
+        pool.linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(64 << 10);
+    }
     InstanceAllocationStrategy::Pooling(pool)
 }
+
+/// With `pagemap_scan`, the most of a slot's written memory reset in place
+/// rather than given back: a compiled plugin's stack and heap for one event
+/// fit (a Rust plugin writes about 100 KiB to 1 MiB); an interpreter's tens
+/// of MiB mostly do not, and are given back as before.
+pub(crate) const KEEP_RESIDENT_SCANNED: usize = 4 << 20;
 
 /// The most calls the pool can hold at once: a counting semaphore. A call
 /// waits here for a slot rather than failing inside the allocator, so a busy

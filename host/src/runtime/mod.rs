@@ -206,14 +206,18 @@ impl Runtime {
                     limits::MAX_CONCURRENT_CALLS
                 )
             })?;
-        let mut config = Config::new();
-        config
-            .consume_fuel(true)
-            .epoch_interruption(true)
-            .max_wasm_stack(MAX_WASM_STACK_BYTES)
-            .async_stack_size(limits::ASYNC_STACK_BYTES)
-            .allocation_strategy(limits::pooling(pool_size));
-        let engine = Engine::new(&config)?;
+        let config = |pagemap_scan| {
+            let mut config = Config::new();
+            config
+                .consume_fuel(true)
+                .epoch_interruption(true)
+                .max_wasm_stack(MAX_WASM_STACK_BYTES)
+                .async_stack_size(limits::ASYNC_STACK_BYTES)
+                .allocation_strategy(limits::pooling(pool_size, pagemap_scan));
+            config
+        };
+        // The kernel's page scan where it has one (Linux 6.7+), else without.
+        let engine = Engine::new(&config(true)).or_else(|_| Engine::new(&config(false)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;

@@ -3,9 +3,11 @@
 //!
 //! All writes go through one writer thread that commits whatever has queued
 //! up in one transaction with one sync (group commit): many concurrent
-//! webhooks share the cost of durability. Reads use their own connection, so
-//! listing and dispatch never wait for a sync. Other processes (the `events`
-//! and `dlq` commands) open the same file while the server runs.
+//! webhooks share the cost of durability. A second thread copies the WAL
+//! into the database file (checkpoints), so the writer never stops for it.
+//! Reads use their own connection, so listing and dispatch never wait for a
+//! sync. Other processes (the `events` and `dlq` commands) open the same file
+//! while the server runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -31,6 +33,11 @@ pub const DEFAULT_DB_PATH: &str = "stateset-hooks.db";
 
 /// Writes committed together at most: bounds one transaction's latency.
 const MAX_BATCH: usize = 1024;
+
+/// The checkpointer's pace: at most one checkpoint this often, and only
+/// after commits. At the host's maximum rate the WAL grows about 1 MiB in
+/// this time.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 const SCHEMA: &str = include_str!("schema.sql");
 
@@ -59,6 +66,8 @@ pub struct SqliteStore {
     path: PathBuf,
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<JoinHandle<()>>,
+    /// The checkpointer and the syncer: they end once the writer has.
+    threads: [Option<JoinHandle<()>>; 2],
     reader: Mutex<Connection>,
 }
 
@@ -96,16 +105,58 @@ impl SqliteStore {
         writer_conn
             .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
             .map_err(classify)?;
+        // SQLite would checkpoint in the connection that commits, stalling
+        // the writer for tens of milliseconds every few MiB of WAL: the
+        // checkpointer's connection does it instead.
+        writer_conn
+            .query_row("PRAGMA wal_autocheckpoint = 0", [], |_| Ok(()))
+            .map_err(classify)?;
+        let checkpoint_conn = connect(path, busy_timeout)?;
         let reader = connect(path, busy_timeout)?;
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map_err(|e| StoreError::Failed(e.to_string()))
+        };
+        let (commits, committed) = mpsc::sync_channel(1);
+        let checkpointer = spawn(
+            "store-checkpoint",
+            Box::new(move || checkpoint_loop(checkpoint_conn, committed)),
+        )?;
+        // Commits are made durable on a thread of their own when the WAL
+        // file can be opened (it can once the migration has run); else each
+        // commit syncs in the writer.
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let wal = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&wal_path);
+        let (syncs, syncer) = match wal {
+            Ok(wal) => {
+                writer_conn
+                    .execute_batch("PRAGMA synchronous = NORMAL")
+                    .map_err(classify)?;
+                let (syncs, committed) = mpsc::channel();
+                let syncer = spawn("store-sync", Box::new(move || sync_loop(wal, committed)))?;
+                (Some(syncs), Some(syncer))
+            }
+            Err(error) => {
+                tracing::warn!(wal = %Path::new(&wal_path).display(), %error, "cannot open the WAL file: every commit syncs in the writer");
+                (None, None)
+            }
+        };
         let (writes, queue) = mpsc::channel();
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || write_loop(writer_conn, queue))
-            .map_err(|e| StoreError::Failed(e.to_string()))?;
+        let writer = spawn(
+            "store-writer",
+            Box::new(move || write_loop(writer_conn, queue, commits, syncs)),
+        )?;
         Ok(Self {
             path: path.to_owned(),
             writes: Some(writes),
             writer: Some(writer),
+            threads: [Some(checkpointer), syncer],
             reader: Mutex::new(reader),
         })
     }
@@ -143,9 +194,15 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
+        // The writer ends when its queue closes, the others when the writer
+        // has.
         self.writes.take();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        let [checkpointer, syncer] = &mut self.threads;
+        for thread in [self.writer.take(), checkpointer.take(), syncer.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
     }
 }
@@ -157,7 +214,8 @@ fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError
         .map_err(|e| StoreError::Failed(format!("cannot open {}: {e}", path.display())))?;
     conn.busy_timeout(busy_timeout).map_err(classify)?;
     // WAL: readers never block the writer. synchronous=FULL: a commit is on
-    // disk (WAL fsynced) before it returns, which is what a 200 promises.
+    // disk (WAL fsynced) before it returns, which is what a 200 promises (the
+    // writer's own connection leaves that sync to the syncer thread).
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
     )
@@ -473,9 +531,27 @@ fn classify(error: rusqlite::Error) -> StoreError {
     }
 }
 
+/// The checkpointer thread: after commits, at most every
+/// [`CHECKPOINT_EVERY`], copy what the WAL holds into the database file
+/// without waiting for readers or the writer (a passive checkpoint). Ends
+/// when the writer has.
+fn checkpoint_loop(conn: Connection, committed: mpsc::Receiver<()>) {
+    while committed.recv().is_ok() {
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "store checkpoint failed: the WAL file grows until one succeeds");
+        }
+        std::thread::sleep(CHECKPOINT_EVERY);
+    }
+}
+
 /// The writer thread: take what is queued, commit it in one transaction,
-/// answer everyone. Ends when the store is dropped.
-fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
+/// answer everyone, tell the checkpointer. Ends when the store is dropped.
+fn write_loop(
+    mut conn: Connection,
+    queue: mpsc::Receiver<Write>,
+    checkpoints: mpsc::SyncSender<()>,
+    syncs: Option<mpsc::Sender<Vec<Reply>>>,
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -492,23 +568,92 @@ fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>) {
                 "the store writer panicked: {panic}"
             )))
         });
-        let results = match committed {
-            Ok(results) => results,
+        let (results, synced) = match committed {
+            Ok(results) => {
+                // Full: a checkpoint is already due.
+                let _ = checkpoints.try_send(());
+                (results, false)
+            }
             Err(error) => {
                 tracing::error!(cause = %error, writes = batch.len(), "store commit failed");
-                vec![Err(error); batch.len()]
+                (vec![Err(error); batch.len()], true)
             }
         };
-        for (write, result) in batch.into_iter().zip(results) {
-            match write {
-                Write::Append { reply, .. } => drop(reply.send(result.map(|o| match o {
-                    Outcome::Appended(a) => a,
-                    Outcome::Count(_) => unreachable!("results follow the batch"),
-                }))),
-                Write::Op { reply, .. } => drop(reply.send(result.map(|o| match o {
-                    Outcome::Count(n) => n,
-                    Outcome::Appended(_) => unreachable!("results follow the batch"),
-                }))),
+        let replies: Vec<Reply> = batch
+            .into_iter()
+            .zip(results)
+            .map(|(write, result)| match write {
+                Write::Append { reply, .. } => Reply::Append(reply, result),
+                Write::Op { reply, .. } => Reply::Op(reply, result),
+            })
+            .collect();
+        match &syncs {
+            // Answered once the syncer has made the commit durable, while
+            // this thread goes on with the next batch.
+            Some(syncs) if !synced => {
+                if let Err(unsent) = syncs.send(replies) {
+                    let error = StoreError::Failed("the store's sync thread is gone".into());
+                    unsent.0.into_iter().for_each(|r| r.fail(error.clone()));
+                }
+            }
+            _ => replies.into_iter().for_each(Reply::send),
+        }
+    }
+}
+
+/// A committed write's answer, for its caller.
+enum Reply {
+    Append(
+        oneshot::Sender<Result<Appended, StoreError>>,
+        Result<Outcome, StoreError>,
+    ),
+    Op(
+        mpsc::Sender<Result<usize, StoreError>>,
+        Result<Outcome, StoreError>,
+    ),
+}
+
+impl Reply {
+    fn send(self) {
+        match self {
+            Reply::Append(reply, result) => drop(reply.send(result.map(|o| match o {
+                Outcome::Appended(a) => a,
+                Outcome::Count(_) => unreachable!("results follow the batch"),
+            }))),
+            Reply::Op(reply, result) => drop(reply.send(result.map(|o| match o {
+                Outcome::Count(n) => n,
+                Outcome::Appended(_) => unreachable!("results follow the batch"),
+            }))),
+        }
+    }
+
+    /// Answer with `error` instead: the write is not known to be durable.
+    fn fail(self, error: StoreError) {
+        match self {
+            Reply::Append(reply, _) => drop(reply.send(Err(error))),
+            Reply::Op(reply, _) => drop(reply.send(Err(error))),
+        }
+    }
+}
+
+/// The syncer thread: make what the writer committed durable with one
+/// `fdatasync` of the WAL file for every commit that has queued up since the
+/// last one, then answer their callers. The writer commits without a sync
+/// (`synchronous = NORMAL`) and goes on while the disk works; nobody hears
+/// of a write before the sync that covers it. Ends when the writer has.
+fn sync_loop(wal: std::fs::File, committed: mpsc::Receiver<Vec<Reply>>) {
+    while let Ok(first) = committed.recv() {
+        let replies: Vec<Reply> = std::iter::once(first)
+            .chain(committed.try_iter())
+            .flatten()
+            .collect();
+        match wal.sync_data() {
+            Ok(()) => replies.into_iter().for_each(Reply::send),
+            Err(error) => {
+                tracing::error!(%error, writes = replies.len(), "store sync failed: the writes it covers are refused");
+                let error =
+                    StoreError::Failed(format!("the store could not sync its log: {error}"));
+                replies.into_iter().for_each(|r| r.fail(error.clone()));
             }
         }
     }
