@@ -1,6 +1,7 @@
 //! Plugin dispatch: a fresh isolated instance plus one `on-event` call, with
 //! every limit on, for a do-nothing component and for the `orders` plugin on a
-//! realistic order, fuel metering on and off; plus the host's checks on the
+//! realistic order, fuel metering on and off, against the same call on one
+//! instance reused from call to call (no isolation: the reference); plus the host's checks on the
 //! request path (signature, envelope); and one outbound HTTP call made by a
 //! plugin against the same request made directly with reqwest, to the same
 //! server on loopback; and a key-value get plus set inside a call.
@@ -52,6 +53,21 @@ fn plugin_calls(c: &mut Criterion) {
                 })
             });
         }
+        // The reference: the same call on one instance kept from call to
+        // call (no isolation), fuel on. Not for the do-nothing component:
+        // its allocator only bumps, so one instance runs out of memory.
+        if name != "orders" {
+            continue;
+        }
+        let prepared = Prepared::new(plugin.clone(), compiled.clone(), fuel_on.clone());
+        let mut reused = runtime.reused_instance(&prepared).unwrap();
+        group.bench_function(format!("{name}/reused-instance"), |b| {
+            b.iter(|| {
+                let result = reused.call(event.event_type(), event.payload()).unwrap();
+                assert!(result.is_ok(), "{result:?}");
+                black_box(result)
+            })
+        });
     }
     group.finish();
 }

@@ -65,6 +65,10 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang, event: &str) -> anyhow::Re
                 ("src/lib.rs", include_str!("../templates/rust/lib.rs")),
                 ("build.sh", include_str!("../templates/rust/build.sh")),
                 (
+                    ".cargo/config.toml",
+                    include_str!("../templates/rust/cargo-config.toml"),
+                ),
+                (
                     "sdk/Cargo.toml",
                     include_str!("../templates/rust/sdk/Cargo.toml"),
                 ),

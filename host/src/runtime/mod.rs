@@ -348,7 +348,7 @@ impl Runtime {
         let start = Instant::now();
         let deadline = start + limits.timeout;
         let egress = Egress::new(prepared.http.clone(), deadline, tag);
-        let kv = KvSession::new(plugin.clone(), self.kv.get().cloned(), prepared.kv_quota);
+        let kv = self.kv_session(prepared);
         let state = CallState::new(&output, limits, prepared.config.clone(), egress, kv);
         let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits, deadline, cancelled.clone());
@@ -412,6 +412,91 @@ impl Runtime {
             dropped_output_lines: output.dropped_lines(),
             kv_writes,
         })
+    }
+}
+
+impl Runtime {
+    /// One instance of `prepared` that every call reuses: no isolation
+    /// between calls, so never used for events. It is the reference the
+    /// fresh instance per event is measured against (the `plugin_call`
+    /// benchmark): the same component, limits, WASI and key-value reads,
+    /// without instantiation or memory reset.
+    #[doc(hidden)]
+    pub fn reused_instance(&self, prepared: &Prepared) -> wasmtime::Result<ReusedInstance> {
+        let tag = CallTag {
+            plugin: prepared.name.clone(),
+            event: "reused".into(),
+        };
+        let output = Arc::new(Mutex::new(Output::new(
+            tag.clone(),
+            prepared.limits.output_bytes,
+        )));
+        let far = Instant::now() + Duration::from_secs(3600);
+        let egress = Egress::new(prepared.http.clone(), far, tag);
+        let kv = self.kv_session(prepared);
+        let state = CallState::new(
+            &output,
+            &prepared.limits,
+            prepared.config.clone(),
+            egress,
+            kv,
+        );
+        let mut store = Store::new(&self.engine, state);
+        configure_store(&mut store, &prepared.limits, far, self.cancel.subscribe());
+        let plugin = EXECUTOR.with(|executor| {
+            executor.block_on(prepared.compiled.pre.instantiate_async(&mut store))
+        })?;
+        Ok(ReusedInstance {
+            store,
+            plugin,
+            output,
+            prepared: prepared.clone(),
+            kv: self.kv.get().cloned(),
+        })
+    }
+
+    fn kv_session(&self, prepared: &Prepared) -> KvSession {
+        KvSession::new(
+            prepared.name.clone(),
+            self.kv.get().cloned(),
+            prepared.kv_quota,
+        )
+    }
+}
+
+/// See [`Runtime::reused_instance`].
+#[doc(hidden)]
+pub struct ReusedInstance {
+    store: Store<CallState>,
+    plugin: v0_2_0::Plugin,
+    output: Arc<Mutex<Output>>,
+    prepared: Prepared,
+    kv: Option<Arc<dyn KvRead>>,
+}
+
+impl std::fmt::Debug for ReusedInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReusedInstance").finish_non_exhaustive()
+    }
+}
+
+impl ReusedInstance {
+    /// Call `on-event` again, with fresh fuel, log lines and key-value
+    /// session.
+    pub fn call(
+        &mut self,
+        event_type: &str,
+        payload: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let fuel = self.prepared.limits.fuel.unwrap_or(u64::MAX);
+        self.store.set_fuel(fuel)?;
+        let (plugin, quota) = (self.prepared.name.clone(), self.prepared.kv_quota);
+        self.store.data_mut().kv = KvSession::new(plugin, self.kv.clone(), quota);
+        let (store, instance) = (&mut self.store, &self.plugin);
+        let result = EXECUTOR
+            .with(|executor| executor.block_on(instance.call_on_event(store, event_type, payload)));
+        lock(&self.output).finish();
+        result
     }
 }
 

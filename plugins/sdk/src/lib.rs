@@ -37,7 +37,10 @@ pub mod http;
 pub mod kv;
 pub mod models;
 
+use std::sync::OnceLock;
+
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 pub use models::*;
 
@@ -80,6 +83,10 @@ macro_rules! export_plugin {
 }
 
 /// One webhook event: the envelope's fields, and its `data` to read as a model.
+///
+/// `data` is kept as the text it arrived as and parsed only when read, into
+/// the type asked for: a plugin pays for the fields its model names, not for
+/// a tree of the whole payload.
 #[derive(Debug, Clone)]
 pub struct Event {
     /// The envelope's `id` (empty if the sender gave none).
@@ -88,42 +95,52 @@ pub struct Event {
     pub event_type: String,
     /// The envelope's `created_at`, if any.
     pub created_at: Option<String>,
-    data: serde_json::Value,
+    data: Box<RawValue>,
+    /// `data` as untyped JSON, parsed the first time it is asked for.
+    untyped: OnceLock<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
-struct Envelope {
+struct Envelope<'a> {
     #[serde(default)]
     id: String,
     #[serde(default)]
     created_at: Option<String>,
-    #[serde(default)]
-    data: serde_json::Value,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
 }
 
 impl Event {
-    /// Parse the payload the host passes (the whole envelope).
+    /// Parse the payload the host passes (the whole envelope). Checks that
+    /// it is JSON; `data` is read later, by [`Event::data`].
     pub fn parse(event_type: String, payload: &str) -> Result<Self, String> {
-        let envelope: Envelope =
+        let envelope: Envelope<'_> =
             serde_json::from_str(payload).map_err(|e| format!("invalid event JSON: {e}"))?;
+        let data = match envelope.data {
+            Some(data) => data.to_owned(),
+            None => RawValue::from_string("null".into()).expect("null is JSON"),
+        };
         Ok(Self {
             id: envelope.id,
             event_type,
             created_at: envelope.created_at,
-            data: envelope.data,
+            data,
+            untyped: OnceLock::new(),
         })
     }
 
     /// The event's `data` as `T` (a model from [`models`], or your own type).
     /// The error names the event and what did not fit.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T, String> {
-        T::deserialize(&self.data)
+        serde_json::from_str(self.data.get())
             .map_err(|e| format!("event {} ({}): invalid data: {e}", self.id, self.event_type))
     }
 
     /// The event's `data` as untyped JSON.
     pub fn raw_data(&self) -> &serde_json::Value {
-        &self.data
+        self.untyped.get_or_init(|| {
+            serde_json::from_str(self.data.get()).expect("data was parsed as JSON once already")
+        })
     }
 
     /// The part of the type after the first dot: `created` for `order.created`.
