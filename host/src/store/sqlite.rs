@@ -3,9 +3,8 @@
 //!
 //! All writes go through one writer thread that commits whatever has queued
 //! up in one transaction with one sync (group commit): many concurrent
-//! webhooks share the cost of durability. A second thread copies the WAL
-//! into the database file (checkpoints), so the writer never stops for it.
-//! Reads use their own connection, so listing and dispatch never wait for a
+//! webhooks share the cost of durability; a second thread makes each commit
+//! durable while the writer goes on with the next. Reads use their own connection, so listing and dispatch never wait for a
 //! sync. Other processes (the `events` and `dlq` commands) open the same file
 //! while the server runs.
 
@@ -34,11 +33,6 @@ pub const DEFAULT_DB_PATH: &str = "stateset-hooks.db";
 /// Writes committed together at most: bounds one transaction's latency.
 const MAX_BATCH: usize = 1024;
 
-/// The checkpointer's pace: at most one checkpoint this often, and only
-/// after commits. At the host's maximum rate the WAL grows about 1 MiB in
-/// this time.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
-
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// The schema version this build reads and writes (`PRAGMA user_version`,
@@ -66,8 +60,8 @@ pub struct SqliteStore {
     path: PathBuf,
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<JoinHandle<()>>,
-    /// The checkpointer and the syncer: they end once the writer has.
-    threads: [Option<JoinHandle<()>>; 2],
+    /// Ends once the writer has.
+    syncer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
 }
 
@@ -105,13 +99,6 @@ impl SqliteStore {
         writer_conn
             .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
             .map_err(classify)?;
-        // SQLite would checkpoint in the connection that commits, stalling
-        // the writer for tens of milliseconds every few MiB of WAL: the
-        // checkpointer's connection does it instead.
-        writer_conn
-            .query_row("PRAGMA wal_autocheckpoint = 0", [], |_| Ok(()))
-            .map_err(classify)?;
-        let checkpoint_conn = connect(path, busy_timeout)?;
         let reader = connect(path, busy_timeout)?;
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -119,11 +106,6 @@ impl SqliteStore {
                 .spawn(run)
                 .map_err(|e| StoreError::Failed(e.to_string()))
         };
-        let (commits, committed) = mpsc::sync_channel(1);
-        let checkpointer = spawn(
-            "store-checkpoint",
-            Box::new(move || checkpoint_loop(checkpoint_conn, committed)),
-        )?;
         // Commits are made durable on a thread of their own when the WAL
         // file can be opened (it can once the migration has run); else each
         // commit syncs in the writer.
@@ -150,13 +132,13 @@ impl SqliteStore {
         let (writes, queue) = mpsc::channel();
         let writer = spawn(
             "store-writer",
-            Box::new(move || write_loop(writer_conn, queue, commits, syncs)),
+            Box::new(move || write_loop(writer_conn, queue, syncs)),
         )?;
         Ok(Self {
             path: path.to_owned(),
             writes: Some(writes),
             writer: Some(writer),
-            threads: [Some(checkpointer), syncer],
+            syncer,
             reader: Mutex::new(reader),
         })
     }
@@ -194,11 +176,10 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // The writer ends when its queue closes, the others when the writer
+        // The writer ends when its queue closes, the syncer when the writer
         // has.
         self.writes.take();
-        let [checkpointer, syncer] = &mut self.threads;
-        for thread in [self.writer.take(), checkpointer.take(), syncer.take()]
+        for thread in [self.writer.take(), self.syncer.take()]
             .into_iter()
             .flatten()
         {
@@ -531,25 +512,11 @@ fn classify(error: rusqlite::Error) -> StoreError {
     }
 }
 
-/// The checkpointer thread: after commits, at most every
-/// [`CHECKPOINT_EVERY`], copy what the WAL holds into the database file
-/// without waiting for readers or the writer (a passive checkpoint). Ends
-/// when the writer has.
-fn checkpoint_loop(conn: Connection, committed: mpsc::Receiver<()>) {
-    while committed.recv().is_ok() {
-        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(%error, "store checkpoint failed: the WAL file grows until one succeeds");
-        }
-        std::thread::sleep(CHECKPOINT_EVERY);
-    }
-}
-
 /// The writer thread: take what is queued, commit it in one transaction,
-/// answer everyone, tell the checkpointer. Ends when the store is dropped.
+/// have it synced and everyone answered. Ends when the store is dropped.
 fn write_loop(
     mut conn: Connection,
     queue: mpsc::Receiver<Write>,
-    checkpoints: mpsc::SyncSender<()>,
     syncs: Option<mpsc::Sender<Vec<Reply>>>,
 ) {
     while let Ok(first) = queue.recv() {
@@ -569,11 +536,7 @@ fn write_loop(
             )))
         });
         let (results, synced) = match committed {
-            Ok(results) => {
-                // Full: a checkpoint is already due.
-                let _ = checkpoints.try_send(());
-                (results, false)
-            }
+            Ok(results) => (results, false),
             Err(error) => {
                 tracing::error!(cause = %error, writes = batch.len(), "store commit failed");
                 (vec![Err(error); batch.len()], true)
@@ -1113,12 +1076,11 @@ impl Store for SqliteStore {
     }
 
     fn threads_gone(&self) -> Vec<String> {
-        let gone = self.writer.as_ref().is_some_and(|w| w.is_finished());
-        if gone {
-            vec!["store-writer".to_owned()]
-        } else {
-            Vec::new()
-        }
+        [("store-writer", &self.writer), ("store-sync", &self.syncer)]
+            .into_iter()
+            .filter(|(_, thread)| thread.as_ref().is_some_and(|t| t.is_finished()))
+            .map(|(name, _)| name.to_owned())
+            .collect()
     }
 }
 
@@ -1140,6 +1102,35 @@ mod tests {
             },
             answer,
         )
+    }
+
+    #[test]
+    fn commits_are_synced_apart_and_the_wal_stays_bounded() {
+        // 40 MiB of events in a few large batches: every append is answered
+        // (by the syncer), and the WAL is checkpointed and reused rather
+        // than grown to hold them all.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+        assert!(store.syncer.is_some(), "the WAL file opens for the syncer");
+        let padding = "x".repeat(2000);
+        let tickets: Vec<_> = (0..20_000)
+            .map(|i| {
+                let body = format!(r#"{{"id":"evt_{i}","type":"t","data":{{"pad":"{padding}"}}}}"#);
+                let event = Arc::new(Event::parse(body.as_bytes()).unwrap());
+                store.append_if_new(event, vec![Arc::from("p")])
+            })
+            .collect();
+        for ticket in tickets {
+            let appended = ticket.blocking_recv().unwrap().unwrap();
+            assert!(matches!(appended, Appended::New(_)));
+        }
+        assert_eq!(store.outstanding().unwrap(), 20_000);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal_bytes = std::fs::metadata(&wal).unwrap().len();
+        assert!(wal_bytes < 16 << 20, "the WAL grew to {wal_bytes} bytes");
+        assert!(store.threads_gone().is_empty());
     }
 
     #[test]
