@@ -4,9 +4,10 @@
 //! All writes go through one writer thread that commits whatever has queued
 //! up in one transaction with one sync (group commit): many concurrent
 //! webhooks share the cost of durability; a second thread makes each commit
-//! durable while the writer goes on with the next. Reads use their own connection, so listing and dispatch never wait for a
-//! sync. Other processes (the `events` and `dlq` commands) open the same file
-//! while the server runs.
+//! durable while the writer goes on with the next. Reads use their own
+//! connection, so listing and dispatch never wait for a sync. Other
+//! processes (the `events` and `dlq` commands) open the same file while the
+//! server runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -535,7 +536,7 @@ fn write_loop(
                 "the store writer panicked: {panic}"
             )))
         });
-        let (results, synced) = match committed {
+        let (results, failed) = match committed {
             Ok(results) => (results, false),
             Err(error) => {
                 tracing::error!(cause = %error, writes = batch.len(), "store commit failed");
@@ -553,7 +554,7 @@ fn write_loop(
         match &syncs {
             // Answered once the syncer has made the commit durable, while
             // this thread goes on with the next batch.
-            Some(syncs) if !synced => {
+            Some(syncs) if !failed => {
                 if let Err(unsent) = syncs.send(replies) {
                     let error = StoreError::Failed("the store's sync thread is gone".into());
                     unsent.0.into_iter().for_each(|r| r.fail(error.clone()));
