@@ -1,17 +1,16 @@
 //! Text a plugin or a sender controls cannot forge a host log line or drive
 //! the terminal: control characters in a plugin's `Err` message are escaped
-//! in the host log and in the `events list` and `dlq list` tables.
+//! in the host log (text or JSON) and in the `events list` and `dlq list`
+//! tables.
 
 use std::process::Command;
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn control_characters_from_a_plugin_are_escaped_in_logs_and_tables() {
-    let plugins = PluginDir::samples();
-    let mut host = ServeProcess::start_with(&plugins, Some("info"), &["--max-attempts", "1"]);
-    // The orders plugin names the order's id in its error: the sender's text,
-    // through the plugin, into the host's log line.
+/// The bad-totals order with a forged log line for its id: the orders plugin
+/// names the order's id in its error, so the sender's text goes through the
+/// plugin into the host's log line.
+async fn send_forged_order(host: &ServeProcess) {
     let mut body: serde_json::Value =
         serde_json::from_slice(&example_event("order.created.bad-totals")).unwrap();
     body["data"]["id"] = "ord\u{1b}[31m\nERROR forged line".into();
@@ -24,6 +23,39 @@ async fn control_characters_from_a_plugin_are_escaped_in_logs_and_tables() {
         .await
         .unwrap();
     assert_eq!(sent.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_stay_one_object_per_line_whatever_a_plugin_returns() {
+    let plugins = PluginDir::samples();
+    let flags = ["--max-attempts", "1", "--log-format", "json"];
+    let mut host = ServeProcess::start_with(&plugins, Some("info"), &flags);
+    send_forged_order(&host).await;
+    let line = host.wait_for("plugin failed");
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(json["level"], "WARN", "{line}");
+    assert_eq!(json["fields"]["plugin"], "orders", "{line}");
+    assert!(
+        line.contains(r"ord\\u{1b}[31m\\nERROR forged line"),
+        "{line}"
+    );
+    host.wait_for("delivery is dead");
+    host.stop();
+    for line in host.log() {
+        let json: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        assert!(
+            json["timestamp"].is_string() && json["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_characters_from_a_plugin_are_escaped_in_logs_and_tables() {
+    let plugins = PluginDir::samples();
+    let mut host = ServeProcess::start_with(&plugins, Some("info"), &["--max-attempts", "1"]);
+    send_forged_order(&host).await;
     let line = host.wait_for("plugin failed");
     assert!(line.contains(r"ord\u{1b}[31m\nERROR forged line"), "{line}");
     host.wait_for("delivery is dead");

@@ -355,11 +355,15 @@ impl ServeProcess {
             seen: Vec::new(),
         };
         let ready = served.wait_for("stateset-hooks ready");
-        served.addr = ready
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("address="))
-            .expect("the ready line names the address")
-            .to_owned();
+        // A text line (`address=...`), or a JSON one (`--log-format json`).
+        served.addr = match serde_json::from_str::<serde_json::Value>(&ready) {
+            Ok(json) => json["fields"]["address"].as_str().map(str::to_owned),
+            Err(_) => ready
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("address="))
+                .map(str::to_owned),
+        }
+        .expect("the ready line names the address");
         served
     }
 
