@@ -214,20 +214,11 @@ async fn the_orders_sample_counts_distinct_orders_per_customer() {
 /// is awaited like any host future, and the call ends as a timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
-    struct Hung;
-    impl KvRead for Hung {
-        fn kv_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
-            std::thread::sleep(Duration::from_secs(5));
-            Ok(None)
-        }
-        fn kv_keys(&self, _: &str, _: &str, _: usize) -> Result<Vec<String>, String> {
-            unreachable!()
-        }
-        fn kv_usage(&self, _: &str) -> Result<u64, String> {
-            unreachable!()
-        }
-    }
-    let (failure, elapsed) = read_through(std::sync::Arc::new(Hung)).await;
+    let (failure, elapsed) = read_through(|| {
+        std::thread::sleep(Duration::from_secs(5));
+        Ok(None)
+    })
+    .await;
     assert_eq!(failure.kind, FailureKind::Timeout, "{failure:?}");
     assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
 }
@@ -236,32 +227,35 @@ async fn a_hung_store_read_cannot_hold_a_call_past_its_deadline() {
 /// host's error, not the plugin's: retried, and no step towards quarantine.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_store_read_is_the_hosts_error() {
-    struct Down;
-    impl KvRead for Down {
-        fn kv_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
-            Err("store busy: PostgreSQL is unreachable".into())
-        }
-        fn kv_keys(&self, _: &str, _: &str, _: usize) -> Result<Vec<String>, String> {
-            unreachable!()
-        }
-        fn kv_usage(&self, _: &str) -> Result<u64, String> {
-            unreachable!()
-        }
-    }
-    let (failure, _) = read_through(std::sync::Arc::new(Down)).await;
+    let (failure, _) = read_through(|| Err("store busy: PostgreSQL is unreachable".into())).await;
     assert_eq!(failure.kind, FailureKind::HostError, "{failure:?}");
     assert!(failure.message.contains("unreachable"), "{failure:?}");
 }
 
-/// A plugin's `kv-get` call (300 ms deadline) on `store`: how it failed,
-/// and how long it took.
-async fn read_through(store: std::sync::Arc<dyn KvRead>) -> (Failure, Duration) {
+/// A store whose every read is `get`; nothing else is asked of it.
+struct Gets(fn() -> Result<Option<Vec<u8>>, String>);
+
+impl KvRead for Gets {
+    fn kv_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+        (self.0)()
+    }
+    fn kv_keys(&self, _: &str, _: &str, _: usize) -> Result<Vec<String>, String> {
+        unreachable!()
+    }
+    fn kv_usage(&self, _: &str) -> Result<u64, String> {
+        unreachable!()
+    }
+}
+
+/// A plugin's `kv-get` call (300 ms deadline) on a store that reads with
+/// `get`: how it failed, and how long it took.
+async fn read_through(get: fn() -> Result<Option<Vec<u8>>, String>) -> (Failure, Duration) {
     use stateset_hooks::loader::{Grants, load_file};
     use stateset_hooks::runtime::Runtime;
     use std::sync::Arc;
 
     let runtime = Arc::new(Runtime::new(None, 1).unwrap());
-    runtime.use_kv(store);
+    runtime.use_kv(Arc::new(Gets(get)));
     let plugins = PluginDir::new();
     plugins.add("reader", "misbehave", Some("[limits]\ntimeout_ms = 300\n"));
     let path = plugins.path().join("reader.wasm");

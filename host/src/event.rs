@@ -59,56 +59,10 @@ struct Envelope<'a> {
     event_type: serde_json::Value,
     #[serde(default)]
     created_at: Option<serde_json::Value>,
-    data: Option<Shape>,
-}
-
-/// Whether a JSON value is an object, found without building it: `data` is
-/// only checked here (plugins read it), so no tree of it is allocated.
-struct Shape {
-    object: bool,
-}
-
-impl<'de> Deserialize<'de> for Shape {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, Visitor};
-        struct ObjectOrNot;
-        impl<'de> Visitor<'de> for ObjectOrNot {
-            type Value = Shape;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Shape { object: true })
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Shape, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Shape { object: false })
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
-                Ok(Shape { object: false })
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
-                Ok(Shape { object: false })
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
-                Ok(Shape { object: false })
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
-                Ok(Shape { object: false })
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
-                Ok(Shape { object: false })
-            }
-            fn visit_unit<E>(self) -> Result<Shape, E> {
-                Ok(Shape { object: false })
-            }
-        }
-        deserializer.deserialize_any(ObjectOrNot)
-    }
+    /// Only checked to be an object here (plugins read it): borrowed as
+    /// text, so no tree of it is built.
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 impl Event {
@@ -129,7 +83,7 @@ impl Event {
             return Err(EventError::TypeNotString);
         }
         match envelope.data {
-            Some(Shape { object: true }) => {}
+            Some(data) if data.get().starts_with('{') => {}
             Some(_) => return Err(EventError::DataNotObject),
             None => return Err(EventError::MissingData),
         }

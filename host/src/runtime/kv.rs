@@ -165,6 +165,11 @@ impl KvSession {
         }
     }
 
+    /// A session for the next call of the same plugin: nothing written yet.
+    pub(crate) fn fresh(&self) -> Self {
+        Self::new(self.plugin.clone(), self.reader.clone(), self.quota)
+    }
+
     /// The writes, for the outcome.
     pub(crate) fn into_ops(self) -> Vec<KvOp> {
         self.ops

@@ -348,7 +348,7 @@ impl Runtime {
         let start = Instant::now();
         let deadline = start + limits.timeout;
         let egress = Egress::new(prepared.http.clone(), deadline, tag);
-        let kv = self.kv_session(prepared);
+        let kv = KvSession::new(plugin.clone(), self.kv.get().cloned(), prepared.kv_quota);
         let state = CallState::new(&output, limits, prepared.config.clone(), egress, kv);
         let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits, deadline, cancelled.clone());
@@ -413,9 +413,7 @@ impl Runtime {
             kv_writes,
         })
     }
-}
 
-impl Runtime {
     /// One instance of `prepared` that every call reuses: no isolation
     /// between calls, so never used for events. It is the reference the
     /// fresh instance per event is measured against (the `plugin_call`
@@ -433,7 +431,11 @@ impl Runtime {
         )));
         let far = Instant::now() + Duration::from_secs(3600);
         let egress = Egress::new(prepared.http.clone(), far, tag);
-        let kv = self.kv_session(prepared);
+        let kv = KvSession::new(
+            prepared.name.clone(),
+            self.kv.get().cloned(),
+            prepared.kv_quota,
+        );
         let state = CallState::new(
             &output,
             &prepared.limits,
@@ -450,17 +452,8 @@ impl Runtime {
             store,
             plugin,
             output,
-            prepared: prepared.clone(),
-            kv: self.kv.get().cloned(),
+            fuel: prepared.limits.fuel.unwrap_or(u64::MAX),
         })
-    }
-
-    fn kv_session(&self, prepared: &Prepared) -> KvSession {
-        KvSession::new(
-            prepared.name.clone(),
-            self.kv.get().cloned(),
-            prepared.kv_quota,
-        )
     }
 }
 
@@ -470,8 +463,8 @@ pub struct ReusedInstance {
     store: Store<CallState>,
     plugin: v0_2_0::Plugin,
     output: Arc<Mutex<Output>>,
-    prepared: Prepared,
-    kv: Option<Arc<dyn KvRead>>,
+    /// Given again before each call.
+    fuel: u64,
 }
 
 impl std::fmt::Debug for ReusedInstance {
@@ -488,10 +481,9 @@ impl ReusedInstance {
         event_type: &str,
         payload: &str,
     ) -> wasmtime::Result<Result<(), String>> {
-        let fuel = self.prepared.limits.fuel.unwrap_or(u64::MAX);
-        self.store.set_fuel(fuel)?;
-        let (plugin, quota) = (self.prepared.name.clone(), self.prepared.kv_quota);
-        self.store.data_mut().kv = KvSession::new(plugin, self.kv.clone(), quota);
+        self.store.set_fuel(self.fuel)?;
+        let state = self.store.data_mut();
+        state.kv = state.kv.fresh();
         let (store, instance) = (&mut self.store, &self.plugin);
         let result = EXECUTOR
             .with(|executor| executor.block_on(instance.call_on_event(store, event_type, payload)));

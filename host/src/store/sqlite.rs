@@ -110,8 +110,7 @@ impl SqliteStore {
         // Commits are made durable on a thread of their own when the WAL
         // file can be opened (it can once the migration has run); else each
         // commit syncs in the writer.
-        let mut wal_path = path.as_os_str().to_owned();
-        wal_path.push("-wal");
+        let wal_path = wal_path(path);
         let wal = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -126,7 +125,7 @@ impl SqliteStore {
                 (Some(syncs), Some(syncer))
             }
             Err(error) => {
-                tracing::warn!(wal = %Path::new(&wal_path).display(), %error, "cannot open the WAL file: every commit syncs in the writer");
+                tracing::warn!(wal = %wal_path.display(), %error, "cannot open the WAL file: every commit syncs in the writer");
                 (None, None)
             }
         };
@@ -187,6 +186,13 @@ impl Drop for SqliteStore {
             let _ = thread.join();
         }
     }
+}
+
+/// SQLite's write-ahead log beside the database file.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
 }
 
 fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
@@ -1127,9 +1133,7 @@ mod tests {
             assert!(matches!(appended, Appended::New(_)));
         }
         assert_eq!(store.outstanding().unwrap(), 20_000);
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal_bytes = std::fs::metadata(&wal).unwrap().len();
+        let wal_bytes = std::fs::metadata(wal_path(&path)).unwrap().len();
         assert!(wal_bytes < 16 << 20, "the WAL grew to {wal_bytes} bytes");
         assert!(store.threads_gone().is_empty());
     }
