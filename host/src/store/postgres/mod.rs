@@ -4,9 +4,9 @@
 //! - Idempotency is the `events` primary key, across hosts; appends are
 //!   group-committed and acknowledged after the commit.
 //! - Work is claimed, not assigned: a host holds the deliveries it appended
-//!   or claimed (`FOR UPDATE SKIP LOCKED`) under a lease; recording or
-//!   replaying releases them, and an expired lease lets another host claim
-//!   them. `LISTEN/NOTIFY` wakes every host when deliveries are released or
+//!   or claimed (`FOR UPDATE SKIP LOCKED`) under a lease, which it renews
+//!   while it lives; recording or replaying releases them, and a dead
+//!   host's lease, expired, lets another host claim them. `LISTEN/NOTIFY` wakes every host when deliveries are released or
 //!   replayed.
 //! - One plugin's kv commits take turns across hosts (an advisory lock).
 //! - The schema is migrated at start under an advisory lock; a newer one is
@@ -294,6 +294,9 @@ impl PgStore {
                 match opened {
                     Ok((appender, pool)) => {
                         runtime.spawn(releaser(pool.clone(), releasing, to_release));
+                        if !read_only {
+                            runtime.spawn(renewer(pool.clone(), committer.clone()));
+                        }
                         let _ = ready.send(Ok((runtime.handle().clone(), pool)));
                         runtime.block_on(group_commit(appender, queue, committer));
                     }
@@ -691,6 +694,38 @@ async fn releaser(
     }
 }
 
+/// Keeps this host's leases alive, every third of a lease: a delivery
+/// waits in a busy host's queue as long as it must without another host
+/// running it too. Only a host that died (or lost the store for a whole
+/// lease) lets its deliveries go.
+async fn renewer(pool: Arc<Pool>, claim: Claim) {
+    let every = std::time::Duration::from_millis((claim.lease_ms / 3).max(1) as u64);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let renewed = async {
+            let client = pool.get().lock().await?;
+            client
+                .execute(
+                    // Rows locked now are being recorded or claimed:
+                    // skipped, never waited on (no deadlock with a batch).
+                    "UPDATE deliveries SET lease_until = $1
+                     WHERE id IN (
+                         SELECT id FROM deliveries
+                         WHERE status IN ('pending', 'failed') AND claimed_by = $2
+                         FOR UPDATE SKIP LOCKED)",
+                    &[&(now_ms() + claim.lease_ms), &claim.host],
+                )
+                .await
+                .map_err(classify)
+        };
+        if let Err(error) = renewed.await {
+            tracing::warn!(%error, "could not renew the leases this host holds");
+        }
+    }
+}
+
 /// Give up this host's hold on `ids` (all it holds when `None`) and wake
 /// every host's poller.
 async fn release_claims(
@@ -852,7 +887,7 @@ impl Store for PgStore {
                          next_attempt_at = $3, last_failure_kind = $4,
                          last_failure_message = $5, plugin_version = $6, updated_at = $7,
                          claimed_by = NULL, lease_until = NULL
-                     WHERE id = $1 AND replays = $8 AND (claimed_by IS NULL OR claimed_by = $9)",
+                     WHERE id = $1 AND replays = $8 AND claimed_by = $9",
                 )
                 .await
                 .map_err(classify)?;
@@ -903,8 +938,9 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(classify)?;
-                // Replayed meanwhile, or claimed by another host once this
-                // host's lease ran out: that run is the one that counts.
+                // Replayed, released or claimed by another host meanwhile
+                // (even one that has recorded since): that run is the one
+                // that counts, and this one's kv writes are dropped.
                 if updated == 0 {
                     made.push(RecordedAs::Superseded);
                     continue;
