@@ -106,7 +106,7 @@ async fn a_quarantined_plugins_deliveries_are_held_and_run_when_released() {
 
     // Without the token the admin route refuses.
     let refused = reqwest::Client::new()
-        .post(server.url("/admin/plugins/fragile/release"))
+        .post(server.admin_url("/api/plugins/fragile/release"))
         .bearer_auth("guess")
         .send()
         .await

@@ -44,7 +44,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the webhook host.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Print the X-StateSet-Signature of a body for the configured secret.
     Sign {
         /// The body to sign, byte for byte.
@@ -131,7 +131,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(args, &location, s)),
+        Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(*args, &location, s)),
         Command::New {
             name,
             lang,

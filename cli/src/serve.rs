@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use stateset_hooks::admin::Access;
 use stateset_hooks::runtime::egress::{self, HttpPolicy};
 use stateset_hooks::runtime::kv::{self, KvPolicy};
 use stateset_hooks::runtime::{
@@ -21,6 +22,19 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
+    /// Where the admin app listens: `GET /metrics`, the console (`/`) and its
+    /// API. Keep it off the public network: it is not the webhook port.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    admin_listen: SocketAddr,
+    /// The bearer token the admin app requires (16 characters or more)
+    /// [default: a random one per start]. Either way it is written, with the
+    /// admin address, to `<db>.admin` (mode 0600).
+    #[arg(long, env = "STATESET_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Serve the admin app without a token, for development: only with a
+    /// loopback --admin-listen, and only to loopback Host names.
+    #[arg(long, conflicts_with = "admin_token")]
+    admin_dev: bool,
     /// Directory of plugins: every NAME.wasm, with an optional NAME.toml manifest.
     #[arg(long, value_name = "DIR")]
     plugins: PathBuf,
@@ -231,22 +245,42 @@ pub fn serve(
         bail!("{}: {reason}", flag(field, &reason));
     }
 
+    let access = match (&args.admin_token, args.admin_dev) {
+        (Some(token), _) => {
+            Access::token(token).map_err(|why| anyhow::anyhow!("--admin-token: {why}"))?
+        }
+        (None, true) if args.admin_listen.ip().is_loopback() => Access::Open,
+        (None, true) => bail!(
+            "--admin-dev: the admin app runs without a token only on loopback, not on {}",
+            args.admin_listen
+        ),
+        (None, false) => Access::random(),
+    };
+
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let admin = tokio::net::TcpListener::bind(args.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--admin-listen)", args.admin_listen))?;
         let hooks = tokio::task::block_in_place(|| Hooks::new(config.clone()))?;
         let names: Vec<_> = hooks.plugins().iter().map(|p| p.name.to_string()).collect();
         tracing::info!(
             address = %listener.local_addr()?,
+            admin = %admin.local_addr()?,
             path = %config.path,
             db = %config.db_path.display(),
             plugins = ?names,
             failed = hooks.load_failures().len(),
             "stateset-hooks ready"
         );
-        server::run(listener, hooks, shutdown_signal()).await?;
+        let admin = server::AdminListener {
+            listener: admin,
+            access,
+        };
+        server::run(listener, Some(admin), hooks, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })

@@ -16,6 +16,7 @@ use crate::dispatch::{DispatchSettings, Dispatcher, Report};
 use crate::housekeeping::Housekeeping;
 use crate::http::{self, Endpoint};
 use crate::loader::Loader;
+use crate::metrics::Metrics;
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::{CacheConfig, Runtime};
 use crate::signature::Secret;
@@ -40,6 +41,7 @@ struct Inner {
     dispatcher: Arc<Dispatcher>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
+    metrics: Metrics,
     /// Held for the whole shutdown, so a second caller waits for the first.
     stopping: Mutex<()>,
     /// Taken at shutdown: nothing reloads once shutdown begins; the last
@@ -101,10 +103,12 @@ impl Hooks {
             quarantine_probe_after: config.quarantine_probe_after,
             shutdown_grace: config.shutdown_grace,
         };
+        let metrics = Metrics::new(store.clone(), registry.clone());
         let dispatcher = Arc::new(Dispatcher::start(
             runtime.clone(),
             registry.clone(),
             store.clone(),
+            metrics.clone(),
             &settings,
         ));
         let housekeeping = Housekeeping::start(store, registry.clone(), config.retention)?;
@@ -119,6 +123,7 @@ impl Hooks {
                 dispatcher,
                 registry,
                 runtime,
+                metrics,
                 stopping: Mutex::new(()),
                 watcher: Mutex::new(watcher),
                 loader: Mutex::new(loader),
@@ -135,6 +140,7 @@ impl Hooks {
             body_limit: self.inner.body_limit,
             body_timeout: self.inner.body_timeout,
             dispatcher: self.inner.dispatcher.clone(),
+            metrics: self.inner.metrics.clone(),
             _keep_alive: self.inner.clone(),
         };
         http::router(&self.inner.path, Arc::new(endpoint))
@@ -150,6 +156,12 @@ impl Hooks {
             gone.extend(housekeeping.threads_gone());
         }
         gone
+    }
+
+    /// The host's metrics: [`Metrics::encode`] for a scrape body, or
+    /// [`Metrics::register`] into an app's own registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The database file.

@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::dispatch::{Accepted, Dispatcher};
 use crate::event::{Event, EventError};
+use crate::metrics::{Metrics, Received};
 use crate::signature::{SIGNATURE_HEADER, Secret, SignatureError, decode_header};
 
 /// Seconds a sender is asked to wait when the host cannot take an event now.
@@ -31,6 +32,7 @@ pub(crate) struct Endpoint {
     pub body_limit: usize,
     pub body_timeout: std::time::Duration,
     pub dispatcher: Arc<Dispatcher>,
+    pub metrics: Metrics,
     /// Whatever must live as long as the route does (the host behind it):
     /// an app may drop its handle and keep only the router.
     pub _keep_alive: Arc<dyn std::any::Any + Send + Sync>,
@@ -48,11 +50,29 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let received = check_and_accept(&endpoint, &headers, body).await;
+    endpoint.metrics.received(match &received {
+        Ok(Accepted::New(_)) => Received::Accepted,
+        Ok(Accepted::Duplicate) => Received::Duplicate,
+        Err(error) => error.metric(),
+    });
+    Ok(match received? {
+        Accepted::New(_) => Json(json!({ "received": true })),
+        Accepted::Duplicate => Json(json!({ "received": true, "duplicate": true })),
+    })
+}
+
+/// The route's checks in order, then the hand-off.
+async fn check_and_accept(
+    endpoint: &Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, ApiError> {
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     // Refuse what cannot verify before reading a byte of the body.
     decode_header(signature)?;
     let limit = endpoint.body_limit;
-    if content_length(&headers).is_some_and(|len| len > limit as u64) {
+    if content_length(headers).is_some_and(|len| len > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
     // A client that trickles its body holds a connection and a task: it
@@ -72,21 +92,22 @@ async fn receive(
         );
     }
     let (key, event_type) = (event.key().to_owned(), event.event_type().to_owned());
-    match endpoint.dispatcher.accept(event).await {
-        Ok(Accepted::New(deliveries)) => {
+    let accepted = endpoint
+        .dispatcher
+        .accept(event)
+        .await
+        .map_err(|error| ApiError::Unavailable(error.to_string()))?;
+    match accepted {
+        Accepted::New(deliveries) => {
             tracing::info!(event = key, event_type, deliveries, "event received");
-            Ok(Json(json!({ "received": true })))
         }
-        Ok(Accepted::Duplicate) => {
-            tracing::info!(
-                event = key,
-                event_type,
-                "duplicate event: already stored, not dispatched again"
-            );
-            Ok(Json(json!({ "received": true, "duplicate": true })))
-        }
-        Err(error) => Err(ApiError::Unavailable(error.to_string())),
+        Accepted::Duplicate => tracing::info!(
+            event = key,
+            event_type,
+            "duplicate event: already stored, not dispatched again"
+        ),
     }
+    Ok(accepted)
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -132,6 +153,18 @@ impl ApiError {
             source = e.source();
         }
         Self::BodyRead(error.to_string())
+    }
+
+    /// How `webhooks_received_total` counts this refusal.
+    fn metric(&self) -> Received {
+        match self {
+            Self::Signature(_) => Received::BadSignature,
+            Self::Event(_) => Received::BadJson,
+            Self::TooLarge { .. } => Received::TooLarge,
+            Self::BodyTimeout { .. } => Received::BodyTimeout,
+            Self::BodyRead(_) | Self::MethodNotAllowed => Received::BadRequest,
+            Self::Unavailable(_) => Received::Refused,
+        }
     }
 
     fn status(&self) -> StatusCode {

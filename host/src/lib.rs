@@ -56,6 +56,7 @@ pub mod housekeeping;
 mod http;
 pub mod loader;
 pub mod manifest;
+pub mod metrics;
 pub mod plugin_file;
 pub mod registry;
 pub mod retry;

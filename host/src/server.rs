@@ -1,5 +1,6 @@
-//! Serving [`Hooks`] on a TCP listener: the webhook route plus `GET /healthz`,
-//! and what each client connection may take.
+//! Serving [`Hooks`] on TCP listeners: the webhook route plus `GET /healthz`
+//! on one, the admin app ([`admin::router`]: metrics, console, API) on
+//! another, and what each client connection may take.
 //!
 //! Takes a bound listener so tests can use port 0 and the binary can report
 //! bind errors before anything else starts. Owns the connection rules of
@@ -28,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
-use crate::admin::{self, AdminFile};
+use crate::admin::{self, Access, AdminFile};
 use crate::config::{ConnectionLimits, HEALTH_PATH};
 use crate::hooks::Hooks;
 
@@ -64,37 +65,88 @@ async fn health(hooks: Hooks) -> (StatusCode, String) {
     }
 }
 
+/// The admin app's listener and who may use it.
+#[derive(Debug)]
+pub struct AdminListener {
+    pub listener: TcpListener,
+    pub access: Access,
+}
+
+/// Connections the admin listener serves at once.
+const ADMIN_CONNECTIONS: usize = 64;
+
 /// Serve until `shutdown` resolves, then shut down in order: [`Hooks::shutdown`]
 /// first (webhooks arriving meanwhile get 503 with `Retry-After`, running
-/// plugin calls get the grace period), then the listener closes and the
-/// requests still in flight finish. Also serves the admin routes, with a
-/// fresh token written beside the database ([`AdminFile`]) and removed at
-/// the end.
+/// plugin calls get the grace period), then the listeners close and the
+/// webhook requests still in flight finish. With `admin`, also serves the
+/// admin app there, its address and token written beside the database
+/// ([`AdminFile`], for the command line) and removed at the end.
 pub async fn run(
     listener: TcpListener,
+    admin: Option<AdminListener>,
     hooks: Hooks,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let admin = AdminFile::new(listener.local_addr()?);
     let db = hooks.db_path().to_owned();
-    admin.write(&db)?;
-    let app = app(&hooks).merge(admin::router(&hooks, &admin.token));
     let limits = hooks.connection_limits();
+    let (closing, closed) = watch::channel(false);
+    if let Some(AdminListener { listener, access }) = admin {
+        AdminFile::new(listener.local_addr()?, &access).write(&db)?;
+        let app = admin::router(&hooks, access);
+        tokio::spawn(serve_admin(listener, app, limits, closed.clone()));
+    }
+    let hooks_for_shutdown = hooks.clone();
     // A connection holds a permit until it ends: at the cap, the loop stops
     // accepting and newcomers wait in the kernel's listen backlog.
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let (closing, closed) = watch::channel(false);
-    let mut stopped = pin!(async move {
+    let stopped = async move {
         shutdown.await;
-        hooks.shutdown().await;
-    });
+        hooks_for_shutdown.shutdown().await;
+    };
+    accept(&listener, &app(&hooks), limits, &permits, &closed, stopped).await;
+    drop(listener);
+    closing.send_replace(true);
+    // Every permit back: every connection has finished.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
+    AdminFile::remove(&db);
+    Ok(())
+}
+
+/// The admin app until the server closes, under the same connection rules
+/// and a cap of its own: a busy console never takes a webhook's slot.
+async fn serve_admin(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    closed: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let mut watching = closed.clone();
+    let stopped = async move {
+        let _ = watching.wait_for(|closed| *closed).await;
+    };
+    accept(&listener, &app, limits, &permits, &closed, stopped).await;
+}
+
+/// Accept connections on `listener` and serve `app` on each, one permit
+/// each, until `stopped` resolves.
+async fn accept(
+    listener: &TcpListener,
+    app: &axum::Router,
+    limits: ConnectionLimits,
+    permits: &Arc<Semaphore>,
+    closed: &watch::Receiver<bool>,
+    stopped: impl Future<Output = ()>,
+) {
+    let mut stopped = pin!(stopped);
     loop {
         let permit = tokio::select! {
-            () = &mut stopped => break,
+            () = &mut stopped => return,
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let stream = tokio::select! {
-            () = &mut stopped => break,
+            () = &mut stopped => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
@@ -112,13 +164,6 @@ pub async fn run(
             permit,
         ));
     }
-    drop(listener);
-    closing.send_replace(true);
-    // Every permit back: every connection has finished.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = permits.acquire_many(all).await;
-    AdminFile::remove(&db);
-    Ok(())
 }
 
 /// Where a connection stands, for its timeouts.

@@ -173,9 +173,14 @@ pub fn store_args(plugins: &PluginDir) -> Vec<std::ffi::OsString> {
     }
 }
 
-/// The real server on 127.0.0.1:0, in this process.
+/// The admin token every in-process test server takes.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// The real server on 127.0.0.1:0, in this process, with its admin app on
+/// another port of its own.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub hooks: Hooks,
     reports: broadcast::Receiver<Report>,
     client: reqwest::Client,
@@ -191,13 +196,19 @@ impl TestServer {
             .expect("host starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = server::AdminListener {
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            access: stateset_hooks::admin::Access::token(ADMIN_TOKEN).unwrap(),
+        };
+        let admin_addr = admin.listener.local_addr().unwrap();
         let reports = hooks.subscribe();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server::run(listener, hooks.clone(), async {
+        let task = tokio::spawn(server::run(listener, Some(admin), hooks.clone(), async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            admin_addr,
             hooks,
             reports,
             client: reqwest::Client::new(),
@@ -208,6 +219,11 @@ impl TestServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
     }
 
     /// POST `body` to the webhook route with this signature header (or none).
@@ -308,6 +324,8 @@ impl TestServer {
 pub struct ServeProcess {
     pub child: Child,
     pub addr: String,
+    /// The admin listener's `ip:port`.
+    pub admin_addr: String,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
@@ -330,7 +348,14 @@ impl ServeProcess {
         }
         let mut child = command
             .args(store_args(plugins))
-            .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--plugins")
             .arg(plugins.path())
             .arg("--cache-dir")
             .arg(plugins.cache_path())
@@ -351,19 +376,24 @@ impl ServeProcess {
         let mut served = Self {
             child,
             addr: String::new(),
+            admin_addr: String::new(),
             lines,
             seen: Vec::new(),
         };
         let ready = served.wait_for("stateset-hooks ready");
         // A text line (`address=...`), or a JSON one (`--log-format json`).
-        served.addr = match serde_json::from_str::<serde_json::Value>(&ready) {
-            Ok(json) => json["fields"]["address"].as_str().map(str::to_owned),
-            Err(_) => ready
-                .split_whitespace()
-                .find_map(|field| field.strip_prefix("address="))
-                .map(str::to_owned),
-        }
-        .expect("the ready line names the address");
+        let field = |name: &str| {
+            match serde_json::from_str::<serde_json::Value>(&ready) {
+                Ok(json) => json["fields"][name].as_str().map(str::to_owned),
+                Err(_) => ready
+                    .split_whitespace()
+                    .find_map(|field| field.strip_prefix(&format!("{name}=")))
+                    .map(str::to_owned),
+            }
+            .unwrap_or_else(|| panic!("the ready line names the {name}: {ready}"))
+        };
+        served.addr = field("address");
+        served.admin_addr = field("admin");
         served
     }
 

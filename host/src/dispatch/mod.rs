@@ -29,6 +29,7 @@ use self::in_flight::InFlight;
 use self::worker::Worker;
 use crate::contain::contain;
 use crate::event::Event;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::runtime::{CallOutcome, Runtime};
@@ -84,6 +85,8 @@ pub struct Report {
     pub version: Arc<str>,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// When the event was received (Unix ms).
+    pub received_at: i64,
     /// Where the delivery stands after this attempt, as recorded: `Failed`
     /// for a call that succeeded but whose kv writes no longer applied (it
     /// runs again), `Pending` for an attempt not recorded (replayed while it
@@ -121,6 +124,7 @@ struct DispatchState {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
+    metrics: Metrics,
     /// Taken at shutdown so workers stop.
     queue: RwLock<Option<Sender<Due>>>,
     capacity: usize,
@@ -188,6 +192,7 @@ impl Dispatcher {
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         store: Arc<dyn Store>,
+        metrics: Metrics,
         settings: &DispatchSettings,
     ) -> Self {
         let capacity = settings.queue_capacity;
@@ -198,6 +203,7 @@ impl Dispatcher {
             store,
             registry,
             runtime,
+            metrics,
             queue: RwLock::new(Some(queue)),
             capacity,
             probe_after: settings.quarantine_probe_after,
@@ -249,6 +255,7 @@ impl Dispatcher {
             return Err(AcceptError::ShuttingDown);
         }
         let plugins = self.shared.registry.subscribed_names(event.event_type());
+        let received_at = now_ms();
         let event = Arc::new(event);
         let ticket = self
             .shared
@@ -264,6 +271,7 @@ impl Dispatcher {
                         plugin,
                         attempts: 0,
                         replays: 0,
+                        received_at,
                         event: Ok(event.clone()),
                     };
                     if !self.shared.enqueue(due, false) {
@@ -495,6 +503,12 @@ fn write(shared: &DispatchState, batch: Vec<Recorded>) {
             RecordedAs::Superseded => report.status = Status::Pending,
             RecordedAs::Conflict(_) => report.status = Status::Failed,
         }
+        shared.metrics.attempt(
+            &report.plugin,
+            report.status,
+            &report.outcome,
+            report.received_at,
+        );
         let _ = shared.reports.send(report);
     }
 }

@@ -111,6 +111,7 @@ impl Worker {
             plugin: plugin.name.clone(),
             version: plugin.version.clone(),
             attempt,
+            received_at: due.received_at,
             status: status.0,
             outcome,
         };
@@ -161,6 +162,7 @@ impl Worker {
             plugin: due.plugin.clone(),
             version,
             attempt,
+            received_at: due.received_at,
             status,
             outcome: CallOutcome {
                 result: Err(failure),

@@ -72,6 +72,8 @@ pub struct Due {
     pub attempts: u32,
     /// Times the delivery had been replayed when it was read.
     pub replays: i64,
+    /// When the event was received (Unix ms): end-to-end latency starts here.
+    pub received_at: i64,
     /// The event, or why its stored row is not one (a file written by
     /// something else): such a delivery is recorded as a `host-error`.
     pub event: Result<Arc<Event>, Unreadable>,
@@ -148,12 +150,66 @@ pub struct EventRecord {
     pub deliveries: Vec<DeliveryRecord>,
 }
 
+/// How many deliveries stand in each status, and since when the oldest due
+/// one has been due, for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    pub by_status: Vec<(Status, u64)>,
+    /// `next_attempt_at` of the oldest delivery due now (Unix ms).
+    pub oldest_due: Option<i64>,
+}
+
+impl StoreStats {
+    pub fn count(&self, status: Status) -> u64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// How long a store's commits take and how many writes each carries: the
+/// store observes them, the metrics register them.
+#[derive(Debug, Clone)]
+pub struct CommitMetrics {
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+    pub writes: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for CommitMetrics {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+        Self {
+            // 50 µs to 1.6 s.
+            seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            // 1 to 1,024.
+            writes: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+        }
+    }
+}
+
+impl CommitMetrics {
+    /// A commit of `writes` writes that began at `started`.
+    pub fn observe(&self, started: std::time::Instant, writes: usize) {
+        self.seconds.observe(started.elapsed().as_secs_f64());
+        self.writes.observe(writes as f64);
+    }
+}
+
 /// Which deliveries to list.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub status: Option<Status>,
     pub plugin: Option<String>,
     pub event_type: Option<String>,
+    /// One event's deliveries (its key: the envelope's `id`).
+    pub event_key: Option<String>,
+    /// Created at or after this time (Unix ms).
+    pub since: Option<i64>,
+    /// Created before this time (Unix ms).
+    pub until: Option<i64>,
+    /// Ids below this one only: the next page after a listing's last id.
+    pub before_id: Option<DeliveryId>,
     pub limit: Option<usize>,
 }
 
@@ -228,6 +284,12 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
 
     /// Deliveries waiting for their first attempt (or replayed): the backlog.
     fn outstanding(&self) -> Result<usize, StoreError>;
+
+    /// Deliveries by status and the oldest due at `now`, for the metrics.
+    fn stats(&self, now: i64) -> Result<StoreStats, StoreError>;
+
+    /// The histograms this store's commits are observed in.
+    fn commit_metrics(&self) -> CommitMetrics;
 
     /// The most attempts one [`Store::record`] call should carry: one
     /// transaction's worth.

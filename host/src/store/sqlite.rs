@@ -19,8 +19,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params, params_from_ite
 use tokio::sync::oneshot;
 
 use super::{
-    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
-    RecordedAs, Status, Store, StoreError, Unreadable, now_ms,
+    AppendTicket, Appended, Attempt, CommitMetrics, DeliveryId, DeliveryRecord, Due, EventRecord,
+    Filter, RecordedAs, Status, Store, StoreError, StoreStats, Unreadable, now_ms,
 };
 use crate::contain::contain;
 use crate::event::Event;
@@ -64,6 +64,7 @@ pub struct SqliteStore {
     /// Ends once the writer has.
     syncer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
+    commits: CommitMetrics,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -130,9 +131,11 @@ impl SqliteStore {
             }
         };
         let (writes, queue) = mpsc::channel();
+        let commits = CommitMetrics::default();
+        let observed = commits.clone();
         let writer = spawn(
             "store-writer",
-            Box::new(move || write_loop(writer_conn, queue, syncs)),
+            Box::new(move || write_loop(writer_conn, queue, syncs, &observed)),
         )?;
         Ok(Self {
             path: path.to_owned(),
@@ -140,6 +143,7 @@ impl SqliteStore {
             writer: Some(writer),
             syncer,
             reader: Mutex::new(reader),
+            commits,
         })
     }
 
@@ -525,6 +529,7 @@ fn write_loop(
     mut conn: Connection,
     queue: mpsc::Receiver<Write>,
     syncs: Option<mpsc::Sender<Vec<Reply>>>,
+    commits: &CommitMetrics,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -537,11 +542,13 @@ fn write_loop(
         // A panic loses this batch (its transaction rolls back as it
         // unwinds), not the writer: every caller is told and the next batch
         // runs.
+        let started = std::time::Instant::now();
         let committed = contain(|| commit(&mut conn, &mut batch)).unwrap_or_else(|panic| {
             Err(StoreError::Failed(format!(
                 "the store writer panicked: {panic}"
             )))
         });
+        commits.observe(started, batch.len());
         let (results, failed) = match committed {
             Ok(results) => (results, false),
             Err(error) => {
@@ -752,6 +759,7 @@ fn due_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
         plugin: row.get::<_, String>(1)?.into(),
         attempts: row.get(2)?,
         replays: row.get(5)?,
+        received_at: row.get(6)?,
         event: event.map_err(|reason| Unreadable {
             key,
             reason: format!("the stored event is not deliverable: {reason}"),
@@ -806,8 +814,8 @@ impl Store for SqliteStore {
         }
         let placeholders = vec!["?"; plugins.len()].join(", ");
         let sql = format!(
-            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays FROM deliveries d
-             JOIN events e ON e.key = d.event_key
+            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays, e.received_at
+             FROM deliveries d JOIN events e ON e.key = d.event_key
              WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?
                AND (d.attempts > 0 OR d.updated_at <= ?)
                AND d.plugin IN ({placeholders})
@@ -907,18 +915,32 @@ impl Store for SqliteStore {
         let mut sql = format!(
             "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key WHERE 1 = 1"
         );
-        let mut args: Vec<String> = Vec::new();
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(status) = filter.status {
             sql.push_str(" AND d.status = ?");
-            args.push(status.as_str().to_owned());
+            args.push(status.as_str().to_owned().into());
         }
         if let Some(plugin) = &filter.plugin {
             sql.push_str(" AND d.plugin = ?");
-            args.push(plugin.clone());
+            args.push(plugin.clone().into());
         }
         if let Some(event_type) = &filter.event_type {
             sql.push_str(" AND e.event_type = ?");
-            args.push(event_type.clone());
+            args.push(event_type.clone().into());
+        }
+        if let Some(key) = &filter.event_key {
+            sql.push_str(" AND d.event_key = ?");
+            args.push(key.clone().into());
+        }
+        for (bound, clause) in [
+            (filter.since, " AND d.created_at >= ?"),
+            (filter.until, " AND d.created_at < ?"),
+            (filter.before_id, " AND d.id < ?"),
+        ] {
+            if let Some(bound) = bound {
+                sql.push_str(clause);
+                args.push(bound.into());
+            }
         }
         sql.push_str(&format!(
             " ORDER BY d.id DESC LIMIT {}",
@@ -1080,6 +1102,31 @@ impl Store for SqliteStore {
             )
         })
         .map(|n| n as usize)
+    }
+
+    fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
+        self.read(|conn| {
+            let by_status = conn
+                .prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?
+                .query_map([], |row| {
+                    Ok((named(row, 0, Status::parse)?, row.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let oldest_due = conn.query_row(
+                "SELECT MIN(next_attempt_at) FROM deliveries
+                 WHERE status IN ('pending', 'failed') AND next_attempt_at <= ?1",
+                [now],
+                |row| row.get(0),
+            )?;
+            Ok(StoreStats {
+                by_status,
+                oldest_due,
+            })
+        })
+    }
+
+    fn commit_metrics(&self) -> CommitMetrics {
+        self.commits.clone()
     }
 
     fn threads_gone(&self) -> Vec<String> {

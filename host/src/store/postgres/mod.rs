@@ -30,8 +30,8 @@ pub use self::link::{DEFAULT_LEASE, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT
 use self::link::{Link, LinkGuard, Pool};
 
 use super::{
-    AppendTicket, Appended, Attempt, DeliveryId, DeliveryRecord, Due, EventRecord, Filter,
-    RecordedAs, Status, Store, StoreError, Unreadable, now_ms,
+    AppendTicket, Appended, Attempt, CommitMetrics, DeliveryId, DeliveryRecord, Due, EventRecord,
+    Filter, RecordedAs, Status, Store, StoreError, StoreStats, Unreadable, now_ms,
 };
 use crate::event::Event;
 use crate::runtime::FailureKind;
@@ -229,6 +229,7 @@ pub struct PgStore {
     thread: Option<JoinHandle<()>>,
     /// Signals from `LISTEN hooks_due`, until the poller takes them.
     wakeups: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    commits: CommitMetrics,
 }
 
 /// The channel every host listens on: deliveries became due (released,
@@ -267,6 +268,8 @@ impl PgStore {
         let releasing = claim.host.clone();
         let (ready, started) = std::sync::mpsc::channel();
         let committer = claim.clone();
+        let commits = CommitMetrics::default();
+        let observed = commits.clone();
         let thread = std::thread::Builder::new()
             .name("store-postgres".into())
             .spawn(move || {
@@ -298,7 +301,7 @@ impl PgStore {
                             runtime.spawn(renewer(pool.clone(), committer.clone()));
                         }
                         let _ = ready.send(Ok((runtime.handle().clone(), pool)));
-                        runtime.block_on(group_commit(appender, queue, committer));
+                        runtime.block_on(group_commit(appender, queue, committer, observed));
                     }
                     Err(error) => drop(ready.send(Err(error))),
                 }
@@ -323,6 +326,7 @@ impl PgStore {
             releases,
             thread: Some(thread),
             wakeups: std::sync::Mutex::new(Some(wakeups)),
+            commits,
         })
     }
 
@@ -412,6 +416,7 @@ fn due_row(row: &tokio_postgres::Row) -> Due {
         plugin: row.get::<_, String>(1).into(),
         attempts: row.get::<_, i32>(2) as u32,
         replays: row.get(5),
+        received_at: row.get(6),
         event,
     }
 }
@@ -484,16 +489,23 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 /// The store's thread: take the appends queued, commit them together in
 /// one transaction (group commit), answer everyone. Ends when the store is
 /// dropped.
-async fn group_commit(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Append>, claim: Claim) {
+async fn group_commit(
+    link: Arc<Link>,
+    mut queue: mpsc::UnboundedReceiver<Append>,
+    claim: Claim,
+    commits: CommitMetrics,
+) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = queue.try_recv() {
             batch.push(more);
         }
+        let started = std::time::Instant::now();
         let results = match link.lock().await {
             Ok(mut client) => append_batch(&mut client, &batch, &claim).await,
             Err(error) => vec![Err(error); batch.len()],
         };
+        commits.observe(started, batch.len());
         for (append, result) in batch.into_iter().zip(results) {
             let _ = append.reply.send(result);
         }
@@ -856,7 +868,8 @@ impl Store for PgStore {
                              ORDER BY claimed_by IS NOT NULL, next_attempt_at, id LIMIT $4
                              FOR UPDATE SKIP LOCKED)
                          RETURNING id, plugin, attempts, event_key, replays, next_attempt_at)
-                     SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays
+                     SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays,
+                         e.received_at
                      FROM claimed c JOIN events e ON e.key = c.event_key
                      ORDER BY c.next_attempt_at, c.id",
                     &[
@@ -992,9 +1005,22 @@ impl Store for PgStore {
                         "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
                          WHERE ($1::TEXT IS NULL OR d.status = $1) AND ($2::TEXT IS NULL OR d.plugin = $2)
                            AND ($3::TEXT IS NULL OR e.event_type = $3)
+                           AND ($5::TEXT IS NULL OR d.event_key = $5)
+                           AND ($6::BIGINT IS NULL OR d.created_at >= $6)
+                           AND ($7::BIGINT IS NULL OR d.created_at < $7)
+                           AND ($8::BIGINT IS NULL OR d.id < $8)
                          ORDER BY d.id DESC LIMIT $4"
                     ),
-                    &[&status, &filter.plugin, &filter.event_type, &limit],
+                    &[
+                        &status,
+                        &filter.plugin,
+                        &filter.event_type,
+                        &limit,
+                        &filter.event_key,
+                        &filter.since,
+                        &filter.until,
+                        &filter.before_id,
+                    ],
                 )
                 .await
                 .map_err(classify)?;
@@ -1190,6 +1216,37 @@ impl Store for PgStore {
                 .await?;
             Ok(row.get::<_, i64>(0) as usize)
         })
+    }
+
+    fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
+        self.with_connection(move |client| async move {
+            let rows = client
+                .query(
+                    "SELECT status, COUNT(*) FROM deliveries GROUP BY status",
+                    &[],
+                )
+                .await?;
+            let by_status = rows
+                .iter()
+                .filter_map(|row| Some((Status::parse(row.get(0))?, row.get::<_, i64>(1) as u64)))
+                .collect();
+            let oldest_due = client
+                .query_one(
+                    "SELECT MIN(next_attempt_at) FROM deliveries
+                     WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1",
+                    &[&now],
+                )
+                .await?
+                .get(0);
+            Ok(StoreStats {
+                by_status,
+                oldest_due,
+            })
+        })
+    }
+
+    fn commit_metrics(&self) -> CommitMetrics {
+        self.commits.clone()
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {

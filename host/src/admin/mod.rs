@@ -1,0 +1,235 @@
+//! The admin listener's app: `GET /metrics`, the console (`GET /`) and the
+//! JSON API it uses (`/api/...`, in `api.rs`), behind one access check; and
+//! the file that tells the command line where it is and which token it takes.
+//!
+//! Every route but the console's static files needs `Authorization: Bearer
+//! <token>`, compared in constant time: the operator's `--admin-token`, or
+//! one drawn at start. Either is written with the listener's address, mode
+//! `0600`, beside the database (`<db>.admin`), so whoever may read the
+//! database (and with it replay or edit every delivery) may use the
+//! console, and nobody else who can reach the port may. A token in a header,
+//! never a cookie, is what keeps other sites' pages from acting for a
+//! logged-in browser. [`Access::Open`] (no token) is for development on
+//! loopback only: it answers only requests whose `Host` is loopback (no DNS
+//! rebinding) and state changes only as JSON with no foreign `Origin`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use rand::Rng as _;
+use serde_json::json;
+use subtle::ConstantTimeEq as _;
+
+use crate::hooks::Hooks;
+
+mod api;
+mod console;
+
+/// The release route; `{name}` is the plugin's name.
+pub const RELEASE_ROUTE: &str = "/api/plugins/{name}/release";
+
+/// Shortest `--admin-token` taken: anything shorter is guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Random bytes in a token: as many as an HMAC-SHA256 key, past guessing.
+const TOKEN_BYTES: usize = 32;
+
+/// Where a running server can be reached for admin requests, and how.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AdminFile {
+    /// `http://ip:port` of the server.
+    pub url: String,
+    /// The bearer token the admin routes require (empty: none).
+    pub token: String,
+}
+
+/// Who may use the admin listener.
+#[derive(Clone)]
+pub enum Access {
+    /// Requests bearing this token.
+    Token(Arc<str>),
+    /// Anyone who reaches it from loopback (`--admin-dev`).
+    Open,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Token(_) => "Token(..)",
+            Self::Open => "Open",
+        })
+    }
+}
+
+impl Access {
+    /// A random token, as many bytes as an HMAC-SHA256 key: past guessing.
+    pub fn random() -> Self {
+        Self::Token(hex::encode(rand::rng().random::<[u8; TOKEN_BYTES]>()).into())
+    }
+
+    /// The operator's token; one shorter than [`MIN_TOKEN_LEN`] is refused.
+    pub fn token(token: &str) -> Result<Self, String> {
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "the admin token must be at least {MIN_TOKEN_LEN} characters"
+            ));
+        }
+        Ok(Self::Token(token.into()))
+    }
+
+    /// Whether a request with these headers may go on, and if not why.
+    fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), &'static str> {
+        match self {
+            Self::Token(token) => {
+                let offered = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .unwrap_or_default();
+                if bool::from(offered.ct_eq(token.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err("missing or wrong admin token")
+                }
+            }
+            Self::Open => {
+                if !headers.get(header::HOST).is_some_and(is_loopback_host) {
+                    return Err("without a token, only a loopback Host is answered");
+                }
+                let foreign = headers
+                    .get(header::ORIGIN)
+                    .is_some_and(|o| !is_loopback_origin(o));
+                let json = headers
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+                if *method != Method::GET && (foreign || !json) {
+                    return Err("a change must come as JSON from this console's own origin");
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn is_loopback_host(host: &header::HeaderValue) -> bool {
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    matches!(name, "localhost" | "[::1]")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_loopback_origin(origin: &header::HeaderValue) -> bool {
+    origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.strip_prefix("http://"))
+        .and_then(|host| header::HeaderValue::from_str(host).ok())
+        .is_some_and(|host| is_loopback_host(&host))
+}
+
+impl AdminFile {
+    /// The admin listener at `addr` (an unspecified address is reached on
+    /// loopback) and the token it takes (empty when [`Access::Open`]).
+    pub fn new(addr: SocketAddr, access: &Access) -> Self {
+        let mut addr = addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let token = match access {
+            Access::Token(token) => token.to_string(),
+            Access::Open => String::new(),
+        };
+        Self {
+            url: format!("http://{addr}"),
+            token,
+        }
+    }
+
+    /// The file beside database `db`.
+    pub fn path(db: &Path) -> PathBuf {
+        let mut path = db.as_os_str().to_owned();
+        path.push(".admin");
+        path.into()
+    }
+
+    /// Write it beside `db`, readable by the owner only.
+    pub fn write(&self, db: &Path) -> std::io::Result<()> {
+        let path = Self::path(db);
+        // Replaced, not rewritten: an old file may have looser permissions.
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(&serde_json::to_vec(self).expect("admin file serializes"))
+    }
+
+    /// The file a running server wrote beside `db`.
+    pub fn read(db: &Path) -> anyhow::Result<Self> {
+        let path = Self::path(db);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e} (is `serve` running with this --db?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Remove the file beside `db`, at shutdown.
+    pub fn remove(db: &Path) {
+        let _ = std::fs::remove_file(Self::path(db));
+    }
+}
+
+/// The admin listener's whole app: the console's files for anyone, every
+/// other route (the API, `/metrics`) behind `access`.
+pub fn router(hooks: &Hooks, access: Access) -> axum::Router {
+    let guarded = api::router(hooks)
+        .route(
+            "/metrics",
+            axum::routing::get({
+                let hooks = hooks.clone();
+                move || async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        hooks.metrics().encode(),
+                    )
+                }
+            }),
+        )
+        .layer(middleware::from_fn_with_state(access, guard));
+    console::router().merge(guarded)
+}
+
+async fn guard(State(access): State<Access>, request: Request, next: Next) -> Response {
+    match access.check(request.method(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(why) => {
+            tracing::warn!(path = %request.uri().path(), "admin request refused: {why}");
+            let status = match access {
+                Access::Token(_) => StatusCode::UNAUTHORIZED,
+                Access::Open => StatusCode::FORBIDDEN,
+            };
+            (status, Json(json!({ "error": why }))).into_response()
+        }
+    }
+}
