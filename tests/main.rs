@@ -9,6 +9,7 @@ mod support;
 
 mod cli;
 mod connections;
+mod console;
 mod deliverable;
 mod durability;
 mod egress;

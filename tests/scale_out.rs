@@ -22,6 +22,8 @@ fn attempt(id: i64, replays: i64, status: Status, plugin: &str, kv: Vec<KvOp>) -
         status,
         next_attempt_at: now_ms(),
         failure: None,
+        // A NUL, which PostgreSQL text cannot hold, kept all the same.
+        logs: vec![format!("info: attempt on {id}\0")],
         plugin: plugin.into(),
         kv: kv.into(),
         kv_quota: 1 << 20,
@@ -149,7 +151,29 @@ fn two_hosts_store_one_event_once() {
         .unwrap();
     assert_eq!(orders.status, Status::Failed);
     assert_eq!(orders.last_failure_kind, Some(FailureKind::HostError));
+    assert_eq!(
+        orders.last_logs,
+        [format!("info: attempt on {}\0", orders.id)]
+    );
     assert_eq!(b.deliveries(&Filter::default()).unwrap().len(), 2);
+    // The console's filters: one event, a time window, a page after an id.
+    let only = |filter: Filter| b.deliveries(&filter).unwrap().len();
+    let one = Filter {
+        event_key: Some("evt_1".into()),
+        ..Filter::default()
+    };
+    assert_eq!(only(one.clone()), 2);
+    let later = Filter {
+        since: Some(now_ms() + 60_000),
+        ..one.clone()
+    };
+    assert_eq!(only(later), 0);
+    let earlier = Filter {
+        until: Some(now_ms() + 60_000),
+        before_id: Some(orders.id.max(due[0].id)),
+        ..one
+    };
+    assert_eq!(only(earlier), 1);
 }
 
 /// A host holds its deliveries as long as it lives (it renews the lease);

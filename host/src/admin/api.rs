@@ -114,7 +114,7 @@ fn page(rows: Vec<DeliveryRecord>, limit: usize) -> Value {
         if !same {
             events.push(json!({
                 "key": row.event_key,
-                "type": row.event_type,
+                "event_type": row.event_type,
                 "received_at": row.created_at,
                 "deliveries": [],
             }));

@@ -233,3 +233,71 @@ async fn guard(State(access): State<Access>, request: Request, next: Next) -> Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.clone(), value.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_token_is_checked_whole_and_a_short_one_refused() {
+        let access = Access::token("sixteen-chars-ok").unwrap();
+        let bearer = |t: &str| headers(&[(header::AUTHORIZATION, &format!("Bearer {t}"))]);
+        assert!(
+            access
+                .check(&Method::GET, &bearer("sixteen-chars-ok"))
+                .is_ok()
+        );
+        for wrong in ["sixteen-chars-o", "sixteen-chars-ok!", ""] {
+            assert!(
+                access.check(&Method::GET, &bearer(wrong)).is_err(),
+                "{wrong:?}"
+            );
+        }
+        assert!(access.check(&Method::GET, &HeaderMap::new()).is_err());
+        assert!(Access::token("fifteen-chars-x").is_err());
+    }
+
+    /// Without a token: loopback Host names only (a DNS name rebound to
+    /// 127.0.0.1 is refused), and changes only as JSON from this origin.
+    #[test]
+    fn the_open_console_answers_loopback_only_and_no_other_site() {
+        let open = Access::Open;
+        let host = |h: &str| (header::HOST, h.to_owned());
+        for allowed in [
+            "127.0.0.1:3001",
+            "localhost:3001",
+            "[::1]:3001",
+            "localhost",
+        ] {
+            let h = headers(&[(header::HOST, allowed)]);
+            assert!(open.check(&Method::GET, &h).is_ok(), "{allowed}");
+        }
+        for refused in [
+            "evil.example:3001",
+            "127.0.0.1.evil.example",
+            "10.0.0.1:3001",
+        ] {
+            let h = headers(&[(header::HOST, refused)]);
+            assert!(open.check(&Method::GET, &h).is_err(), "{refused}");
+        }
+        let (name, value) = host("127.0.0.1:3001");
+        let json = (header::CONTENT_TYPE, "application/json");
+        let post = |extra: &[(header::HeaderName, &str)]| {
+            let mut all = vec![(name.clone(), value.as_str())];
+            all.extend_from_slice(extra);
+            open.check(&Method::POST, &headers(&all))
+        };
+        assert!(post(&[json.clone()]).is_ok());
+        assert!(post(&[json.clone(), (header::ORIGIN, "http://127.0.0.1:3001")]).is_ok());
+        assert!(post(&[]).is_err(), "a form post");
+        assert!(post(&[(header::CONTENT_TYPE, "text/plain")]).is_err());
+        assert!(post(&[json, (header::ORIGIN, "https://evil.example")]).is_err());
+    }
+}

@@ -14,7 +14,7 @@ use crate::event::Event;
 use crate::health::Change;
 use crate::registry::LoadedPlugin;
 use crate::retry::{Decision, RetryPolicy};
-use crate::runtime::{CallOutcome, Failure, FailureKind, NotRun};
+use crate::runtime::{CallOutcome, Failure, FailureKind, LogLine, NotRun};
 use crate::store::{Attempt, Due, Status, now_ms};
 use crate::text::escape_controls;
 
@@ -101,6 +101,7 @@ impl Worker {
                 .as_ref()
                 .err()
                 .map(|f| (f.kind, f.message.clone())),
+            logs: outcome.logs.iter().map(LogLine::to_string).collect(),
             plugin: plugin.name.clone(),
             kv: outcome.kv_writes.clone(),
             kv_quota: plugin.prepared.kv_quota,
@@ -152,6 +153,7 @@ impl Worker {
             status,
             next_attempt_at,
             failure: Some((failure.kind, failure.message.clone())),
+            logs: Vec::new(),
             plugin: due.plugin.clone(),
             kv: Arc::default(),
             kv_quota: 0,

@@ -51,6 +51,22 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// `info: text` for a `host.log` line, `stdout: text` for a printed one.
+impl std::fmt::Display for LogLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let from = match (self.source, self.level) {
+            (LogSource::Stdout, _) => "stdout",
+            (LogSource::Stderr, _) => "stderr",
+            (LogSource::Log, LogLevel::Trace) => "trace",
+            (LogSource::Log, LogLevel::Debug) => "debug",
+            (LogSource::Log, LogLevel::Info) => "info",
+            (LogSource::Log, LogLevel::Warn) => "warn",
+            (LogSource::Log, LogLevel::Error) => "error",
+        };
+        write!(f, "{from}: {}", self.message)
+    }
+}
+
 /// Who is speaking: put on every host log line a plugin causes.
 #[derive(Debug, Clone)]
 pub(crate) struct CallTag {

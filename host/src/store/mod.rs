@@ -98,6 +98,8 @@ pub struct Attempt {
     /// When to try again (unix ms), for `Failed`.
     pub next_attempt_at: i64,
     pub failure: Option<(FailureKind, String)>,
+    /// The lines the call wrote (kept as the delivery's last logs).
+    pub logs: Vec<String>,
     /// The plugin that ran it, whose key-value state `kv` writes.
     pub plugin: Arc<str>,
     /// A successful call's key-value writes: committed with this record, or
@@ -137,6 +139,20 @@ pub struct DeliveryRecord {
     pub next_attempt_at: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The lines the last attempt's call wrote.
+    pub last_logs: Vec<String>,
+}
+
+/// The stored form of an attempt's log lines: a JSON array of strings.
+fn logs_json(logs: &[String]) -> Option<String> {
+    (!logs.is_empty()).then(|| serde_json::to_string(logs).expect("strings serialize"))
+}
+
+/// An attempt's log lines from their stored form (none if unreadable).
+fn logs_from_json(stored: Option<&str>) -> Vec<String> {
+    stored
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default()
 }
 
 /// One event as stored, with its deliveries.

@@ -1,5 +1,6 @@
--- stateset-hooks store, schema version 5 (2: plugin limits and counters as JSON; 3: replay counts;
--- 4: plugins' key-value state; 5: its usage per plugin, kept by triggers, and an expiry index), as
+-- stateset-hooks store, schema version 6 (2: plugin limits and counters as JSON; 3: replay counts;
+-- 4: plugins' key-value state; 5: its usage per plugin, kept by triggers, and an expiry index;
+-- 6: each delivery's last log lines), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     -- times replayed: an attempt that began before a replay is not recorded
     -- over it, so the replay runs after the attempt.
     replays              INTEGER NOT NULL DEFAULT 0,
+    last_logs            TEXT,          -- the last attempt's log lines, a JSON array of strings
     UNIQUE (event_key, plugin)
 );
 
@@ -86,4 +88,4 @@ CREATE TRIGGER IF NOT EXISTS plugin_kv_removed AFTER DELETE ON plugin_kv BEGIN
         WHERE plugin = OLD.plugin;
 END;
 
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;

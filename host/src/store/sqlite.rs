@@ -39,7 +39,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// The schema version this build reads and writes (`PRAGMA user_version`,
 /// set by `schema.sql`). Older files are migrated at open; newer ones are
 /// refused, as this build cannot know what they mean.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
@@ -282,15 +282,23 @@ fn upgrade(conn: &Connection, version: i64) -> rusqlite::Result<()> {
                  FROM plugin_kv GROUP BY plugin;",
         )?;
     }
-    // Version 3 counts replays; checked by column, not by number, so a
-    // migration cut short completes at the next open.
-    let has_replays: bool = conn.query_row(
-        "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = 'replays'",
-        [],
-        |row| row.get(0),
-    )?;
-    if !has_replays {
-        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0")?;
+    // Columns added since: checked by column, not by number, so a migration
+    // cut short completes at the next open. Version 3 counts replays;
+    // version 6 keeps each delivery's last log lines.
+    for (column, definition) in [
+        ("replays", "INTEGER NOT NULL DEFAULT 0"),
+        ("last_logs", "TEXT"),
+    ] {
+        let present: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = ?1",
+            [column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE deliveries ADD COLUMN {column} {definition}"
+            ))?;
+        }
     }
     Ok(())
 }
@@ -716,7 +724,7 @@ fn append(
 
 const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
      d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
-     d.created_at, d.updated_at";
+     d.created_at, d.updated_at, d.last_logs";
 
 /// A column holding a name one of our enums parses; anything else is an error
 /// naming the column, not a silent default.
@@ -785,6 +793,7 @@ fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
         next_attempt_at: row.get(9)?,
         created_at: row.get(10)?,
         updated_at: row.get(11)?,
+        last_logs: super::logs_from_json(row.get::<_, Option<String>>(12)?.as_deref()),
     })
 }
 
@@ -855,7 +864,7 @@ impl Store for SqliteStore {
             let mut update = tx.prepare_cached(
                 "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                     last_failure_kind = ?4, last_failure_message = ?5, plugin_version = ?6,
-                    updated_at = ?7
+                    updated_at = ?7, last_logs = ?9
                  WHERE id = ?1 AND replays = ?8",
             )?;
             let now = now_ms();
@@ -873,7 +882,8 @@ impl Store for SqliteStore {
                     message,
                     &*a.plugin_version,
                     now,
-                    a.replays
+                    a.replays,
+                    super::logs_json(&a.logs)
                 ])?;
                 let mut recorded_as = RecordedAs::Given;
                 if updated == 0 {
@@ -897,7 +907,8 @@ impl Store for SqliteStore {
                         conflict,
                         &*a.plugin_version,
                         now,
-                        a.replays
+                        a.replays,
+                        super::logs_json(&a.logs)
                     ])?;
                     recorded_as = RecordedAs::Conflict(conflict);
                 }
@@ -1233,10 +1244,67 @@ mod tests {
             status,
             next_attempt_at: now_ms(),
             failure: None,
+            logs: vec!["info: <script>x</script>\0".into()],
             plugin: "p".into(),
             kv: kv.into(),
             kv_quota,
         }
+    }
+
+    /// What the metrics and the console read: counts by status, the oldest
+    /// due delivery, an attempt's log lines, and the listing's filters.
+    #[test]
+    fn stats_logs_and_filters_read_what_was_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+        let conn = connect(&path, Duration::from_secs(5)).unwrap();
+        let received = now_ms() - 5_000;
+        let mut ids = Vec::new();
+        for key in ["evt_1", "evt_2", "evt_3"] {
+            let body = format!(r#"{{"id":"{key}","type":"t","data":{{}}}}"#);
+            let event = Event::parse(body.as_bytes()).unwrap();
+            match append(&conn, &event, &["p".into()], received).unwrap() {
+                Appended::New(new) => ids.extend(new),
+                Appended::Duplicate => unreachable!(),
+            }
+        }
+        let made = store
+            .record(vec![kv_attempt(ids[0], Status::Succeeded, vec![], 0)])
+            .unwrap();
+        assert_eq!(made, [RecordedAs::Given]);
+        let stats = store.stats(now_ms()).unwrap();
+        assert_eq!(
+            (stats.count(Status::Succeeded), stats.count(Status::Pending)),
+            (1, 2)
+        );
+        assert_eq!(stats.oldest_due, Some(received), "pending since received");
+        assert_eq!(store.stats(received - 1).unwrap().oldest_due, None);
+
+        let list = |filter: Filter| store.deliveries(&filter).unwrap();
+        let first = list(Filter {
+            event_key: Some("evt_1".into()),
+            ..Filter::default()
+        });
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].last_logs, ["info: <script>x</script>\0"]);
+        let older = list(Filter {
+            before_id: Some(ids[2]),
+            limit: Some(1),
+            ..Filter::default()
+        });
+        assert_eq!(older.iter().map(|d| d.id).collect::<Vec<_>>(), [ids[1]]);
+        let window = |since, until| {
+            list(Filter {
+                since,
+                until,
+                ..Filter::default()
+            })
+            .len()
+        };
+        assert_eq!(window(Some(received), Some(received + 1)), 3);
+        assert_eq!(window(Some(received + 1), None), 0);
+        assert_eq!(window(None, Some(received)), 0);
     }
 
     #[test]

@@ -105,7 +105,7 @@ function eventRow(event) {
     { class: "event-row" },
     el("td", {}, time(event.received_at)),
     el("td", {}, el("a", { href: "#/event/" + encodeURIComponent(event.key), class: "event-key" }, event.key)),
-    el("td", {}, event.type),
+    el("td", {}, event.event_type),
     el(
       "td",
       {},
@@ -202,7 +202,7 @@ async function showEvent(key) {
   );
   view(
     el("h1", {}, "Event ", el("code", { id: "event-key" }, event.key)),
-    el("p", {}, el("span", { id: "event-type" }, event.type), " · received ", time(event.received_at)),
+    el("p", {}, el("span", { id: "event-type" }, event.event_type), " · received ", time(event.received_at)),
     el("button", { id: "replay-all", onclick: () => replay(event.key).catch((e) => show("error", e.message)) }, "Replay to every plugin"),
     el("h2", {}, "Deliveries"),
     el(

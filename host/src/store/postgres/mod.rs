@@ -39,7 +39,7 @@ use crate::runtime::kv::{KvOp, KvRead, parse_integer};
 use crate::status::{PluginState, PluginStatus};
 
 /// The schema version this build reads and writes (`hooks_schema.version`).
-pub const PG_SCHEMA_VERSION: i32 = 1;
+pub const PG_SCHEMA_VERSION: i32 = 2;
 
 /// This host's claim on the deliveries it runs.
 #[derive(Debug, Clone)]
@@ -68,7 +68,10 @@ const MIGRATION_LOCK: i64 = 0x5354_4154_4553_4554; // "STATESET"
 /// Each schema version's migration from the one before: `MIGRATIONS[0]`
 /// makes version 1. A database at [`PG_SCHEMA_VERSION`] runs none, so a
 /// host starting beside busy ones takes no table locks.
-const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1];
+const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: each delivery's last log lines (a JSON array of strings).
+const SCHEMA_V2: &str = "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_logs TEXT;";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -367,7 +370,7 @@ impl Drop for PgStore {
 
 const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
      d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
-     d.created_at, d.updated_at";
+     d.created_at, d.updated_at, d.last_logs";
 
 fn delivery_row(row: &tokio_postgres::Row) -> Result<DeliveryRecord, StoreError> {
     let status: String = row.get(4);
@@ -391,6 +394,7 @@ fn delivery_row(row: &tokio_postgres::Row) -> Result<DeliveryRecord, StoreError>
         next_attempt_at: row.get(9),
         created_at: row.get(10),
         updated_at: row.get(11),
+        last_logs: super::logs_from_json(row.get::<_, Option<&str>>(12)),
     })
 }
 
@@ -899,7 +903,7 @@ impl Store for PgStore {
                     "UPDATE deliveries SET status = $2, attempts = attempts + 1,
                          next_attempt_at = $3, last_failure_kind = $4,
                          last_failure_message = $5, plugin_version = $6, updated_at = $7,
-                         claimed_by = NULL, lease_until = NULL
+                         claimed_by = NULL, lease_until = NULL, last_logs = $10
                      WHERE id = $1 AND replays = $8 AND claimed_by = $9",
                 )
                 .await
@@ -947,6 +951,8 @@ impl Store for PgStore {
                             &now,
                             &a.replays,
                             &host,
+                            // JSON escapes a NUL, which PostgreSQL text cannot hold.
+                            &super::logs_json(&a.logs),
                         ],
                     )
                     .await
