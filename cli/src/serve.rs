@@ -24,7 +24,7 @@ pub struct ServeArgs {
     listen: SocketAddr,
     /// Where the admin app listens: `GET /metrics`, the console (`/`) and its
     /// API. Keep it off the public network: it is not the webhook port.
-    #[arg(long, default_value = "127.0.0.1:3001")]
+    #[arg(long, default_value = "127.0.0.1:3002")]
     admin_listen: SocketAddr,
     /// The bearer token the admin app requires (16 characters or more)
     /// [default: a random one per start]. Either way it is written, with the

@@ -8,10 +8,17 @@
 //!
 //! Then `GET /` is the app's own route and `POST /webhooks/stateset` is the
 //! webhook host, with the same verification, limits and plugins as `serve`.
-//! Ctrl-C shuts the host down gracefully before the app exits.
+//! `GET /metrics` is the app's one Prometheus registry: its own counter and
+//! the host's `stateset_hooks_*` metrics side by side. The app decides who
+//! may read it (here: it listens on loopback only). Ctrl-C shuts the host
+//! down gracefully before the app exits.
+
+use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use stateset_hooks::{Config, Hooks, Secret};
 
 #[tokio::main]
@@ -24,8 +31,34 @@ async fn main() -> anyhow::Result<()> {
     // Loading compiles components: keep it off the async threads.
     let hooks = tokio::task::spawn_blocking(move || Hooks::new(config)).await??;
 
+    // The app's own registry, with the host's metrics registered into it.
+    let mut registry = Registry::default();
+    let visits = Counter::<u64>::default();
+    registry.register(
+        "shop_visits",
+        "Visits to the shop's own route",
+        visits.clone(),
+    );
+    hooks.metrics().register(&mut registry);
+    let registry = Arc::new(registry);
+
     let app = Router::new()
-        .route("/", get(|| async { "my shop's own API" }))
+        .route(
+            "/",
+            get(move || async move {
+                visits.inc();
+                "my shop's own API"
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                let mut text = String::new();
+                prometheus_client::encoding::text::encode(&mut text, &registry)
+                    .expect("writing to a String cannot fail");
+                text
+            }),
+        )
         .merge(hooks.router());
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
