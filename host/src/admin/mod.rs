@@ -294,7 +294,7 @@ mod tests {
             all.extend_from_slice(extra);
             open.check(&Method::POST, &headers(&all))
         };
-        assert!(post(&[json.clone()]).is_ok());
+        assert!(post(std::slice::from_ref(&json)).is_ok());
         assert!(post(&[json.clone(), (header::ORIGIN, "http://127.0.0.1:3001")]).is_ok());
         assert!(post(&[]).is_err(), "a form post");
         assert!(post(&[(header::CONTENT_TYPE, "text/plain")]).is_err());
