@@ -23,4 +23,5 @@ mod quarantine;
 mod receiver;
 mod reload;
 mod scale_out;
+mod traces;
 mod untrusted_text;

@@ -9,8 +9,8 @@ mod run;
 mod scaffold;
 mod serve;
 mod store_commands;
+mod telemetry;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,6 +18,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use stateset_hooks::Secret;
 use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
+use telemetry::LogFormat;
 
 /// Receive StateSet webhooks and run them through sandboxed WebAssembly plugins.
 ///
@@ -31,14 +32,18 @@ struct Cli {
     /// object per line) for log shippers.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STATESET_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Export spans (each webhook, plugin call and record, in the sender's
+    /// W3C trace) over OTLP/HTTP to this collector, e.g.
+    /// `http://127.0.0.1:4318`. Needs a build with `--features otel`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "STATESET_OTLP_ENDPOINT"
+    )]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,16 +118,14 @@ fn main() -> ExitCode {
         Command::Run { .. } => "warn,plugin=off",
         _ => "info",
     };
-    let log = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => log.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => log.json().init(),
-    }
+    let _telemetry =
+        match telemetry::init(cli.log_format, default_filter, cli.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        };
     let location = match cli.store.location() {
         Ok(location) => location,
         Err(error) => {

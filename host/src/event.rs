@@ -13,6 +13,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::trace::TraceParent;
+
 /// Every event type the StateSet webhook document names (it lists fifteen). Other types are
 /// accepted too (StateSet may add some); they reach plugins subscribed to them
 /// or to everything.
@@ -49,6 +51,9 @@ pub struct Event {
     created_at: Option<String>,
     /// The whole body, proven UTF-8 JSON within [`MAX_DEPTH`].
     body: Arc<str>,
+    /// The trace it belongs to (the sender's `traceparent`, or one begun
+    /// when it arrived), kept with it in the store.
+    trace: Option<TraceParent>,
 }
 
 #[derive(Deserialize)]
@@ -105,7 +110,19 @@ impl Event {
             event_type,
             created_at,
             body: body.into(),
+            trace: None,
         })
+    }
+
+    /// The same event in trace `trace`.
+    pub fn with_trace(mut self, trace: Option<TraceParent>) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// The trace it belongs to, if one was kept.
+    pub fn trace(&self) -> Option<&TraceParent> {
+        self.trace.as_ref()
     }
 
     /// The idempotency key: the envelope's `id`, or `sha256:<hex>` of the body

@@ -20,6 +20,8 @@ use crate::dispatch::{Accepted, Dispatcher};
 use crate::event::{Event, EventError};
 use crate::metrics::{Metrics, Received};
 use crate::signature::{SIGNATURE_HEADER, Secret, SignatureError, decode_header};
+use crate::trace::{TRACEPARENT, TraceParent};
+use tracing::Instrument as _;
 
 /// Seconds a sender is asked to wait when the host cannot take an event now.
 const RETRY_AFTER_SECS: u64 = 5;
@@ -50,7 +52,17 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let received = check_and_accept(&endpoint, &headers, body).await;
+    let span = tracing::info_span!(
+        "webhook",
+        event = tracing::field::Empty,
+        event_type = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let trace = TraceParent::for_request(headers.get(TRACEPARENT).map(|v| v.as_bytes()), &span);
+    span.record("trace_id", trace.trace_id_hex());
+    let received = check_and_accept(&endpoint, &headers, body, trace)
+        .instrument(span)
+        .await;
     endpoint.metrics.received(match &received {
         Ok(Accepted::New(_)) => Received::Accepted,
         Ok(Accepted::Duplicate) => Received::Duplicate,
@@ -67,6 +79,7 @@ async fn check_and_accept(
     endpoint: &Endpoint,
     headers: &HeaderMap,
     body: Body,
+    trace: TraceParent,
 ) -> Result<Accepted, ApiError> {
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     // Refuse what cannot verify before reading a byte of the body.
@@ -83,7 +96,10 @@ async fn check_and_accept(
         .map_err(|_| ApiError::BodyTimeout { timeout })?
         .map_err(|error| ApiError::from_body_error(error, limit))?;
     endpoint.secret.verify(&body, signature)?;
-    let event = Event::parse(&body)?;
+    let event = Event::parse(&body)?.with_trace(Some(trace));
+    let span = tracing::Span::current();
+    span.record("event", event.key());
+    span.record("event_type", event.event_type());
     if !event.is_known_type() {
         tracing::info!(
             event = event.key(),

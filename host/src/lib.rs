@@ -66,6 +66,7 @@ pub mod signature;
 pub mod status;
 pub mod store;
 pub mod text;
+pub mod trace;
 pub mod watch;
 
 pub use config::{Config, ConfigError};

@@ -96,7 +96,7 @@ pub struct Report {
 }
 
 /// An attempt on its way to the store, and its report, sent once recorded.
-type Recorded = (Attempt, Report);
+type Recorded = (Attempt, Report, tracing::Span);
 
 /// What `accept` did with an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,8 +482,19 @@ fn record_loop(shared: &DispatchState, records: &Receiver<Recorded>, closed: &Re
 }
 
 fn write(shared: &DispatchState, batch: Vec<Recorded>) {
-    let ids: Vec<DeliveryId> = batch.iter().map(|(a, _)| a.id).collect();
-    let (attempts, reports): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let ids: Vec<DeliveryId> = batch.iter().map(|(a, ..)| a.id).collect();
+    // Each attempt's record is a span of its call's, open while the batch
+    // that carries it is written.
+    let mut spans = Vec::with_capacity(batch.len());
+    let (attempts, reports): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|(attempt, report, call)| {
+            spans.push(
+                tracing::info_span!(parent: &call, "store.record", status = tracing::field::Empty),
+            );
+            (attempt, report)
+        })
+        .unzip();
     let recorded = contain(|| shared.store.record(attempts))
         .unwrap_or_else(|panic| Err(StoreError::Failed(format!("panic: {panic}"))));
     let recorded = recorded.unwrap_or_else(|error| {
@@ -496,13 +507,14 @@ fn write(shared: &DispatchState, batch: Vec<Recorded>) {
     });
     // Released whatever happened, so none is stuck in the queue's books.
     shared.in_flight.release(ids);
-    for (mut report, recorded_as) in reports.into_iter().zip(recorded) {
+    for ((mut report, recorded_as), span) in reports.into_iter().zip(recorded).zip(spans) {
         // Where the delivery stands is what the store made of the attempt.
         match recorded_as {
             RecordedAs::Given => {}
             RecordedAs::Superseded => report.status = Status::Pending,
             RecordedAs::Conflict(_) => report.status = Status::Failed,
         }
+        span.record("status", report.status.as_str());
         shared.metrics.attempt(
             &report.plugin,
             report.status,

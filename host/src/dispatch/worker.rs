@@ -36,20 +36,45 @@ impl Drop for Alive<'_> {
     }
 }
 
+/// The span of one delivery's call: in the event's trace (the sender's, or
+/// the one begun when it arrived), named by plugin, event and attempt.
+fn call_span(due: &Due) -> tracing::Span {
+    let (event, event_type, trace) = match &due.event {
+        Ok(event) => (event.key(), event.event_type(), event.trace()),
+        Err(unreadable) => (unreadable.key.as_str(), "", None),
+    };
+    let span = tracing::info_span!(
+        "plugin.call",
+        plugin = %due.plugin,
+        event,
+        event_type,
+        attempt = due.attempts + 1,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(trace) = trace {
+        span.record("trace_id", trace.trace_id_hex());
+        trace.adopt(&span);
+    }
+    span
+}
+
 impl Worker {
     pub(super) fn run(self) {
         let _alive = Alive(&self.shared);
         // Ends when the queue's sender is gone (shutdown) and the queue is empty.
         for due in self.jobs.iter() {
+            let span = call_span(&due);
             // A panic costs this delivery one attempt, recorded as the
             // host's failure, never the worker.
-            let recorded = contain(|| self.handle(&due)).unwrap_or_else(|panic| {
-                tracing::error!(plugin = %due.plugin, delivery = due.id, panic, "the host panicked handling a delivery");
-                Some(self.host_error(&due, format!("the host panicked handling this delivery: {panic}")))
+            let recorded = span.in_scope(|| {
+                contain(|| self.handle(&due)).unwrap_or_else(|panic| {
+                    tracing::error!(plugin = %due.plugin, delivery = due.id, panic, "the host panicked handling a delivery");
+                    Some(self.host_error(&due, format!("the host panicked handling this delivery: {panic}")))
+                })
             });
             match recorded {
-                Some(recorded) => {
-                    let _ = self.record.send(recorded);
+                Some((attempt, report)) => {
+                    let _ = self.record.send((attempt, report, span));
                 }
                 None => self.shared.in_flight.release([due.id]),
             }
@@ -60,7 +85,7 @@ impl Worker {
     }
 
     /// Run one delivery; `None` when it was not run and waits in the store.
-    fn handle(&self, due: &Due) -> Option<Recorded> {
+    fn handle(&self, due: &Due) -> Option<(Attempt, Report)> {
         let event = match &due.event {
             Ok(event) => event,
             Err(unreadable) => {
@@ -133,7 +158,7 @@ impl Worker {
 
     /// An attempt the host failed: recorded as `host-error` and retried like
     /// any failure, never counted against the plugin's health.
-    fn host_error(&self, due: &Due, message: String) -> Recorded {
+    fn host_error(&self, due: &Due, message: String) -> (Attempt, Report) {
         let attempt = due.attempts + 1;
         let (status, next_attempt_at) = self.status_after(attempt, Some(FailureKind::HostError));
         let version: Arc<str> = self

@@ -1,6 +1,6 @@
 -- stateset-hooks store, schema version 6 (2: plugin limits and counters as JSON; 3: replay counts;
 -- 4: plugins' key-value state; 5: its usage per plugin, kept by triggers, and an expiry index;
--- 6: each delivery's last log lines), as
+-- 6: each delivery's last log lines and each event's trace context), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -9,7 +9,8 @@ CREATE TABLE IF NOT EXISTS events (
     key         TEXT PRIMARY KEY,       -- the envelope's `id`, or 'sha256:<hex>' of the body
     event_type  TEXT NOT NULL,          -- the envelope's `type`
     received_at INTEGER NOT NULL,
-    body        BLOB NOT NULL           -- the raw body, byte for byte
+    body        BLOB NOT NULL,          -- the raw body, byte for byte
+    traceparent TEXT                    -- W3C trace context its deliveries' calls join
 );
 
 -- One row per (event, plugin subscribed when it arrived).

@@ -27,6 +27,7 @@ use crate::event::Event;
 use crate::runtime::FailureKind;
 use crate::runtime::kv::{KvOp, KvRead, parse_integer};
 use crate::status::{PluginState, PluginStatus};
+use crate::trace::TraceParent;
 
 /// Where the database goes unless configured: the working directory.
 pub const DEFAULT_DB_PATH: &str = "stateset-hooks.db";
@@ -284,19 +285,20 @@ fn upgrade(conn: &Connection, version: i64) -> rusqlite::Result<()> {
     }
     // Columns added since: checked by column, not by number, so a migration
     // cut short completes at the next open. Version 3 counts replays;
-    // version 6 keeps each delivery's last log lines.
-    for (column, definition) in [
-        ("replays", "INTEGER NOT NULL DEFAULT 0"),
-        ("last_logs", "TEXT"),
+    // version 6 keeps each delivery's last log lines and each event's trace.
+    for (table, column, definition) in [
+        ("deliveries", "replays", "INTEGER NOT NULL DEFAULT 0"),
+        ("deliveries", "last_logs", "TEXT"),
+        ("events", "traceparent", "TEXT"),
     ] {
         let present: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('deliveries') WHERE name = ?1",
-            [column],
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
             |row| row.get(0),
         )?;
         if !present {
             conn.execute_batch(&format!(
-                "ALTER TABLE deliveries ADD COLUMN {column} {definition}"
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
             ))?;
         }
     }
@@ -698,14 +700,16 @@ fn append(
 ) -> rusqlite::Result<Appended> {
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO events (key, event_type, received_at, body) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO events (key, event_type, received_at, body, traceparent)
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (key) DO NOTHING",
         )?
         .execute(params![
             event.key(),
             event.event_type(),
             now,
-            event.payload().as_bytes()
+            event.payload().as_bytes(),
+            event.trace().map(ToString::to_string)
         ])?;
     if inserted == 0 {
         return Ok(Appended::Duplicate);
@@ -758,7 +762,12 @@ fn due_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
     let key: String = row.get(3)?;
     let event = match row.get_ref(4)? {
         ValueRef::Blob(body) | ValueRef::Text(body) => {
-            Event::parse(body).map(Arc::new).map_err(|e| e.to_string())
+            let trace = row
+                .get::<_, Option<String>>(7)?
+                .and_then(|t| TraceParent::parse(t.as_bytes()));
+            Event::parse(body)
+                .map(|e| Arc::new(e.with_trace(trace)))
+                .map_err(|e| e.to_string())
         }
         other => Err(format!("body is stored as {}", other.data_type())),
     };
@@ -823,7 +832,8 @@ impl Store for SqliteStore {
         }
         let placeholders = vec!["?"; plugins.len()].join(", ");
         let sql = format!(
-            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays, e.received_at
+            "SELECT d.id, d.plugin, d.attempts, d.event_key, e.body, d.replays, e.received_at,
+                 e.traceparent
              FROM deliveries d JOIN events e ON e.key = d.event_key
              WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?
                AND (d.attempts > 0 OR d.updated_at <= ?)

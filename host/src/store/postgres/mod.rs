@@ -37,6 +37,7 @@ use crate::event::Event;
 use crate::runtime::FailureKind;
 use crate::runtime::kv::{KvOp, KvRead, parse_integer};
 use crate::status::{PluginState, PluginStatus};
+use crate::trace::TraceParent;
 
 /// The schema version this build reads and writes (`hooks_schema.version`).
 pub const PG_SCHEMA_VERSION: i32 = 2;
@@ -70,8 +71,12 @@ const MIGRATION_LOCK: i64 = 0x5354_4154_4553_4554; // "STATESET"
 /// host starting beside busy ones takes no table locks.
 const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
 
-/// Version 2: each delivery's last log lines (a JSON array of strings).
-const SCHEMA_V2: &str = "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_logs TEXT;";
+/// Version 2: each delivery's last log lines (a JSON array of strings) and
+/// each event's W3C trace context.
+const SCHEMA_V2: &str = "
+ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_logs TEXT;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -411,10 +416,15 @@ fn json<T: serde::de::DeserializeOwned>(text: String) -> Result<T, StoreError> {
 fn due_row(row: &tokio_postgres::Row) -> Due {
     let key: String = row.get(3);
     let body: &[u8] = row.get(4);
-    let event = Event::parse(body).map(Arc::new).map_err(|e| Unreadable {
-        key,
-        reason: format!("the stored event is not deliverable: {e}"),
-    });
+    let trace = row
+        .get::<_, Option<&str>>(7)
+        .and_then(|t| TraceParent::parse(t.as_bytes()));
+    let event = Event::parse(body)
+        .map(|e| Arc::new(e.with_trace(trace)))
+        .map_err(|e| Unreadable {
+            key,
+            reason: format!("the stored event is not deliverable: {e}"),
+        });
     Due {
         id: row.get(0),
         plugin: row.get::<_, String>(1).into(),
@@ -548,12 +558,17 @@ async fn append_together(
     let keys: Vec<&str> = events.iter().map(|e| e.key()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type()).collect();
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.payload().as_bytes()).collect();
+    let traces: Vec<Option<String>> = events
+        .iter()
+        .map(|e| e.trace().map(ToString::to_string))
+        .collect();
     let mut fresh: std::collections::HashSet<String> = tx
         .query(
-            "INSERT INTO events (key, event_type, received_at, body)
-             SELECT k, t, $3, b FROM unnest($1::TEXT[], $2::TEXT[], $4::BYTEA[]) AS e (k, t, b)
+            "INSERT INTO events (key, event_type, received_at, body, traceparent)
+             SELECT k, t, $3, b, p
+             FROM unnest($1::TEXT[], $2::TEXT[], $4::BYTEA[], $5::TEXT[]) AS e (k, t, b, p)
              ON CONFLICT (key) DO NOTHING RETURNING key",
-            &[&keys, &types, &now, &bodies],
+            &[&keys, &types, &now, &bodies, &traces],
         )
         .await?
         .iter()
@@ -654,13 +669,15 @@ async fn append(
 ) -> Result<Appended, tokio_postgres::Error> {
     let inserted = tx
         .execute(
-            "INSERT INTO events (key, event_type, received_at, body) VALUES ($1, $2, $3, $4)
+            "INSERT INTO events (key, event_type, received_at, body, traceparent)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (key) DO NOTHING",
             &[
                 &event.key(),
                 &event.event_type(),
                 &now,
                 &event.payload().as_bytes(),
+                &event.trace().map(ToString::to_string),
             ],
         )
         .await?;
@@ -873,7 +890,7 @@ impl Store for PgStore {
                              FOR UPDATE SKIP LOCKED)
                          RETURNING id, plugin, attempts, event_key, replays, next_attempt_at)
                      SELECT c.id, c.plugin, c.attempts, c.event_key, e.body, c.replays,
-                         e.received_at
+                         e.received_at, e.traceparent
                      FROM claimed c JOIN events e ON e.key = c.event_key
                      ORDER BY c.next_attempt_at, c.id",
                     &[
