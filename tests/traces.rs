@@ -41,7 +41,9 @@ fn spans_of_a_webhook_and_its_calls_join_the_senders_trace_over_otlp() {
     let plugins = PluginDir::new();
     plugins.add("notify", "misbehave", None);
     let endpoint = format!("http://{collector}");
-    let mut host = ServeProcess::start_with(&plugins, None, &["--otlp-endpoint", &endpoint]);
+    // Quiet logs (the host's spans off for them): spans are exported anyway.
+    let quiet = "warn,plugin=info,stateset_hooks::serve=info";
+    let mut host = ServeProcess::start_with(&plugins, Some(quiet), &["--otlp-endpoint", &endpoint]);
     let sender_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let sender_span = "00f067aa0ba902b7";
     runtime.block_on(async {

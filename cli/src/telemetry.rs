@@ -6,6 +6,7 @@
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -36,35 +37,39 @@ impl Drop for Telemetry {
 }
 
 /// Install the subscriber: `RUST_LOG` (or `default_filter`) picks what is
-/// logged; `otlp` is where spans are exported, if anywhere.
+/// logged; `otlp` is where spans are exported, if anywhere: the host's
+/// spans whatever the log filter (quiet logs keep their traces).
 pub fn init(
     format: LogFormat,
     default_filter: &str,
     otlp: Option<&str>,
 ) -> anyhow::Result<Telemetry> {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let text = matches!(format, LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter())
     });
     let json = matches!(format, LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
+            .with_filter(filter())
     });
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(text)
-        .with(json);
+    let registry = tracing_subscriber::registry().with(text).with(json);
 
     #[cfg(feature = "otel")]
     {
         let provider = otlp.map(exporter).transpose()?;
         let layer = provider.as_ref().map(|provider| {
             use opentelemetry::trace::TracerProvider as _;
-            tracing_opentelemetry::layer().with_tracer(provider.tracer("stateset-hooks"))
+            let spans = tracing_subscriber::filter::Targets::new()
+                .with_target("stateset_hooks", tracing::Level::INFO);
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("stateset-hooks"))
+                .with_filter(spans)
         });
         registry.with(layer).init();
         Ok(Telemetry { provider })
