@@ -28,7 +28,10 @@ async fn scrape(server: &TestServer) -> String {
         .to_str()
         .unwrap()
         .to_owned();
-    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
     response.text().await.unwrap()
 }
 
@@ -97,7 +100,7 @@ async fn metrics_count_what_the_sent_events_did() {
     let status = |s: &str| {
         sample(
             &text,
-            &format!("stateset_hooks_deliveries{{status=\"{s}\"}}"),
+            &format!("stateset_hooks_store_deliveries{{status=\"{s}\"}}"),
         )
     };
     assert_eq!(
@@ -118,6 +121,16 @@ async fn metrics_count_what_the_sent_events_did() {
         !text.contains("evt_"),
         "no event id in a label or anywhere: {text}"
     );
+    let mut families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    let all = families.len();
+    families.sort_unstable();
+    families.dedup();
+    assert_eq!(families.len(), all, "each family named once: {text}");
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
 
     // Only with the token.
     let client = reqwest::Client::new();

@@ -17,6 +17,23 @@ use stateset_hooks::runtime::{
 };
 use stateset_hooks::{Config, ConfigError, Hooks, config, server};
 
+/// `--admin-token`'s value, which `Debug` never shows.
+#[derive(Clone)]
+struct AdminToken(String);
+
+impl std::str::FromStr for AdminToken {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on.
@@ -30,7 +47,7 @@ pub struct ServeArgs {
     /// [default: a random one per start]. Either way it is written, with the
     /// admin address, to `<db>.admin` (mode 0600).
     #[arg(long, env = "STATESET_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    admin_token: Option<AdminToken>,
     /// Serve the admin app without a token, for development: only with a
     /// loopback --admin-listen, and only to loopback Host names.
     #[arg(long, conflicts_with = "admin_token")]
@@ -246,7 +263,7 @@ pub fn serve(
     }
 
     let access = match (&args.admin_token, args.admin_dev) {
-        (Some(token), _) => {
+        (Some(AdminToken(token)), _) => {
             Access::token(token).map_err(|why| anyhow::anyhow!("--admin-token: {why}"))?
         }
         (None, true) if args.admin_listen.ip().is_loopback() => Access::Open,

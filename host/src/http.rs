@@ -52,17 +52,7 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let span = tracing::info_span!(
-        "webhook",
-        event = tracing::field::Empty,
-        event_type = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-    );
-    let trace = TraceParent::for_request(headers.get(TRACEPARENT).map(|v| v.as_bytes()), &span);
-    span.record("trace_id", trace.trace_id_hex());
-    let received = check_and_accept(&endpoint, &headers, body, trace)
-        .instrument(span)
-        .await;
+    let received = check_and_accept(&endpoint, &headers, body).await;
     endpoint.metrics.received(match &received {
         Ok(Accepted::New(_)) => Received::Accepted,
         Ok(Accepted::Duplicate) => Received::Duplicate,
@@ -79,7 +69,6 @@ async fn check_and_accept(
     endpoint: &Endpoint,
     headers: &HeaderMap,
     body: Body,
-    trace: TraceParent,
 ) -> Result<Accepted, ApiError> {
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     // Refuse what cannot verify before reading a byte of the body.
@@ -96,7 +85,27 @@ async fn check_and_accept(
         .map_err(|_| ApiError::BodyTimeout { timeout })?
         .map_err(|error| ApiError::from_body_error(error, limit))?;
     endpoint.secret.verify(&body, signature)?;
-    let event = Event::parse(&body)?.with_trace(Some(trace));
+    // Only a verified request joins the sender's trace (an unsigned one
+    // cannot put spans in any trace it names, or turn sampling off).
+    let span = tracing::info_span!(
+        "webhook",
+        event = tracing::field::Empty,
+        event_type = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let trace = TraceParent::for_request(headers.get(TRACEPARENT).map(|v| v.as_bytes()), &span);
+    span.record("trace_id", trace.trace_id_hex());
+    accept(endpoint, &body, trace).instrument(span).await
+}
+
+/// A verified body: parsed, stored, handed to the plugins, in the
+/// `webhook` span.
+async fn accept(
+    endpoint: &Endpoint,
+    body: &[u8],
+    trace: TraceParent,
+) -> Result<Accepted, ApiError> {
+    let event = Event::parse(body)?.with_trace(Some(trace));
     let span = tracing::Span::current();
     span.record("event", event.key());
     span.record("event_type", event.event_type());

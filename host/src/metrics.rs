@@ -27,6 +27,9 @@ use crate::store::{CommitMetrics, Status, Store, now_ms};
 /// Every metric's name starts with this.
 pub const PREFIX: &str = "stateset_hooks";
 
+/// What [`Metrics::encode`] writes: OpenMetrics text, which Prometheus reads.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// How a webhook request ended, as `webhooks_received_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Received {
@@ -171,8 +174,9 @@ impl Metrics {
         r.register_collector(Box::new(self.gauges.clone()));
     }
 
-    /// The metrics in the Prometheus text format, as `GET /metrics` serves
-    /// them.
+    /// The metrics in the OpenMetrics text format ([`CONTENT_TYPE`]), as
+    /// `GET /metrics` serves them. Reads the store: call it off the async
+    /// threads.
     pub fn encode(&self) -> String {
         let mut registry = Registry::default();
         self.register(&mut registry);
@@ -242,8 +246,9 @@ impl Collector for Gauges {
         // scrape (absent, not zero), and says so in the log.
         match self.store.stats(now) {
             Ok(stats) => {
+                // Not `deliveries`: that is the counter's family name.
                 let mut family = encoder.encode_descriptor(
-                    "deliveries",
+                    "store_deliveries",
                     "Deliveries in the store, by status",
                     None,
                     prometheus_client::metrics::MetricType::Gauge,

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::header;
 use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -53,10 +54,19 @@ async fn main() -> anyhow::Result<()> {
         .route(
             "/metrics",
             get(move || async move {
-                let mut text = String::new();
-                prometheus_client::encoding::text::encode(&mut text, &registry)
-                    .expect("writing to a String cannot fail");
-                text
+                // The host's gauges read its store: off the async threads.
+                let text = tokio::task::spawn_blocking(move || {
+                    let mut text = String::new();
+                    prometheus_client::encoding::text::encode(&mut text, &registry)
+                        .expect("writing to a String cannot fail");
+                    text
+                })
+                .await
+                .expect("the encoder does not panic");
+                (
+                    [(header::CONTENT_TYPE, stateset_hooks::metrics::CONTENT_TYPE)],
+                    text,
+                )
             }),
         )
         .merge(hooks.router());

@@ -100,32 +100,42 @@ fn status(value: Option<String>) -> Result<Option<Status>, ApiError> {
         .transpose()
 }
 
-/// The page's deliveries grouped by event, newest first, and the cursor
-/// for the next page (none when this one is the last).
-fn page(rows: Vec<DeliveryRecord>, limit: usize) -> Value {
-    let next = (rows.len() == limit)
-        .then(|| rows.last().map(|d| d.id))
+/// The events a page of matching deliveries names, newest first, each with
+/// all its deliveries, and the cursor for the next page (none when this one
+/// is the last). A full page leaves out its last event, which may go on
+/// past it: the next page starts there, so no event is cut in two.
+fn page(hooks: &Hooks, rows: Vec<DeliveryRecord>, limit: usize) -> Result<Value, StoreError> {
+    let mut keys: Vec<&str> = Vec::new();
+    for row in &rows {
+        if !keys.contains(&row.event_key.as_str()) {
+            keys.push(&row.event_key);
+        }
+    }
+    let full = rows.len() == limit;
+    if full && keys.len() > 1 {
+        keys.pop();
+    }
+    let next = full
+        .then(|| {
+            rows.iter()
+                .filter(|d| keys.contains(&d.event_key.as_str()))
+                .map(|d| d.id)
+                .min()
+        })
         .flatten();
-    let mut events: Vec<Value> = Vec::new();
-    for row in rows {
-        let same = events
-            .last()
-            .is_some_and(|e| e["key"].as_str() == Some(&row.event_key));
-        if !same {
+    let mut events = Vec::with_capacity(keys.len());
+    for key in keys {
+        // Gone meanwhile (purged): left out.
+        if let Some(event) = hooks.store().event(key)? {
             events.push(json!({
-                "key": row.event_key,
-                "event_type": row.event_type,
-                "received_at": row.created_at,
-                "deliveries": [],
+                "key": event.key,
+                "event_type": event.event_type,
+                "received_at": event.received_at,
+                "deliveries": event.deliveries,
             }));
         }
-        let event = events.last_mut().expect("pushed");
-        event["deliveries"]
-            .as_array_mut()
-            .expect("an array")
-            .push(json!(row));
     }
-    json!({ "events": events, "next": next })
+    Ok(json!({ "events": events, "next": next }))
 }
 
 async fn events(State(hooks): State<Hooks>, Query(q): Query<EventsQuery>) -> Answer {
@@ -140,8 +150,12 @@ async fn events(State(hooks): State<Hooks>, Query(q): Query<EventsQuery>) -> Ans
         before_id: q.before,
         limit: Some(limit),
     };
-    let rows = blocking(&hooks, move |h| h.store().deliveries(&filter)).await?;
-    Ok(Json(page(rows, limit)))
+    let page = blocking(&hooks, move |h| {
+        let rows = h.store().deliveries(&filter)?;
+        page(h, rows, limit)
+    })
+    .await?;
+    Ok(Json(page))
 }
 
 async fn event(State(hooks): State<Hooks>, Path(key): Path<String>) -> Answer {

@@ -26,9 +26,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use rand::Rng as _;
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use crate::hooks::Hooks;
+use crate::metrics::CONTENT_TYPE;
 
 mod api;
 mod console;
@@ -42,13 +44,23 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Random bytes in a token: as many as an HMAC-SHA256 key, past guessing.
 const TOKEN_BYTES: usize = 32;
 
-/// Where a running server can be reached for admin requests, and how.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// Where a running server can be reached for admin requests, and how. Its
+/// `Debug` leaves the token out.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct AdminFile {
     /// `http://ip:port` of the server.
     pub url: String,
     /// The bearer token the admin routes require (empty: none).
     pub token: String,
+}
+
+impl std::fmt::Debug for AdminFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminFile")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Who may use the admin listener.
@@ -91,9 +103,12 @@ impl Access {
             Self::Token(token) => {
                 let offered = headers
                     .get(header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .and_then(|v| bearer(v.as_bytes()))
                     .unwrap_or_default();
-                if bool::from(offered.ct_eq(token.as_bytes())) {
+                // Hashes compared, so not even the token's length shows in
+                // the time a refusal takes.
+                let (offered, token) = (Sha256::digest(offered), Sha256::digest(token.as_bytes()));
+                if bool::from(offered.as_slice().ct_eq(token.as_slice())) {
                     Ok(())
                 } else {
                     Err("missing or wrong admin token")
@@ -103,9 +118,10 @@ impl Access {
                 if !headers.get(header::HOST).is_some_and(is_loopback_host) {
                     return Err("without a token, only a loopback Host is answered");
                 }
+                let host = headers.get(header::HOST).map(|h| h.as_bytes());
                 let foreign = headers
                     .get(header::ORIGIN)
-                    .is_some_and(|o| !is_loopback_origin(o));
+                    .is_some_and(|o| o.as_bytes().strip_prefix(b"http://") != host);
                 let json = headers
                     .get(header::CONTENT_TYPE)
                     .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
@@ -132,13 +148,10 @@ fn is_loopback_host(host: &header::HeaderValue) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn is_loopback_origin(origin: &header::HeaderValue) -> bool {
-    origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.strip_prefix("http://"))
-        .and_then(|host| header::HeaderValue::from_str(host).ok())
-        .is_some_and(|host| is_loopback_host(&host))
+/// The credentials of `Bearer <token>` (the scheme in any case).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
 }
 
 impl AdminFile {
@@ -205,14 +218,16 @@ pub fn router(hooks: &Hooks, access: Access) -> axum::Router {
             "/metrics",
             axum::routing::get({
                 let hooks = hooks.clone();
+                // A scrape reads the store: off the async threads.
                 move || async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        hooks.metrics().encode(),
-                    )
+                    let metrics = hooks.metrics().clone();
+                    match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+                        Err(error) => {
+                            let error = json!({ "error": error.to_string() });
+                            (StatusCode::INTERNAL_SERVER_ERROR, Json(error)).into_response()
+                        }
+                    }
                 }
             }),
         )
@@ -261,6 +276,11 @@ mod tests {
             );
         }
         assert!(access.check(&Method::GET, &HeaderMap::new()).is_err());
+        let lower = headers(&[(header::AUTHORIZATION, "bearer sixteen-chars-ok")]);
+        assert!(
+            access.check(&Method::GET, &lower).is_ok(),
+            "the scheme in any case"
+        );
         assert!(Access::token("fifteen-chars-x").is_err());
     }
 
@@ -296,6 +316,11 @@ mod tests {
         };
         assert!(post(std::slice::from_ref(&json)).is_ok());
         assert!(post(&[json.clone(), (header::ORIGIN, "http://127.0.0.1:3001")]).is_ok());
+        let other_port = (header::ORIGIN, "http://127.0.0.1:8080");
+        assert!(
+            post(&[json.clone(), other_port]).is_err(),
+            "another local app"
+        );
         assert!(post(&[]).is_err(), "a form post");
         assert!(post(&[(header::CONTENT_TYPE, "text/plain")]).is_err());
         assert!(post(&[json, (header::ORIGIN, "https://evil.example")]).is_err());

@@ -155,6 +155,7 @@ async function showEvents() {
     more
   );
   let next = null;
+  let pagedOn = false;
   const load = async (before) => {
     const page = await api(eventsQuery(filters, before));
     const built = page.events.map(eventRow);
@@ -165,12 +166,16 @@ async function showEvents() {
     more.hidden = !next;
     return page;
   };
-  more.addEventListener("click", () => load(next).catch((e) => show("error", e.message)));
+  more.addEventListener("click", () => {
+    pagedOn = true;
+    show("live", "paused while older events show");
+    load(next).catch((e) => show("error", e.message));
+  });
   await load();
-  // Live: the first page again every two seconds, while nobody paged on.
+  // Live: the first page again every two seconds, until someone pages on.
   show("live", "live");
   liveTimer = setInterval(() => {
-    if (rows.children.length <= 50) load().catch((e) => show("error", e.message));
+    if (!pagedOn) load().catch((e) => show("error", e.message));
   }, LIVE_EVERY_MS);
 }
 
