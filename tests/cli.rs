@@ -349,3 +349,42 @@ fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} in {stdout}"))
         .trim()
 }
+
+/// `sign` picks a secret by the fingerprint the host logs; an unknown one
+/// is refused naming those there are.
+#[test]
+fn sign_picks_a_secret_by_fingerprint() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), br#"{"type":"order.created","data":{}}"#).unwrap();
+    let (old, new) = (
+        stateset_hooks::Secret::new("old-secret").unwrap(),
+        stateset_hooks::Secret::new("new-secret").unwrap(),
+    );
+    let sign = |fingerprint: Option<&str>| {
+        let mut command = bin();
+        command
+            .env_remove("STATESET_WEBHOOK_SECRET")
+            .env("STATESET_WEBHOOK_SECRETS", "old-secret,new-secret")
+            .arg("sign")
+            .arg(file.path());
+        if let Some(fingerprint) = fingerprint {
+            command.args(["--secret", fingerprint]);
+        }
+        command.output().unwrap()
+    };
+    let body = std::fs::read(file.path()).unwrap();
+    let printed = |o: std::process::Output| String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    assert_eq!(printed(sign(None)), old.sign(&body), "the first by default");
+    assert_eq!(printed(sign(Some(&new.fingerprint()))), new.sign(&body));
+    let unknown = sign(Some("00000000"));
+    assert!(!unknown.status.success());
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        said.contains(&old.fingerprint()) && said.contains(&new.fingerprint()),
+        "{said}"
+    );
+    assert!(
+        !said.contains("old-secret") && !said.contains("new-secret"),
+        "{said}"
+    );
+}

@@ -22,6 +22,7 @@ mod plugins;
 mod quarantine;
 mod receiver;
 mod reload;
+mod rotation;
 mod scale_out;
 mod traces;
 mod untrusted_text;

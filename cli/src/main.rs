@@ -16,8 +16,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use stateset_hooks::Secret;
-use stateset_hooks::signature::{SECRET_ENV, SIGNATURE_HEADER};
+use stateset_hooks::signature::{SECRET_ENV, SECRETS_ENV, SIGNATURE_HEADER};
+use stateset_hooks::{Secret, Secrets};
 use telemetry::LogFormat;
 
 /// Receive StateSet webhooks and run them through sandboxed WebAssembly plugins.
@@ -54,6 +54,10 @@ enum Command {
     Sign {
         /// The body to sign, byte for byte.
         file: PathBuf,
+        /// Sign with the secret of this fingerprint (as the host logs it)
+        /// [default: the first secret].
+        #[arg(long, value_name = "FINGERPRINT")]
+        secret: Option<String>,
     },
     /// Sign a body, POST it to a URL, print the status and response.
     Send {
@@ -61,6 +65,10 @@ enum Command {
         url: String,
         /// The event JSON to send, byte for byte.
         file: PathBuf,
+        /// Sign with the secret of this fingerprint (as the host logs it)
+        /// [default: the first secret].
+        #[arg(long, value_name = "FINGERPRINT")]
+        secret: Option<String>,
     },
     /// Stand in for a service plugins call: print each request received
     /// (method, path, Idempotency-Key, body) and answer 201.
@@ -134,7 +142,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => secret_from_env().and_then(|s| serve::serve(*args, &location, s)),
+        Command::Serve(args) => serve::serve(*args, &location),
         Command::New {
             name,
             lang,
@@ -154,8 +162,8 @@ fn main() -> ExitCode {
         Command::Dlq(command) => store_commands::dlq(&location, command),
         Command::Plugins(command) => store_commands::plugins(&location, command),
         Command::Kv(command) => store_commands::kv(&location, command),
-        Command::Sign { file } => sign(&file),
-        Command::Send { url, file } => send(&url, &file),
+        Command::Sign { file, secret } => sign(&file, secret.as_deref()),
+        Command::Send { url, file, secret } => send(&url, &file, secret.as_deref()),
         Command::Receive { listen } => receive::receive(listen),
         Command::Run {
             plugin,
@@ -179,25 +187,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn secret_from_env() -> anyhow::Result<Secret> {
-    let value = std::env::var(SECRET_ENV).map_err(|_| {
+/// The webhook secrets from the environment: `STATESET_WEBHOOK_SECRET`, and
+/// during a rotation `STATESET_WEBHOOK_SECRETS` (separated by commas or
+/// newlines); either or both.
+pub fn secrets_from_env() -> anyhow::Result<Secrets> {
+    let text = [SECRET_ENV, SECRETS_ENV]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Secrets::parse(&text).map_err(|_| {
         anyhow::anyhow!(
             "no webhook secret: set {SECRET_ENV} to the signing secret StateSet uses for this \
-             endpoint, e.g. `export {SECRET_ENV}=...`"
+             endpoint, e.g. `export {SECRET_ENV}=...` ({SECRETS_ENV} holds several while one \
+             rotates)"
         )
-    })?;
-    Secret::new(value).with_context(|| format!("{SECRET_ENV} is set but empty"))
+    })
 }
 
-fn sign(file: &Path) -> anyhow::Result<ExitCode> {
+/// The secret `fingerprint` names among the environment's, or the first.
+fn signing_secret(fingerprint: Option<&str>) -> anyhow::Result<Secret> {
+    let secrets = secrets_from_env()?;
+    match fingerprint {
+        None => Ok(secrets.first().clone()),
+        Some(wanted) => secrets.find(wanted).cloned().with_context(|| {
+            format!(
+                "no secret has the fingerprint {wanted:?}; these do: {}",
+                secrets.fingerprints()
+            )
+        }),
+    }
+}
+
+fn sign(file: &Path, fingerprint: Option<&str>) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    println!("{}", secret_from_env()?.sign(&body));
+    println!("{}", signing_secret(fingerprint)?.sign(&body));
     Ok(ExitCode::SUCCESS)
 }
 
-fn send(url: &str, file: &Path) -> anyhow::Result<ExitCode> {
+fn send(url: &str, file: &Path, fingerprint: Option<&str>) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let signature = secret_from_env()?.sign(&body);
+    let signature = signing_secret(fingerprint)?.sign(&body);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let response = reqwest::Client::new()

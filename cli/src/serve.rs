@@ -39,6 +39,12 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
+    /// The webhook secrets, one per line (or comma-separated; `#` starts a
+    /// comment), instead of the environment's: read at start and again on
+    /// SIGHUP, so a sender's secret rotates without a restart (old and new
+    /// while it rotates, then new).
+    #[arg(long, value_name = "FILE")]
+    secrets_file: Option<PathBuf>,
     /// Where the admin app listens: `GET /metrics`, the console (`/`) and its
     /// API. Keep it off the public network: it is not the webhook port.
     #[arg(long, default_value = "127.0.0.1:3002")]
@@ -226,13 +232,14 @@ fn flag(field: &str, reason: &str) -> &'static str {
     }
 }
 
-pub fn serve(
-    args: ServeArgs,
-    at: &crate::store_commands::Location,
-    secret: stateset_hooks::Secret,
-) -> anyhow::Result<ExitCode> {
+pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::Result<ExitCode> {
     let db = &at.db;
-    let mut config = Config::new(secret);
+    let secrets = match &args.secrets_file {
+        Some(file) => read_secrets(file)?,
+        None => crate::secrets_from_env()?,
+    };
+    let mut config = Config::new(secrets.first().clone());
+    config.secrets = secrets;
     config.path = args.path;
     config.body_limit = args.body_limit;
     config.body_timeout = Duration::from_millis(args.body_timeout_ms);
@@ -297,10 +304,36 @@ pub fn serve(
             listener: admin,
             access,
         };
+        if let Some(file) = args.secrets_file {
+            tokio::spawn(reload_secrets_on_sighup(file, hooks.clone()));
+        }
         server::run(listener, Some(admin), hooks, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn read_secrets(file: &std::path::Path) -> anyhow::Result<stateset_hooks::Secrets> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--secrets-file: cannot read {}", file.display()))?;
+    stateset_hooks::Secrets::parse(&text)
+        .map_err(|_| anyhow::anyhow!("--secrets-file: {} holds no secret", file.display()))
+}
+
+/// On each SIGHUP, the secrets file again; one that cannot be read (or
+/// holds none) keeps the secrets as they were, and the log says why.
+async fn reload_secrets_on_sighup(file: PathBuf, hooks: Hooks) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP: the secrets file is read only at start");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match read_secrets(&file) {
+            Ok(secrets) => hooks.set_secrets(secrets),
+            Err(error) => tracing::error!("{error:#}; the secrets stay as they were"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

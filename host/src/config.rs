@@ -18,7 +18,7 @@ use crate::retry::RetryPolicy;
 use crate::runtime::egress::HttpPolicy;
 use crate::runtime::kv::KvPolicy;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, LimitPolicy};
-use crate::signature::Secret;
+use crate::signature::{Secret, Secrets};
 use crate::store::DEFAULT_DB_PATH;
 
 /// Default webhook route, as in the StateSet webhook document.
@@ -134,7 +134,12 @@ impl Default for ConnectionLimits {
 /// How the host is set up. Build with [`Config::new`] and change fields.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub secret: Secret,
+    /// The webhook secrets: a signature made with any of them is accepted
+    /// (several while a sender rotates; [`Hooks::set_secrets`] replaces them
+    /// while it runs).
+    ///
+    /// [`Hooks::set_secrets`]: crate::Hooks::set_secrets
+    pub secrets: Secrets,
     /// The route the webhook is served on.
     pub path: String,
     /// Largest body accepted, in bytes.
@@ -207,7 +212,7 @@ pub struct ConfigError {
 impl Config {
     pub fn new(secret: Secret) -> Self {
         Self {
-            secret,
+            secrets: Secrets::one(secret),
             path: DEFAULT_PATH.to_owned(),
             body_limit: DEFAULT_BODY_LIMIT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
@@ -364,7 +369,10 @@ impl Config {
     pub fn grants(&self) -> Grants {
         Grants {
             limits: self.limits.clone(),
-            env: EnvGrant::new(self.plugin_env.iter().cloned()).withholding(self.secret.clone()),
+            env: self.secrets.iter().fold(
+                EnvGrant::new(self.plugin_env.iter().cloned()),
+                |grant, secret| grant.withholding(secret.clone()),
+            ),
             http: self.http.clone(),
             kv: self.kv,
         }

@@ -19,7 +19,7 @@ use crate::loader::Loader;
 use crate::metrics::Metrics;
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::{CacheConfig, Runtime};
-use crate::signature::Secret;
+use crate::signature::Secrets;
 use crate::status::PluginStatus;
 use crate::store::{PgStore, SqliteStore, Store, now_ms};
 use crate::watch::Watcher;
@@ -34,7 +34,7 @@ pub struct Hooks {
 struct Inner {
     path: String,
     db_path: std::path::PathBuf,
-    secret: Secret,
+    secrets: Arc<std::sync::RwLock<Arc<Secrets>>>,
     body_limit: usize,
     body_timeout: std::time::Duration,
     connections: ConnectionLimits,
@@ -116,7 +116,7 @@ impl Hooks {
             inner: Arc::new(Inner {
                 path: config.path,
                 db_path: config.db_path,
-                secret: config.secret,
+                secrets: Arc::new(std::sync::RwLock::new(Arc::new(config.secrets))),
                 body_limit: config.body_limit,
                 body_timeout: config.body_timeout,
                 connections: config.connections,
@@ -136,7 +136,7 @@ impl Hooks {
     /// keeps the host running even if every `Hooks` handle is dropped.
     pub fn router(&self) -> axum::Router {
         let endpoint = Endpoint {
-            secret: self.inner.secret.clone(),
+            secrets: self.inner.secrets.clone(),
             body_limit: self.inner.body_limit,
             body_timeout: self.inner.body_timeout,
             dispatcher: self.inner.dispatcher.clone(),
@@ -162,6 +162,13 @@ impl Hooks {
     /// [`Metrics::register`] into an app's own registry.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Replace the webhook secrets (a rotation: old and new, then new
+    /// alone); the next request is checked against these.
+    pub fn set_secrets(&self, secrets: Secrets) {
+        tracing::info!(secrets = %secrets.fingerprints(), "webhook secrets replaced");
+        *self.inner.secrets.write().expect("secrets lock") = Arc::new(secrets);
     }
 
     /// The database file.

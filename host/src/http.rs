@@ -6,7 +6,7 @@
 //! not wasmtime: accepted events go to the [`Dispatcher`]. Its state is its
 //! own [`Endpoint`], built by the composition root (`hooks.rs`).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::Json;
 use axum::body::Body;
@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::dispatch::{Accepted, Dispatcher};
 use crate::event::{Event, EventError};
 use crate::metrics::{Metrics, Received};
-use crate::signature::{SIGNATURE_HEADER, Secret, SignatureError, decode_header};
+use crate::signature::{SIGNATURE_HEADER, Secrets, SignatureError, decode_header};
 use crate::trace::{TRACEPARENT, TraceParent};
 use tracing::Instrument as _;
 
@@ -30,7 +30,8 @@ const RETRY_AFTER_SECS: u64 = 5;
 /// events go.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
-    pub secret: Secret,
+    /// Shared with [`crate::Hooks::set_secrets`], which replaces them.
+    pub secrets: Arc<RwLock<Arc<Secrets>>>,
     pub body_limit: usize,
     pub body_timeout: std::time::Duration,
     pub dispatcher: Arc<Dispatcher>,
@@ -84,7 +85,8 @@ async fn check_and_accept(
         .await
         .map_err(|_| ApiError::BodyTimeout { timeout })?
         .map_err(|error| ApiError::from_body_error(error, limit))?;
-    endpoint.secret.verify(&body, signature)?;
+    let secrets = endpoint.secrets.read().expect("secrets lock").clone();
+    let matched = secrets.verify(&body, signature)?.fingerprint();
     // Only a verified request joins the sender's trace (an unsigned one
     // cannot put spans in any trace it names, or turn sampling off).
     let span = tracing::info_span!(
@@ -95,7 +97,9 @@ async fn check_and_accept(
     );
     let trace = TraceParent::for_request(headers.get(TRACEPARENT).map(|v| v.as_bytes()), &span);
     span.record("trace_id", trace.trace_id_hex());
-    accept(endpoint, &body, trace).instrument(span).await
+    accept(endpoint, &body, trace, &matched)
+        .instrument(span)
+        .await
 }
 
 /// A verified body: parsed, stored, handed to the plugins, in the
@@ -104,6 +108,7 @@ async fn accept(
     endpoint: &Endpoint,
     body: &[u8],
     trace: TraceParent,
+    secret: &str,
 ) -> Result<Accepted, ApiError> {
     let event = Event::parse(body)?.with_trace(Some(trace));
     let span = tracing::Span::current();
@@ -124,7 +129,13 @@ async fn accept(
         .map_err(|error| ApiError::Unavailable(error.to_string()))?;
     match accepted {
         Accepted::New(deliveries) => {
-            tracing::info!(event = key, event_type, deliveries, "event received");
+            tracing::info!(
+                event = key,
+                event_type,
+                deliveries,
+                secret,
+                "event received"
+            );
         }
         Accepted::Duplicate => tracing::info!(
             event = key,

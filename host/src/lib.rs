@@ -74,4 +74,4 @@ pub use dispatch::Report;
 pub use event::Event;
 pub use hooks::Hooks;
 pub use http::ApiError;
-pub use signature::Secret;
+pub use signature::{Secret, Secrets};

@@ -2,11 +2,13 @@
 //!
 //! Pure and I/O-free: this module knows the header's name and format and how to
 //! compare in constant time. It does not know HTTP status codes or event JSON.
+//! During a rotation several secrets are valid at once ([`Secrets`]); each is
+//! named in logs by its [`Secret::fingerprint`], never by its value.
 
 use std::fmt;
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 /// The header StateSet puts the signature in.
@@ -14,6 +16,10 @@ pub const SIGNATURE_HEADER: &str = "X-StateSet-Signature";
 
 /// The environment variable the secret is read from.
 pub const SECRET_ENV: &str = "STATESET_WEBHOOK_SECRET";
+
+/// The environment variable several secrets are read from during a
+/// rotation: separated by commas or newlines.
+pub const SECRETS_ENV: &str = "STATESET_WEBHOOK_SECRETS";
 
 /// Length of a hex SHA-256 MAC: 32 bytes, two hex digits each.
 const SIGNATURE_HEX_LEN: usize = 64;
@@ -34,6 +40,16 @@ impl Secret {
             return Err(SignatureError::EmptySecret);
         }
         Ok(Self(secret))
+    }
+
+    /// A short name for the secret in logs and on the command line: eight hex
+    /// digits of a SHA-256 of it (domain-separated), too few to confirm a
+    /// guess at a strong secret, enough to tell a handful apart.
+    pub fn fingerprint(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(b"stateset-hooks secret fingerprint\0");
+        hash.update(&self.0);
+        hex::encode(&hash.finalize()[..4])
     }
 
     /// The hex signature of `body` (lower-case), as a sender computes it.
@@ -70,6 +86,85 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The secrets a signature may be made with: one, or several while a sender
+/// rotates. Never empty. Its `Debug` shows fingerprints only.
+#[derive(Clone)]
+pub struct Secrets(Vec<Secret>);
+
+impl Secrets {
+    pub fn one(secret: Secret) -> Self {
+        Self(vec![secret])
+    }
+
+    /// At least one secret; two with the same value are one.
+    pub fn new(secrets: impl IntoIterator<Item = Secret>) -> Result<Self, SignatureError> {
+        let mut all: Vec<Secret> = Vec::new();
+        for secret in secrets {
+            if !all.iter().any(|s| s.0 == secret.0) {
+                all.push(secret);
+            }
+        }
+        if all.is_empty() {
+            return Err(SignatureError::EmptySecret);
+        }
+        Ok(Self(all))
+    }
+
+    /// Secrets from text: one per line or separated by commas; blank lines
+    /// and lines starting with `#` are skipped, spaces around each trimmed.
+    pub fn parse(text: &str) -> Result<Self, SignatureError> {
+        Self::new(
+            text.lines()
+                .map(str::trim)
+                .filter(|line| !line.starts_with('#'))
+                .flat_map(|line| line.split(','))
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Secret::new(s).expect("not empty")),
+        )
+    }
+
+    /// The secret whose signature `header` is for `body`. Every secret is
+    /// checked, each in constant time, whichever matches.
+    pub fn verify(&self, body: &[u8], header: Option<&[u8]>) -> Result<&Secret, SignatureError> {
+        let expected = decode_header(header)?;
+        let mut matched = None;
+        for secret in &self.0 {
+            let equal = bool::from(secret.mac(body).as_slice().ct_eq(&expected));
+            if equal && matched.is_none() {
+                matched = Some(secret);
+            }
+        }
+        matched.ok_or(SignatureError::Mismatch)
+    }
+
+    /// The one with this fingerprint.
+    pub fn find(&self, fingerprint: &str) -> Option<&Secret> {
+        self.0.iter().find(|s| s.fingerprint() == fingerprint)
+    }
+
+    /// The first: what `sign` and `send` use unless told otherwise.
+    pub fn first(&self) -> &Secret {
+        &self.0[0]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Secret> {
+        self.0.iter()
+    }
+
+    /// The fingerprints, comma-separated, for a log line.
+    pub fn fingerprints(&self) -> String {
+        let all: Vec<String> = self.0.iter().map(Secret::fingerprint).collect();
+        all.join(", ")
+    }
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secrets({})", self.fingerprints())
     }
 }
 
@@ -162,6 +257,41 @@ mod tests {
         assert_eq!(
             secret(b"other").verify(RFC4231_DATA, Some(RFC4231_MAC.as_bytes())),
             Err(SignatureError::Mismatch)
+        );
+    }
+
+    /// During a rotation either secret verifies, and which one did is told
+    /// by fingerprint; a body signed with neither is refused.
+    #[test]
+    fn any_of_several_secrets_verifies_and_is_named_by_fingerprint() {
+        let (old, new) = (secret(b"old-secret"), secret(b"new-secret"));
+        let both = Secrets::parse("# rotating\n old-secret \n\nnew-secret,old-secret\n").unwrap();
+        assert_eq!(both.iter().count(), 2, "the repeat is one");
+        for s in [&old, &new] {
+            let header = s.sign(DOC_PAYLOAD);
+            let matched = both.verify(DOC_PAYLOAD, Some(header.as_bytes())).unwrap();
+            assert_eq!(matched.fingerprint(), s.fingerprint());
+            assert_eq!(
+                both.find(&s.fingerprint()).unwrap().sign(b"x"),
+                s.sign(b"x")
+            );
+        }
+        assert_ne!(old.fingerprint(), new.fingerprint());
+        assert_eq!(old.fingerprint().len(), 8);
+        let other = secret(b"other").sign(DOC_PAYLOAD);
+        assert_eq!(
+            both.verify(DOC_PAYLOAD, Some(other.as_bytes()))
+                .unwrap_err(),
+            SignatureError::Mismatch
+        );
+        assert_eq!(
+            Secrets::parse(" \n# none\n").unwrap_err(),
+            SignatureError::EmptySecret
+        );
+        let shown = format!("{both:?}");
+        assert!(
+            !shown.contains("old-secret") && shown.contains(&old.fingerprint()),
+            "{shown}"
         );
     }
 
