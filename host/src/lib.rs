@@ -63,6 +63,7 @@ pub mod retry;
 pub mod runtime;
 pub mod server;
 pub mod signature;
+pub mod standard;
 pub mod status;
 pub mod store;
 pub mod text;

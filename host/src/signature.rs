@@ -76,7 +76,7 @@ impl Secret {
             .any(|window| bool::from(window.ct_eq(&self.0)))
     }
 
-    fn mac(&self, body: &[u8]) -> [u8; 32] {
+    pub(crate) fn mac(&self, body: &[u8]) -> [u8; 32] {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(body);
         mac.finalize().into_bytes().into()
