@@ -24,5 +24,6 @@ mod receiver;
 mod reload;
 mod rotation;
 mod scale_out;
+mod standard;
 mod traces;
 mod untrusted_text;

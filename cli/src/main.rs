@@ -69,6 +69,11 @@ enum Command {
         /// [default: the first secret].
         #[arg(long, value_name = "FINGERPRINT")]
         secret: Option<String>,
+        /// `stateset` (X-StateSet-Signature) or `standard` (Standard
+        /// Webhooks, with a secret from STATESET_STANDARD_WEBHOOK_SECRETS;
+        /// the body's `id`, or a random one, is the webhook-id).
+        #[arg(long, value_enum, default_value_t = Scheme::Stateset)]
+        scheme: Scheme,
     },
     /// Stand in for a service plugins call: print each request received
     /// (method, path, Idempotency-Key, body) and answer 201.
@@ -163,7 +168,12 @@ fn main() -> ExitCode {
         Command::Plugins(command) => store_commands::plugins(&location, command),
         Command::Kv(command) => store_commands::kv(&location, command),
         Command::Sign { file, secret } => sign(&file, secret.as_deref()),
-        Command::Send { url, file, secret } => send(&url, &file, secret.as_deref()),
+        Command::Send {
+            url,
+            file,
+            secret,
+            scheme,
+        } => send(&url, &file, secret.as_deref(), scheme),
         Command::Receive { listen } => receive::receive(listen),
         Command::Run {
             plugin,
@@ -205,9 +215,15 @@ pub fn secrets_from_env() -> anyhow::Result<Secrets> {
     })
 }
 
-/// The secret `fingerprint` names among the environment's, or the first.
-fn signing_secret(fingerprint: Option<&str>) -> anyhow::Result<Secret> {
-    let secrets = secrets_from_env()?;
+/// How `send` signs.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Scheme {
+    Stateset,
+    Standard,
+}
+
+/// The secret `fingerprint` names among `secrets`, or the first.
+fn pick(secrets: &Secrets, fingerprint: Option<&str>) -> anyhow::Result<Secret> {
     match fingerprint {
         None => Ok(secrets.first().clone()),
         Some(wanted) => secrets.find(wanted).cloned().with_context(|| {
@@ -221,19 +237,54 @@ fn signing_secret(fingerprint: Option<&str>) -> anyhow::Result<Secret> {
 
 fn sign(file: &Path, fingerprint: Option<&str>) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    println!("{}", signing_secret(fingerprint)?.sign(&body));
+    println!("{}", pick(&secrets_from_env()?, fingerprint)?.sign(&body));
     Ok(ExitCode::SUCCESS)
 }
 
-fn send(url: &str, file: &Path, fingerprint: Option<&str>) -> anyhow::Result<ExitCode> {
+fn send(
+    url: &str,
+    file: &Path,
+    fingerprint: Option<&str>,
+    scheme: Scheme,
+) -> anyhow::Result<ExitCode> {
+    use stateset_hooks::standard;
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let signature = signing_secret(fingerprint)?.sign(&body);
+    let headers: Vec<(&str, String)> = match scheme {
+        Scheme::Stateset => {
+            let secret = pick(&secrets_from_env()?, fingerprint)?;
+            vec![(SIGNATURE_HEADER, secret.sign(&body))]
+        }
+        Scheme::Standard => {
+            let text = std::env::var(standard::SECRETS_ENV)
+                .with_context(|| format!("--scheme standard: set {}", standard::SECRETS_ENV))?;
+            let secrets = standard::parse_secrets(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", standard::SECRETS_ENV))?;
+            let secret = pick(&secrets, fingerprint)?;
+            let id = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_owned));
+            let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let now = since_epoch.as_secs() as i64;
+            let id = id.unwrap_or_else(|| {
+                format!("msg_{:x}{:x}", since_epoch.as_nanos(), std::process::id())
+            });
+            let signature = standard::sign(&secret, &id, now, &body);
+            vec![
+                (standard::ID_HEADER, id),
+                (standard::TIMESTAMP_HEADER, now.to_string()),
+                (standard::SIGNATURE_HEADER, signature),
+            ]
+        }
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let response = reqwest::Client::new()
+        let mut request = reqwest::Client::new()
             .post(url)
-            .header("content-type", "application/json")
-            .header(SIGNATURE_HEADER, signature)
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request
             .body(body)
             .send()
             .await

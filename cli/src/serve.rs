@@ -45,6 +45,15 @@ pub struct ServeArgs {
     /// while it rotates, then new).
     #[arg(long, value_name = "FILE")]
     secrets_file: Option<PathBuf>,
+    /// The Standard Webhooks route (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`), served when STATESET_STANDARD_WEBHOOK_SECRETS
+    /// holds its `whsec_` secrets.
+    #[arg(long, default_value = config::DEFAULT_STANDARD_PATH)]
+    standard_path: String,
+    /// How far a Standard Webhooks message's timestamp may be from now,
+    /// either way, in seconds; older or newer ones get 401.
+    #[arg(long, default_value_t = stateset_hooks::standard::DEFAULT_TOLERANCE.as_secs())]
+    standard_tolerance_secs: u64,
     /// Where the admin app listens: `GET /metrics`, the console (`/`) and its
     /// API. Keep it off the public network: it is not the webhook port.
     #[arg(long, default_value = "127.0.0.1:3002")]
@@ -240,6 +249,15 @@ pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::R
     };
     let mut config = Config::new(secrets.first().clone());
     config.secrets = secrets;
+    if let Ok(text) = std::env::var(stateset_hooks::standard::SECRETS_ENV) {
+        let secrets = stateset_hooks::standard::parse_secrets(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", stateset_hooks::standard::SECRETS_ENV))?;
+        config.standard = Some(config::StandardRoute {
+            path: args.standard_path.clone(),
+            secrets,
+            tolerance: Duration::from_secs(args.standard_tolerance_secs),
+        });
+    }
     config.path = args.path;
     config.body_limit = args.body_limit;
     config.body_timeout = Duration::from_millis(args.body_timeout_ms);

@@ -131,6 +131,19 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The Standard Webhooks route: where, its `whsec_` secrets
+/// ([`crate::standard::parse_secrets`]), and how far a message's timestamp
+/// may be from now either way.
+#[derive(Debug, Clone)]
+pub struct StandardRoute {
+    pub path: String,
+    pub secrets: Secrets,
+    pub tolerance: Duration,
+}
+
+/// Where the Standard Webhooks route is unless configured.
+pub const DEFAULT_STANDARD_PATH: &str = "/webhooks/standard";
+
 /// How the host is set up. Build with [`Config::new`] and change fields.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -142,6 +155,10 @@ pub struct Config {
     pub secrets: Secrets,
     /// The route the webhook is served on.
     pub path: String,
+    /// A second route, for senders that sign as Standard Webhooks do
+    /// (`webhook-id`, `webhook-timestamp`, `webhook-signature`); off when
+    /// `None`.
+    pub standard: Option<StandardRoute>,
     /// Largest body accepted, in bytes.
     pub body_limit: usize,
     /// How long a body may take to arrive once the headers are in (then 408).
@@ -218,6 +235,7 @@ impl Config {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             connections: ConnectionLimits::default(),
             plugins_dir: None,
+            standard: None,
             limits: LimitPolicy::default(),
             plugin_env: BTreeSet::new(),
             http: HttpPolicy::default(),
@@ -253,6 +271,20 @@ impl Config {
         }
         if self.path == HEALTH_PATH {
             return fail("path", format!("{HEALTH_PATH} is the health route"));
+        }
+        if let Some(standard) = &self.standard {
+            if !is_route(&standard.path) || [HEALTH_PATH, &self.path].contains(&&*standard.path) {
+                return fail(
+                    "standard.path",
+                    format!(
+                        "{:?} is not a route of its own beside {:?} and {HEALTH_PATH}",
+                        standard.path, self.path
+                    ),
+                );
+            }
+            if standard.tolerance.is_zero() {
+                return fail("standard.tolerance", "must be more than zero".into());
+            }
         }
         let ranges = [
             ("body_limit", self.body_limit, MAX_BODY_LIMIT),

@@ -114,6 +114,13 @@ impl Event {
         })
     }
 
+    /// The same event under another idempotency key: a Standard Webhooks
+    /// message's `webhook-id`.
+    pub fn with_key(mut self, key: String) -> Self {
+        self.key = key;
+        self
+    }
+
     /// The same event in trace `trace`.
     pub fn with_trace(mut self, trace: Option<TraceParent>) -> Self {
         self.trace = trace;

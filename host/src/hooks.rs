@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::config::{Config, ConnectionLimits};
+use crate::config::{Config, ConnectionLimits, StandardRoute};
 use crate::dispatch::{DispatchSettings, Dispatcher, Report};
 use crate::housekeeping::Housekeeping;
 use crate::http::{self, Endpoint};
@@ -42,6 +42,7 @@ struct Inner {
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
     metrics: Metrics,
+    standard: Option<StandardRoute>,
     /// Held for the whole shutdown, so a second caller waits for the first.
     stopping: Mutex<()>,
     /// Taken at shutdown: nothing reloads once shutdown begins; the last
@@ -124,6 +125,7 @@ impl Hooks {
                 registry,
                 runtime,
                 metrics,
+                standard: config.standard,
                 stopping: Mutex::new(()),
                 watcher: Mutex::new(watcher),
                 loader: Mutex::new(loader),
@@ -141,9 +143,15 @@ impl Hooks {
             body_timeout: self.inner.body_timeout,
             dispatcher: self.inner.dispatcher.clone(),
             metrics: self.inner.metrics.clone(),
+            standard: self
+                .inner
+                .standard
+                .as_ref()
+                .map(|s| (s.secrets.clone(), s.tolerance)),
             _keep_alive: self.inner.clone(),
         };
-        http::router(&self.inner.path, Arc::new(endpoint))
+        let standard = self.inner.standard.as_ref().map(|s| s.path.as_str());
+        http::router(&self.inner.path, standard, Arc::new(endpoint))
     }
 
     /// Names of the host's long-lived threads that have ended while it runs

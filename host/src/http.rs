@@ -20,6 +20,7 @@ use crate::dispatch::{Accepted, Dispatcher};
 use crate::event::{Event, EventError};
 use crate::metrics::{Metrics, Received};
 use crate::signature::{SIGNATURE_HEADER, Secrets, SignatureError, decode_header};
+use crate::standard::{self, StandardError};
 use crate::trace::{TRACEPARENT, TraceParent};
 use tracing::Instrument as _;
 
@@ -36,16 +37,24 @@ pub(crate) struct Endpoint {
     pub body_timeout: std::time::Duration,
     pub dispatcher: Arc<Dispatcher>,
     pub metrics: Metrics,
+    /// The Standard Webhooks route's secrets and timestamp tolerance.
+    pub standard: Option<(Secrets, std::time::Duration)>,
     /// Whatever must live as long as the route does (the host behind it):
     /// an app may drop its handle and keep only the router.
     pub _keep_alive: Arc<dyn std::any::Any + Send + Sync>,
 }
 
-/// The webhook route alone on `path`, for mounting in any axum app.
-pub(crate) fn router(path: &str, endpoint: Arc<Endpoint>) -> axum::Router {
-    axum::Router::new()
-        .route(path, post(receive).fallback(method_not_allowed))
-        .with_state(endpoint)
+/// The webhook route alone on `path` (and the Standard Webhooks route on
+/// `standard`, if given), for mounting in any axum app.
+pub(crate) fn router(path: &str, standard: Option<&str>, endpoint: Arc<Endpoint>) -> axum::Router {
+    let mut router = axum::Router::new().route(path, post(receive).fallback(method_not_allowed));
+    if let Some(standard) = standard {
+        router = router.route(
+            standard,
+            post(receive_standard).fallback(method_not_allowed),
+        );
+    }
+    router.with_state(endpoint)
 }
 
 async fn receive(
@@ -54,6 +63,23 @@ async fn receive(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let received = check_and_accept(&endpoint, &headers, body).await;
+    answer(&endpoint, received)
+}
+
+async fn receive_standard(
+    State(endpoint): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let received = check_standard_and_accept(&endpoint, &headers, body).await;
+    answer(&endpoint, received)
+}
+
+/// The sender's answer, counted.
+fn answer(
+    endpoint: &Endpoint,
+    received: Result<Accepted, ApiError>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     endpoint.metrics.received(match &received {
         Ok(Accepted::New(_)) => Received::Accepted,
         Ok(Accepted::Duplicate) => Received::Duplicate,
@@ -74,6 +100,47 @@ async fn check_and_accept(
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     // Refuse what cannot verify before reading a byte of the body.
     decode_header(signature)?;
+    let body = read_body(endpoint, headers, body).await?;
+    let secrets = endpoint.secrets.read().expect("secrets lock").clone();
+    let matched = secrets.verify(&body, signature)?.fingerprint();
+    accept_verified(endpoint, headers, &body, &matched, None).await
+}
+
+/// The Standard Webhooks route's checks: the headers and the timestamp
+/// before the body is read, then the signatures; `webhook-id` is the
+/// idempotency key.
+async fn check_standard_and_accept(
+    endpoint: &Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, ApiError> {
+    let (secrets, tolerance) = endpoint
+        .standard
+        .as_ref()
+        .expect("routed only when configured");
+    let header = |name| {
+        headers
+            .get(name)
+            .map(|v: &header::HeaderValue| v.as_bytes())
+    };
+    let message = standard::Headers {
+        id: header(standard::ID_HEADER),
+        timestamp: header(standard::TIMESTAMP_HEADER),
+        signature: header(standard::SIGNATURE_HEADER),
+    };
+    let now = crate::store::now_ms() / 1000;
+    let envelope = standard::Envelope::check(message, now, *tolerance)?;
+    let body = read_body(endpoint, headers, body).await?;
+    let matched = envelope.verify(secrets, &body)?.fingerprint();
+    accept_verified(endpoint, headers, &body, &matched, Some(envelope.id)).await
+}
+
+/// The body, within the size limit and the body timeout.
+async fn read_body(
+    endpoint: &Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
     let limit = endpoint.body_limit;
     if content_length(headers).is_some_and(|len| len > limit as u64) {
         return Err(ApiError::TooLarge { limit });
@@ -81,12 +148,21 @@ async fn check_and_accept(
     // A client that trickles its body holds a connection and a task: it
     // gets the body timeout, counted from the end of the headers.
     let timeout = endpoint.body_timeout;
-    let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+    tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| ApiError::BodyTimeout { timeout })?
-        .map_err(|error| ApiError::from_body_error(error, limit))?;
-    let secrets = endpoint.secrets.read().expect("secrets lock").clone();
-    let matched = secrets.verify(&body, signature)?.fingerprint();
+        .map_err(|error| ApiError::from_body_error(error, limit))
+}
+
+/// A body whose signature verified (with secret `matched`): in the
+/// `webhook` span, joined to the sender's trace.
+async fn accept_verified(
+    endpoint: &Endpoint,
+    headers: &HeaderMap,
+    body: &[u8],
+    matched: &str,
+    key: Option<String>,
+) -> Result<Accepted, ApiError> {
     // Only a verified request joins the sender's trace (an unsigned one
     // cannot put spans in any trace it names, or turn sampling off).
     let span = tracing::info_span!(
@@ -97,7 +173,7 @@ async fn check_and_accept(
     );
     let trace = TraceParent::for_request(headers.get(TRACEPARENT).map(|v| v.as_bytes()), &span);
     span.record("trace_id", trace.trace_id_hex());
-    accept(endpoint, &body, trace, &matched)
+    accept(endpoint, body, trace, matched, key)
         .instrument(span)
         .await
 }
@@ -109,8 +185,12 @@ async fn accept(
     body: &[u8],
     trace: TraceParent,
     secret: &str,
+    key: Option<String>,
 ) -> Result<Accepted, ApiError> {
-    let event = Event::parse(body)?.with_trace(Some(trace));
+    let mut event = Event::parse(body)?.with_trace(Some(trace));
+    if let Some(key) = key {
+        event = event.with_key(key);
+    }
     let span = tracing::Span::current();
     span.record("event", event.key());
     span.record("event_type", event.event_type());
@@ -166,6 +246,8 @@ pub enum ApiError {
     Signature(#[from] SignatureError),
     #[error(transparent)]
     Event(#[from] EventError),
+    #[error(transparent)]
+    Standard(#[from] StandardError),
     #[error("body larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
@@ -195,6 +277,10 @@ impl ApiError {
     fn metric(&self) -> Received {
         match self {
             Self::Signature(_) => Received::BadSignature,
+            Self::Standard(StandardError::TooOld { .. } | StandardError::TooNew { .. }) => {
+                Received::StaleTimestamp
+            }
+            Self::Standard(_) => Received::BadSignature,
             Self::Event(_) => Received::BadJson,
             Self::TooLarge { .. } => Received::TooLarge,
             Self::BodyTimeout { .. } => Received::BodyTimeout,
@@ -205,7 +291,7 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            Self::Signature(_) => StatusCode::UNAUTHORIZED,
+            Self::Signature(_) | Self::Standard(_) => StatusCode::UNAUTHORIZED,
             Self::Event(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,

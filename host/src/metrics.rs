@@ -36,6 +36,8 @@ pub enum Received {
     Accepted,
     Duplicate,
     BadSignature,
+    /// A Standard Webhooks timestamp outside the tolerance.
+    StaleTimestamp,
     BadJson,
     TooLarge,
     BodyTimeout,
@@ -50,6 +52,7 @@ impl Received {
             Self::Accepted => "accepted",
             Self::Duplicate => "duplicate",
             Self::BadSignature => "bad-signature",
+            Self::StaleTimestamp => "stale-timestamp",
             Self::BadJson => "bad-json",
             Self::TooLarge => "too-large",
             Self::BodyTimeout => "body-timeout",

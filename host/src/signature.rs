@@ -116,15 +116,7 @@ impl Secrets {
     /// Secrets from text: one per line or separated by commas; blank lines
     /// and lines starting with `#` are skipped, spaces around each trimmed.
     pub fn parse(text: &str) -> Result<Self, SignatureError> {
-        Self::new(
-            text.lines()
-                .map(str::trim)
-                .filter(|line| !line.starts_with('#'))
-                .flat_map(|line| line.split(','))
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Secret::new(s).expect("not empty")),
-        )
+        Self::new(list(text).map(|s| Secret::new(s).expect("not empty")))
     }
 
     /// The secret whose signature `header` is for `body`. Every secret is
@@ -166,6 +158,17 @@ impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Secrets({})", self.fingerprints())
     }
+}
+
+/// The items of a list of secrets: one per line or separated by commas,
+/// blank lines and `#` lines skipped, each trimmed, none empty.
+pub fn list(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#'))
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }
 
 /// Parse the header's shape without looking at the body, so a request with no

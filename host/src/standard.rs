@@ -43,13 +43,7 @@ pub fn parse_secret(text: &str) -> Result<Secret, StandardError> {
 /// Several `whsec_` secrets from text: separated by commas or newlines,
 /// `#` lines skipped.
 pub fn parse_secrets(text: &str) -> Result<Secrets, StandardError> {
-    let secrets = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.starts_with('#'))
-        .flat_map(|line| line.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    let secrets = crate::signature::list(text)
         .map(parse_secret)
         .collect::<Result<Vec<_>, _>>()?;
     Secrets::new(secrets).map_err(|_| StandardError::BadSecret)

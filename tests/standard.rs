@@ -1,0 +1,152 @@
+//! A second source: senders that sign as Standard Webhooks do, on their own
+//! route, through the same store and plugins.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use stateset_hooks::config::{DEFAULT_STANDARD_PATH, StandardRoute};
+use stateset_hooks::standard;
+
+use crate::support::*;
+
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn unix_now() -> i64 {
+    stateset_hooks::store::now_ms() / 1000
+}
+
+/// POST `body` to the Standard route with these headers; the status and the
+/// error (if any).
+async fn post(server: &TestServer, headers: &[(&str, String)], body: &[u8]) -> (u16, String) {
+    let mut request = reqwest::Client::new()
+        .post(server.url(DEFAULT_STANDARD_PATH))
+        .body(body.to_vec());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (status, body["error"].as_str().unwrap_or("").to_owned())
+}
+
+fn signed(id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    let secret = standard::parse_secret(WHSEC).unwrap();
+    vec![
+        (standard::ID_HEADER, id.to_owned()),
+        (standard::TIMESTAMP_HEADER, timestamp.to_string()),
+        (
+            standard::SIGNATURE_HEADER,
+            standard::sign(&secret, id, timestamp, body),
+        ),
+    ]
+}
+
+/// A signed message is stored under its `webhook-id` and delivered; the same
+/// id again is a duplicate whatever its body; stale, future, unsigned and
+/// mis-signed messages get 401 naming why, and nothing is kept of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn standard_webhooks_are_verified_deduplicated_by_id_and_delivered() {
+    let plugins = PluginDir::new();
+    plugins.add("notify", "misbehave", None);
+    let mut config = config(&plugins);
+    config.standard = Some(StandardRoute {
+        path: DEFAULT_STANDARD_PATH.into(),
+        secrets: standard::parse_secrets(WHSEC).unwrap(),
+        tolerance: Duration::from_secs(300),
+    });
+    let mut server = TestServer::start(config).await;
+
+    let body = serde_json::to_vec(&json!({
+        "type": "order.created",
+        "timestamp": "2026-11-29T12:00:00Z",
+        "data": { "id": "ord_1" }
+    }))
+    .unwrap();
+    let now = unix_now();
+    let (status, error) = post(&server, &signed("msg_one", now, &body), &body).await;
+    assert_eq!((status, error.as_str()), (200, ""));
+    let report = &server.reports(1).await[0];
+    assert_eq!(&*report.event_key, "msg_one", "webhook-id is the key");
+    assert_eq!(&*report.event_type, "order.created");
+
+    // The same webhook-id again, even re-signed later: a duplicate.
+    let (status, _) = post(&server, &signed("msg_one", now + 1, &body), &body).await;
+    assert_eq!(status, 200);
+    let stored = server.hooks.store().event("msg_one").unwrap().unwrap();
+    assert_eq!(stored.deliveries.len(), 1);
+
+    let refusals: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (signed("msg_old", now - 301, &body), "in the past"),
+        (signed("msg_new", now + 301, &body), "in the future"),
+        (vec![], "missing webhook-id header"),
+        (
+            signed("msg_bad", now, &body)
+                .into_iter()
+                .map(|(n, v)| {
+                    let v = if n == standard::SIGNATURE_HEADER {
+                        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA=".into()
+                    } else {
+                        v
+                    };
+                    (n, v)
+                })
+                .collect(),
+            "no signature",
+        ),
+        (
+            // The StateSet scheme's header is not this route's.
+            vec![("X-StateSet-Signature", sign(&body))],
+            "missing webhook-id",
+        ),
+    ];
+    for (headers, why) in refusals {
+        let (status, error) = post(&server, &headers, &body).await;
+        assert_eq!(status, 401, "{why}");
+        assert!(error.contains(why), "{error:?} should say {why:?}");
+    }
+    // Signed for another body: refused.
+    let other = br#"{"type":"order.created","data":{}}"#;
+    let (status, _) = post(&server, &signed("msg_swap", now, &body), other).await;
+    assert_eq!(status, 401);
+    for key in ["msg_old", "msg_new", "msg_bad", "msg_swap"] {
+        assert!(server.hooks.store().event(key).unwrap().is_none(), "{key}");
+    }
+    let metrics = server.hooks.metrics().encode();
+    assert!(
+        metrics.contains("stateset_hooks_webhooks_received_total{outcome=\"stale-timestamp\"} 2"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+/// `send --scheme standard` signs as a Standard Webhooks sender does, and
+/// `serve` takes it with its secrets from the environment.
+#[test]
+fn send_scheme_standard_reaches_serve() {
+    let plugins = PluginDir::new();
+    plugins.add("notify", "misbehave", None);
+    let env = [(standard::SECRETS_ENV, WHSEC)];
+    let mut host = ServeProcess::start_with_env(&plugins, Some("info"), &[], &env);
+    let file = plugins.path().join("event.json");
+    std::fs::write(
+        &file,
+        br#"{"id":"msg_cli_1","type":"order.created","data":{}}"#,
+    )
+    .unwrap();
+    let url = host
+        .url()
+        .replace("/webhooks/stateset", DEFAULT_STANDARD_PATH);
+    let output = Command::new(BIN)
+        .env(standard::SECRETS_ENV, WHSEC)
+        .args(["send", "--scheme", "standard", &url])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{said}");
+    assert!(said.starts_with("200"), "{said}");
+    host.wait_for("misbehave ok");
+    assert!(host.stop().success());
+}
