@@ -122,31 +122,49 @@ async fn standard_webhooks_are_verified_deduplicated_by_id_and_delivered() {
 }
 
 /// `send --scheme standard` signs as a Standard Webhooks sender does, and
-/// `serve` takes it with its secrets from the environment.
+/// `serve` takes it; its secrets file is read again on SIGHUP, so the
+/// route's secret rotates without a restart.
 #[test]
-fn send_scheme_standard_reaches_serve() {
+fn send_scheme_standard_reaches_serve_and_its_secret_rotates() {
     let plugins = PluginDir::new();
     plugins.add("notify", "misbehave", None);
-    let env = [(standard::SECRETS_ENV, WHSEC)];
-    let mut host = ServeProcess::start_with_env(&plugins, Some("info"), &[], &env);
-    let file = plugins.path().join("event.json");
-    std::fs::write(
-        &file,
-        br#"{"id":"msg_cli_1","type":"order.created","data":{}}"#,
-    )
-    .unwrap();
+    let secrets = plugins.path().join("standard-secrets");
+    std::fs::write(&secrets, format!("# the sender's\n{WHSEC}\n")).unwrap();
+    let flags = ["--standard-secrets-file", secrets.to_str().unwrap()];
+    let mut host = ServeProcess::start_with(&plugins, Some("info"), &flags);
     let url = host
         .url()
         .replace("/webhooks/stateset", DEFAULT_STANDARD_PATH);
-    let output = Command::new(BIN)
-        .env(standard::SECRETS_ENV, WHSEC)
-        .args(["send", "--scheme", "standard", &url])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{said}");
+    let send = |id: &str, whsec: &str| {
+        let file = plugins.path().join(format!("{id}.json"));
+        let body = format!(r#"{{"id":"{id}","type":"order.created","data":{{}}}}"#);
+        std::fs::write(&file, body).unwrap();
+        let output = Command::new(BIN)
+            .env(standard::SECRETS_ENV, whsec)
+            .args(["send", "--scheme", "standard", &url])
+            .arg(&file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let said = send("msg_cli_1", WHSEC);
     assert!(said.starts_with("200"), "{said}");
     host.wait_for("misbehave ok");
+
+    let next = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    std::fs::write(&secrets, format!("{next}\n")).unwrap();
+    let pid = host.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    host.wait_for("Standard Webhooks secrets replaced");
+    let refused = send("msg_cli_2", WHSEC);
+    assert!(refused.starts_with("401"), "the old secret: {refused}");
+    let said = send("msg_cli_3", next);
+    assert!(said.starts_with("200"), "{said}");
     assert!(host.stop().success());
 }

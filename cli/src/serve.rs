@@ -15,6 +15,7 @@ use stateset_hooks::runtime::{
     DEFAULT_FUEL, DEFAULT_MAX_FUEL, DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MAX_TIMEOUT,
     DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, LimitPolicy, Limits,
 };
+use stateset_hooks::standard;
 use stateset_hooks::{Config, ConfigError, Hooks, config, server};
 
 /// `--admin-token`'s value, which `Debug` never shows.
@@ -50,6 +51,10 @@ pub struct ServeArgs {
     /// holds its `whsec_` secrets.
     #[arg(long, default_value = config::DEFAULT_STANDARD_PATH)]
     standard_path: String,
+    /// The Standard Webhooks route's `whsec_` secrets, one per line, instead
+    /// of the environment's: read at start and again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    standard_secrets_file: Option<PathBuf>,
     /// How far a Standard Webhooks message's timestamp may be from now,
     /// either way, in seconds; older or newer ones get 401.
     #[arg(long, default_value_t = stateset_hooks::standard::DEFAULT_TOLERANCE.as_secs())]
@@ -249,9 +254,17 @@ pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::R
     };
     let mut config = Config::new(secrets.first().clone());
     config.secrets = secrets;
-    if let Ok(text) = std::env::var(stateset_hooks::standard::SECRETS_ENV) {
-        let secrets = stateset_hooks::standard::parse_secrets(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", stateset_hooks::standard::SECRETS_ENV))?;
+    let standard_secrets = match &args.standard_secrets_file {
+        Some(file) => Some(read_standard_secrets(file)?),
+        None => match std::env::var(standard::SECRETS_ENV) {
+            Ok(text) => Some(
+                standard::parse_secrets(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", standard::SECRETS_ENV))?,
+            ),
+            Err(_) => None,
+        },
+    };
+    if let Some(secrets) = standard_secrets {
         config.standard = Some(config::StandardRoute {
             path: args.standard_path.clone(),
             secrets,
@@ -322,8 +335,9 @@ pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::R
             listener: admin,
             access,
         };
-        if let Some(file) = args.secrets_file {
-            tokio::spawn(reload_secrets_on_sighup(file, hooks.clone()));
+        if args.secrets_file.is_some() || args.standard_secrets_file.is_some() {
+            let files = (args.secrets_file, args.standard_secrets_file);
+            tokio::spawn(reload_secrets_on_sighup(files, hooks.clone()));
         }
         server::run(listener, Some(admin), hooks, shutdown_signal()).await?;
         tracing::info!("stopped");
@@ -338,18 +352,36 @@ fn read_secrets(file: &std::path::Path) -> anyhow::Result<stateset_hooks::Secret
         .map_err(|_| anyhow::anyhow!("--secrets-file: {} holds no secret", file.display()))
 }
 
-/// On each SIGHUP, the secrets file again; one that cannot be read (or
-/// holds none) keeps the secrets as they were, and the log says why.
-async fn reload_secrets_on_sighup(file: PathBuf, hooks: Hooks) {
+fn read_standard_secrets(file: &std::path::Path) -> anyhow::Result<stateset_hooks::Secrets> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--standard-secrets-file: cannot read {}", file.display()))?;
+    standard::parse_secrets(&text)
+        .map_err(|e| anyhow::anyhow!("--standard-secrets-file: {}: {e}", file.display()))
+}
+
+/// On each SIGHUP, the secrets files again (the StateSet one, the Standard
+/// Webhooks one); one that cannot be read (or holds none) keeps its secrets
+/// as they were, and the log says why.
+async fn reload_secrets_on_sighup(files: (Option<PathBuf>, Option<PathBuf>), hooks: Hooks) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP: the secrets file is read only at start");
         return;
     };
     while hangups.recv().await.is_some() {
-        match read_secrets(&file) {
-            Ok(secrets) => hooks.set_secrets(secrets),
-            Err(error) => tracing::error!("{error:#}; the secrets stay as they were"),
+        if let Some(file) = &files.0 {
+            match read_secrets(file) {
+                Ok(secrets) => hooks.set_secrets(secrets),
+                Err(error) => tracing::error!("{error:#}; the secrets stay as they were"),
+            }
+        }
+        if let Some(file) = &files.1 {
+            match read_standard_secrets(file) {
+                Ok(secrets) => {
+                    hooks.set_standard_secrets(secrets);
+                }
+                Err(error) => tracing::error!("{error:#}; the secrets stay as they were"),
+            }
         }
     }
 }

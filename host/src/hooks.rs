@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::config::{Config, ConnectionLimits, StandardRoute};
+use crate::config::{Config, ConnectionLimits};
 use crate::dispatch::{DispatchSettings, Dispatcher, Report};
 use crate::housekeeping::Housekeeping;
 use crate::http::{self, Endpoint};
@@ -24,6 +24,13 @@ use crate::status::PluginStatus;
 use crate::store::{PgStore, SqliteStore, Store, now_ms};
 use crate::watch::Watcher;
 
+/// Secrets the routes read at each request and [`Hooks`] may replace.
+type SharedSecrets = Arc<std::sync::RwLock<Arc<Secrets>>>;
+
+fn shared(secrets: Secrets) -> SharedSecrets {
+    Arc::new(std::sync::RwLock::new(Arc::new(secrets)))
+}
+
 /// A running webhook host: plugins loaded, workers started. Clones share it.
 #[derive(Debug, Clone)]
 pub struct Hooks {
@@ -34,7 +41,7 @@ pub struct Hooks {
 struct Inner {
     path: String,
     db_path: std::path::PathBuf,
-    secrets: Arc<std::sync::RwLock<Arc<Secrets>>>,
+    secrets: SharedSecrets,
     body_limit: usize,
     body_timeout: std::time::Duration,
     connections: ConnectionLimits,
@@ -42,7 +49,8 @@ struct Inner {
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
     metrics: Metrics,
-    standard: Option<StandardRoute>,
+    /// The Standard Webhooks route: where, its secrets, its tolerance.
+    standard: Option<(String, SharedSecrets, std::time::Duration)>,
     /// Held for the whole shutdown, so a second caller waits for the first.
     stopping: Mutex<()>,
     /// Taken at shutdown: nothing reloads once shutdown begins; the last
@@ -117,7 +125,7 @@ impl Hooks {
             inner: Arc::new(Inner {
                 path: config.path,
                 db_path: config.db_path,
-                secrets: Arc::new(std::sync::RwLock::new(Arc::new(config.secrets))),
+                secrets: shared(config.secrets),
                 body_limit: config.body_limit,
                 body_timeout: config.body_timeout,
                 connections: config.connections,
@@ -125,7 +133,9 @@ impl Hooks {
                 registry,
                 runtime,
                 metrics,
-                standard: config.standard,
+                standard: config
+                    .standard
+                    .map(|s| (s.path, shared(s.secrets), s.tolerance)),
                 stopping: Mutex::new(()),
                 watcher: Mutex::new(watcher),
                 loader: Mutex::new(loader),
@@ -147,10 +157,10 @@ impl Hooks {
                 .inner
                 .standard
                 .as_ref()
-                .map(|s| (s.secrets.clone(), s.tolerance)),
+                .map(|(_, secrets, tolerance)| (secrets.clone(), *tolerance)),
             _keep_alive: self.inner.clone(),
         };
-        let standard = self.inner.standard.as_ref().map(|s| s.path.as_str());
+        let standard = self.inner.standard.as_ref().map(|(path, ..)| path.as_str());
         http::router(&self.inner.path, standard, Arc::new(endpoint))
     }
 
@@ -177,6 +187,17 @@ impl Hooks {
     pub fn set_secrets(&self, secrets: Secrets) {
         tracing::info!(secrets = %secrets.fingerprints(), "webhook secrets replaced");
         *self.inner.secrets.write().expect("secrets lock") = Arc::new(secrets);
+    }
+
+    /// Replace the Standard Webhooks route's secrets; false (and nothing
+    /// done) when the host serves no such route.
+    pub fn set_standard_secrets(&self, secrets: Secrets) -> bool {
+        let Some((_, current, _)) = &self.inner.standard else {
+            return false;
+        };
+        tracing::info!(secrets = %secrets.fingerprints(), "Standard Webhooks secrets replaced");
+        *current.write().expect("secrets lock") = Arc::new(secrets);
+        true
     }
 
     /// The database file.

@@ -37,8 +37,9 @@ pub(crate) struct Endpoint {
     pub body_timeout: std::time::Duration,
     pub dispatcher: Arc<Dispatcher>,
     pub metrics: Metrics,
-    /// The Standard Webhooks route's secrets and timestamp tolerance.
-    pub standard: Option<(Secrets, std::time::Duration)>,
+    /// The Standard Webhooks route's secrets (replaced by
+    /// [`crate::Hooks::set_standard_secrets`]) and timestamp tolerance.
+    pub standard: Option<(Arc<RwLock<Arc<Secrets>>>, std::time::Duration)>,
     /// Whatever must live as long as the route does (the host behind it):
     /// an app may drop its handle and keep only the router.
     pub _keep_alive: Arc<dyn std::any::Any + Send + Sync>,
@@ -131,7 +132,8 @@ async fn check_standard_and_accept(
     let now = crate::store::now_ms() / 1000;
     let envelope = standard::Envelope::check(message, now, *tolerance)?;
     let body = read_body(endpoint, headers, body).await?;
-    let matched = envelope.verify(secrets, &body)?.fingerprint();
+    let secrets = secrets.read().expect("secrets lock").clone();
+    let matched = envelope.verify(&secrets, &body)?.fingerprint();
     accept_verified(endpoint, headers, &body, &matched, Some(envelope.id)).await
 }
 

@@ -339,21 +339,10 @@ impl ServeProcess {
 
     /// [`ServeProcess::start`] with more `serve` flags.
     pub fn start_with(plugins: &PluginDir, rust_log: Option<&str>, flags: &[&str]) -> Self {
-        Self::start_with_env(plugins, rust_log, flags, &[])
-    }
-
-    /// [`ServeProcess::start_with`], with these environment variables too.
-    pub fn start_with_env(
-        plugins: &PluginDir,
-        rust_log: Option<&str>,
-        flags: &[&str],
-        env: &[(&str, &str)],
-    ) -> Self {
         let mut command = Command::new(BIN);
         command
             .env_remove("RUST_LOG")
-            .env("STATESET_WEBHOOK_SECRET", SECRET)
-            .envs(env.iter().copied());
+            .env("STATESET_WEBHOOK_SECRET", SECRET);
         if let Some(filter) = rust_log {
             command.env("RUST_LOG", filter);
         }
