@@ -387,4 +387,15 @@ fn sign_picks_a_secret_by_fingerprint() {
         !said.contains("old-secret") && !said.contains("new-secret"),
         "{said}"
     );
+    // STATESET_WEBHOOK_SECRET is taken byte for byte: a comma is part of it.
+    let output = bin()
+        .env("STATESET_WEBHOOK_SECRET", " one,two ")
+        .arg("sign")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let whole = stateset_hooks::Secret::new(" one,two ")
+        .unwrap()
+        .sign(&body);
+    assert_eq!(printed(output), whole);
 }

@@ -68,15 +68,23 @@ async fn standard_webhooks_are_verified_deduplicated_by_id_and_delivered() {
     let (status, error) = post(&server, &signed("msg_one", now, &body), &body).await;
     assert_eq!((status, error.as_str()), (200, ""));
     let report = &server.reports(1).await[0];
-    assert_eq!(&*report.event_key, "msg_one", "webhook-id is the key");
+    assert_eq!(
+        &*report.event_key, "standard:msg_one",
+        "webhook-id is the key, in a namespace of its own"
+    );
     assert_eq!(&*report.event_type, "order.created");
 
     // The same webhook-id again, even re-signed later: a duplicate.
     let (status, _) = post(&server, &signed("msg_one", now + 1, &body), &body).await;
     assert_eq!(status, 200);
-    let stored = server.hooks.store().event("msg_one").unwrap().unwrap();
-    assert_eq!(stored.deliveries.len(), 1);
+    let stored = server.hooks.store().event("standard:msg_one").unwrap();
+    assert_eq!(stored.unwrap().deliveries.len(), 1);
+    // Run again (a replay, as a retry or a restart would): the same key.
+    let replayed = server.hooks.store().replay_event("standard:msg_one", None);
+    assert_eq!(replayed.unwrap(), 1);
+    assert_eq!(&*server.reports(1).await[0].event_key, "standard:msg_one");
 
+    let now = unix_now();
     let refusals: Vec<(Vec<(&str, String)>, &str)> = vec![
         (signed("msg_old", now - 301, &body), "in the past"),
         (signed("msg_new", now + 301, &body), "in the future"),
@@ -110,9 +118,16 @@ async fn standard_webhooks_are_verified_deduplicated_by_id_and_delivered() {
     let other = br#"{"type":"order.created","data":{}}"#;
     let (status, _) = post(&server, &signed("msg_swap", now, &body), other).await;
     assert_eq!(status, 401);
-    for key in ["msg_old", "msg_new", "msg_bad", "msg_swap"] {
-        assert!(server.hooks.store().event(key).unwrap().is_none(), "{key}");
+    for id in ["msg_old", "msg_new", "msg_bad", "msg_swap"] {
+        let key = standard::key(id);
+        assert!(server.hooks.store().event(&key).unwrap().is_none(), "{key}");
     }
+    // Svix's names for the same headers are taken too.
+    let svix: Vec<(&str, String)> = signed("msg_svix", now, &body)
+        .into_iter()
+        .map(|(name, value)| (name.replace("webhook-", "svix-").leak() as &str, value))
+        .collect();
+    assert_eq!(post(&server, &svix, &body).await.0, 200);
     let metrics = server.hooks.metrics().encode();
     assert!(
         metrics.contains("stateset_hooks_webhooks_received_total{outcome=\"stale-timestamp\"} 2"),

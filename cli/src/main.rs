@@ -197,16 +197,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// The webhook secrets from the environment: `STATESET_WEBHOOK_SECRET`, and
-/// during a rotation `STATESET_WEBHOOK_SECRETS` (separated by commas or
-/// newlines); either or both.
+/// The webhook secrets from the environment: `STATESET_WEBHOOK_SECRET`
+/// (taken byte for byte, as always), and during a rotation
+/// `STATESET_WEBHOOK_SECRETS` (separated by commas or newlines); either or
+/// both.
 pub fn secrets_from_env() -> anyhow::Result<Secrets> {
-    let text = [SECRET_ENV, SECRETS_ENV]
-        .iter()
-        .filter_map(|name| std::env::var(name).ok())
-        .collect::<Vec<_>>()
-        .join("\n");
-    Secrets::parse(&text).map_err(|_| {
+    let one =
+        std::env::var_os(SECRET_ENV).and_then(|value| Secret::new(value.into_encoded_bytes()).ok());
+    let listed = std::env::var(SECRETS_ENV)
+        .ok()
+        .and_then(|text| Secrets::parse(&text).ok());
+    let all = one
+        .into_iter()
+        .chain(listed.iter().flat_map(|s| s.iter().cloned()));
+    Secrets::new(all).map_err(|_| {
         anyhow::anyhow!(
             "no webhook secret: set {SECRET_ENV} to the signing secret StateSet uses for this \
              endpoint, e.g. `export {SECRET_ENV}=...` ({SECRETS_ENV} holds several while one \

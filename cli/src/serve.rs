@@ -314,6 +314,10 @@ pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::R
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        // Taken before anything slow (loading plugins): a SIGHUP from now on
+        // reloads secrets, and never ends the process.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot listen for SIGHUP")?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -335,10 +339,8 @@ pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::R
             listener: admin,
             access,
         };
-        if args.secrets_file.is_some() || args.standard_secrets_file.is_some() {
-            let files = (args.secrets_file, args.standard_secrets_file);
-            tokio::spawn(reload_secrets_on_sighup(files, hooks.clone()));
-        }
+        let files = (args.secrets_file, args.standard_secrets_file);
+        tokio::spawn(reload_secrets_on_sighup(hangups, files, hooks.clone()));
         server::run(listener, Some(admin), hooks, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
@@ -361,14 +363,17 @@ fn read_standard_secrets(file: &std::path::Path) -> anyhow::Result<stateset_hook
 
 /// On each SIGHUP, the secrets files again (the StateSet one, the Standard
 /// Webhooks one); one that cannot be read (or holds none) keeps its secrets
-/// as they were, and the log says why.
-async fn reload_secrets_on_sighup(files: (Option<PathBuf>, Option<PathBuf>), hooks: Hooks) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP: the secrets file is read only at start");
-        return;
-    };
+/// as they were, and the log says why. Without a file, SIGHUP does nothing
+/// (it never stops the server).
+async fn reload_secrets_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    files: (Option<PathBuf>, Option<PathBuf>),
+    hooks: Hooks,
+) {
     while hangups.recv().await.is_some() {
+        if files.0.is_none() && files.1.is_none() {
+            tracing::info!("SIGHUP: no secrets file to read again (--secrets-file)");
+        }
         if let Some(file) = &files.0 {
             match read_secrets(file) {
                 Ok(secrets) => hooks.set_secrets(secrets),

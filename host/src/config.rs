@@ -227,6 +227,19 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// Every secret, as bytes and as the text it may be written in (a
+    /// `whsec_` secret's base64): what no plugin may read.
+    fn withheld(&self) -> Vec<Secret> {
+        let mut all: Vec<Secret> = self.secrets.iter().cloned().collect();
+        if let Some(standard) = &self.standard {
+            for secret in standard.secrets.iter() {
+                all.push(secret.clone());
+                all.extend(crate::standard::text_forms(secret));
+            }
+        }
+        all
+    }
+
     pub fn new(secret: Secret) -> Self {
         Self {
             secrets: Secrets::one(secret),
@@ -401,9 +414,9 @@ impl Config {
     pub fn grants(&self) -> Grants {
         Grants {
             limits: self.limits.clone(),
-            env: self.secrets.iter().fold(
+            env: self.withheld().into_iter().fold(
                 EnvGrant::new(self.plugin_env.iter().cloned()),
-                |grant, secret| grant.withholding(secret.clone()),
+                EnvGrant::withholding,
             ),
             http: self.http.clone(),
             kv: self.kv,

@@ -185,8 +185,9 @@ impl Hooks {
     /// Replace the webhook secrets (a rotation: old and new, then new
     /// alone); the next request is checked against these.
     pub fn set_secrets(&self, secrets: Secrets) {
-        tracing::info!(secrets = %secrets.fingerprints(), "webhook secrets replaced");
+        let fingerprints = secrets.fingerprints();
         *self.inner.secrets.write().expect("secrets lock") = Arc::new(secrets);
+        tracing::info!(secrets = %fingerprints, "webhook secrets replaced");
     }
 
     /// Replace the Standard Webhooks route's secrets; false (and nothing
@@ -195,8 +196,9 @@ impl Hooks {
         let Some((_, current, _)) = &self.inner.standard else {
             return false;
         };
-        tracing::info!(secrets = %secrets.fingerprints(), "Standard Webhooks secrets replaced");
+        let fingerprints = secrets.fingerprints();
         *current.write().expect("secrets lock") = Arc::new(secrets);
+        tracing::info!(secrets = %fingerprints, "Standard Webhooks secrets replaced");
         true
     }
 

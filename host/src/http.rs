@@ -119,9 +119,14 @@ async fn check_standard_and_accept(
         .standard
         .as_ref()
         .expect("routed only when configured");
-    let header = |name| {
+    let header = |name: &str| {
+        let svix = standard::SVIX_HEADERS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s);
         headers
             .get(name)
+            .or_else(|| headers.get(svix?))
             .map(|v: &header::HeaderValue| v.as_bytes())
     };
     let message = standard::Headers {
@@ -134,7 +139,8 @@ async fn check_standard_and_accept(
     let body = read_body(endpoint, headers, body).await?;
     let secrets = secrets.read().expect("secrets lock").clone();
     let matched = envelope.verify(&secrets, &body)?.fingerprint();
-    accept_verified(endpoint, headers, &body, &matched, Some(envelope.id)).await
+    let key = standard::key(&envelope.id);
+    accept_verified(endpoint, headers, &body, &matched, Some(key)).await
 }
 
 /// The body, within the size limit and the body timeout.

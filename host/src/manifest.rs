@@ -36,7 +36,10 @@ use serde::Deserialize;
 use crate::runtime::egress::HttpManifest;
 use crate::runtime::kv::KvManifest;
 use crate::runtime::{ConfigValues, LimitOverrides};
-use crate::signature::{SECRET_ENV, Secret};
+use crate::signature::{SECRET_ENV, SECRETS_ENV, Secret};
+
+/// The variables webhook secrets are read from: never a plugin's.
+const SECRET_VARIABLES: [&str; 3] = [SECRET_ENV, SECRETS_ENV, crate::standard::SECRETS_ENV];
 
 /// The start of the environment variables meant for plugins: plugin `NAME`
 /// may read `STATESET_PLUGIN_<NAME>__*` (see [`plugin_env_prefix`]), names
@@ -91,9 +94,13 @@ impl EnvGrant {
         self
     }
 
-    /// Refuse an allow list that names the webhook secret's variable.
+    /// Refuse an allow list that names a webhook secret's variable.
     pub fn validate(&self) -> Result<(), String> {
-        match self.allow.iter().find(|name| *name == SECRET_ENV) {
+        match self
+            .allow
+            .iter()
+            .find(|name| SECRET_VARIABLES.contains(&name.as_str()))
+        {
             Some(name) => Err(format!(
                 "{name} holds the webhook secret: plugins may never read it"
             )),
@@ -103,7 +110,7 @@ impl EnvGrant {
 
     fn allows(&self, plugin: &str, name: &str) -> bool {
         let own = plugin_env_prefix(plugin).is_some_and(|prefix| name.starts_with(&prefix));
-        name != SECRET_ENV && (own || self.allow.contains(name))
+        !SECRET_VARIABLES.contains(&name) && (own || self.allow.contains(name))
     }
 }
 
@@ -383,11 +390,11 @@ mod tests {
     }
 
     #[test]
-    fn the_secret_variable_cannot_be_granted() {
-        let err = EnvGrant::new([SECRET_ENV.to_owned()])
-            .validate()
-            .unwrap_err();
-        assert!(err.contains("webhook secret"), "{err}");
+    fn the_secret_variables_cannot_be_granted() {
+        for variable in SECRET_VARIABLES {
+            let err = EnvGrant::new([variable.to_owned()]).validate().unwrap_err();
+            assert!(err.contains("webhook secret"), "{err}");
+        }
         assert!(
             EnvGrant::new(["ORDERS_TOKEN".to_owned()])
                 .validate()

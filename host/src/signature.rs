@@ -52,6 +52,11 @@ impl Secret {
         hex::encode(&hash.finalize()[..4])
     }
 
+    /// The bytes, for another encoding of them (never for a log).
+    pub(crate) fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The hex signature of `body` (lower-case), as a sender computes it.
     pub fn sign(&self, body: &[u8]) -> String {
         hex::encode(self.mac(body))

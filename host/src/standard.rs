@@ -49,6 +49,26 @@ pub fn parse_secrets(text: &str) -> Result<Secrets, StandardError> {
     Secrets::new(secrets).map_err(|_| StandardError::BadSecret)
 }
 
+/// How a secret is written (its base64 without padding, which both the
+/// padded and the unpadded form contain): text a plugin must never read.
+pub fn text_forms(secret: &Secret) -> Option<Secret> {
+    Secret::new(STANDARD_NO_PAD.encode(secret.expose())).ok()
+}
+
+/// The store key of a message: its `webhook-id` in a namespace of its own,
+/// so a Standard sender's ids never meet StateSet's event ids.
+pub fn key(id: &str) -> String {
+    format!("standard:{id}")
+}
+
+/// Svix's names for the same three headers, taken when the unbranded ones
+/// are absent.
+pub const SVIX_HEADERS: [(&str, &str); 3] = [
+    (ID_HEADER, "svix-id"),
+    (TIMESTAMP_HEADER, "svix-timestamp"),
+    (SIGNATURE_HEADER, "svix-signature"),
+];
+
 /// The signature header's value for a message: `v1,<base64>`.
 pub fn sign(secret: &Secret, id: &str, timestamp: i64, body: &[u8]) -> String {
     format!(
@@ -64,7 +84,7 @@ fn signed_content(id: &str, timestamp: impl std::fmt::Display, body: &[u8]) -> V
 }
 
 /// The three headers of a message, as received.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Headers<'a> {
     pub id: Option<&'a [u8]>,
     pub timestamp: Option<&'a [u8]>,
@@ -72,12 +92,32 @@ pub struct Headers<'a> {
 }
 
 /// What a message's headers say, checked for shape and timestamp before
-/// its body is read.
-#[derive(Debug, Clone)]
+/// its body is read. Its `Debug` leaves the signatures out.
+#[derive(Clone)]
 pub struct Envelope {
     pub id: String,
     timestamp: i64,
     signatures: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Headers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Headers")
+            .field("id", &self.id.map(String::from_utf8_lossy))
+            .field("timestamp", &self.timestamp.map(String::from_utf8_lossy))
+            .field("signature", &self.signature.map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("timestamp", &self.timestamp)
+            .field("signatures", &self.signatures.len())
+            .finish()
+    }
 }
 
 impl Envelope {
@@ -107,20 +147,28 @@ impl Envelope {
         if timestamp > now.saturating_add(tolerance) {
             return Err(StandardError::TooNew { tolerance });
         }
-        let mut signatures = Vec::new();
+        let (mut signatures, mut malformed) = (Vec::new(), false);
         for entry in text(headers.signature, SIGNATURE_HEADER)?.split(' ') {
             let Some(encoded) = entry.strip_prefix("v1,") else {
                 continue; // another version: not ours to check
             };
-            let mut mac = [0u8; 32];
+            // A malformed entry is skipped, as the reference libraries do:
+            // another may match.
             match STANDARD.decode(encoded) {
-                Ok(bytes) if bytes.len() == 32 => mac.copy_from_slice(&bytes),
-                _ => return Err(StandardError::Malformed),
+                Ok(bytes) if bytes.len() == 32 => {
+                    let mut mac = [0u8; 32];
+                    mac.copy_from_slice(&bytes);
+                    signatures.push(mac);
+                }
+                _ => malformed = true,
             }
-            signatures.push(mac);
         }
         if signatures.is_empty() {
-            return Err(StandardError::NoV1Signature);
+            return Err(if malformed {
+                StandardError::Malformed
+            } else {
+                StandardError::NoV1Signature
+            });
         }
         Ok(Self {
             id,
@@ -254,8 +302,9 @@ mod tests {
             verify(&good.replace("v1,", "v1a,")),
             Err(StandardError::NoV1Signature)
         );
-        // Any of several may match; other versions are skipped.
-        assert_eq!(verify(&format!("v1a,abc {near} {good}")), Ok(()));
+        // Any of several may match; other versions and malformed entries
+        // are skipped.
+        assert_eq!(verify(&format!("v1a,abc {near} v1,!! {good}")), Ok(()));
         // Missing headers and a timestamp that is not an integer.
         let none = Headers {
             id: None,
@@ -301,6 +350,11 @@ mod tests {
             parse_secret(bare).unwrap().sign(b"x"),
             parse_secret(secret).unwrap().sign(b"x"),
             "the prefix is optional"
+        );
+        let forms = text_forms(&parse_secret(secret).unwrap()).unwrap();
+        assert!(
+            forms.appears_in(secret.as_bytes()),
+            "found in the text it was written as"
         );
         for bad in ["whsec_", "", "whsec_!!!"] {
             assert_eq!(

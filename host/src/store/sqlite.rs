@@ -765,8 +765,10 @@ fn due_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
             let trace = row
                 .get::<_, Option<String>>(7)?
                 .and_then(|t| TraceParent::parse(t.as_bytes()));
+            // Under the key it was stored by (a Standard message's is not
+            // its body's).
             Event::parse(body)
-                .map(|e| Arc::new(e.with_trace(trace)))
+                .map(|e| Arc::new(e.with_trace(trace).with_key(key.clone())))
                 .map_err(|e| e.to_string())
         }
         other => Err(format!("body is stored as {}", other.data_type())),

@@ -419,8 +419,9 @@ fn due_row(row: &tokio_postgres::Row) -> Due {
     let trace = row
         .get::<_, Option<&str>>(7)
         .and_then(|t| TraceParent::parse(t.as_bytes()));
+    // Under the key it was stored by (a Standard message's is not its body's).
     let event = Event::parse(body)
-        .map(|e| Arc::new(e.with_trace(trace)))
+        .map(|e| Arc::new(e.with_trace(trace).with_key(key.clone())))
         .map_err(|e| Unreadable {
             key,
             reason: format!("the stored event is not deliverable: {e}"),
