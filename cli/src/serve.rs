@@ -15,8 +15,8 @@ use stateset_hooks::runtime::{
     DEFAULT_FUEL, DEFAULT_MAX_FUEL, DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MAX_TIMEOUT,
     DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT, LimitPolicy, Limits,
 };
-use stateset_hooks::standard;
 use stateset_hooks::{Config, ConfigError, Hooks, config, server};
+use stateset_hooks::{Secrets, standard};
 
 /// `--admin-token`'s value, which `Debug` never shows.
 #[derive(Clone)]
@@ -347,18 +347,27 @@ pub fn serve(args: ServeArgs, at: &crate::store_commands::Location) -> anyhow::R
     })
 }
 
-fn read_secrets(file: &std::path::Path) -> anyhow::Result<stateset_hooks::Secrets> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("--secrets-file: cannot read {}", file.display()))?;
-    stateset_hooks::Secrets::parse(&text)
-        .map_err(|_| anyhow::anyhow!("--secrets-file: {} holds no secret", file.display()))
+fn read_secrets(file: &std::path::Path) -> anyhow::Result<Secrets> {
+    read_secrets_file("--secrets-file", file, |text| {
+        Secrets::parse(text).map_err(|_| "holds no secret".into())
+    })
 }
 
-fn read_standard_secrets(file: &std::path::Path) -> anyhow::Result<stateset_hooks::Secrets> {
+fn read_standard_secrets(file: &std::path::Path) -> anyhow::Result<Secrets> {
+    read_secrets_file("--standard-secrets-file", file, |text| {
+        standard::parse_secrets(text).map_err(|e| e.to_string())
+    })
+}
+
+/// A secrets file named by `flag`, parsed; errors name the flag and file.
+fn read_secrets_file(
+    flag: &str,
+    file: &std::path::Path,
+    parse: impl Fn(&str) -> Result<Secrets, String>,
+) -> anyhow::Result<Secrets> {
     let text = std::fs::read_to_string(file)
-        .with_context(|| format!("--standard-secrets-file: cannot read {}", file.display()))?;
-    standard::parse_secrets(&text)
-        .map_err(|e| anyhow::anyhow!("--standard-secrets-file: {}: {e}", file.display()))
+        .with_context(|| format!("{flag}: cannot read {}", file.display()))?;
+    parse(&text).map_err(|why| anyhow::anyhow!("{flag}: {}: {why}", file.display()))
 }
 
 /// On each SIGHUP, the secrets files again (the StateSet one, the Standard
