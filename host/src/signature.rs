@@ -66,12 +66,16 @@ impl Secret {
     /// accepted; the comparison of the MAC bytes is constant-time.
     pub fn verify(&self, body: &[u8], header: Option<&[u8]>) -> Result<(), SignatureError> {
         let expected = decode_header(header)?;
-        let actual = self.mac(body);
-        if bool::from(actual.as_slice().ct_eq(&expected)) {
+        if self.signed(body, &expected) {
             Ok(())
         } else {
             Err(SignatureError::Mismatch)
         }
+    }
+
+    /// Whether `mac` is this secret's MAC of `body`, compared in constant time.
+    fn signed(&self, body: &[u8], mac: &[u8; 32]) -> bool {
+        bool::from(self.mac(body).as_slice().ct_eq(mac))
     }
 
     /// Whether `text` holds this secret anywhere: a value that must never be
@@ -130,8 +134,7 @@ impl Secrets {
         let expected = decode_header(header)?;
         let mut matched = None;
         for secret in &self.0 {
-            let equal = bool::from(secret.mac(body).as_slice().ct_eq(&expected));
-            if equal && matched.is_none() {
+            if secret.signed(body, &expected) && matched.is_none() {
                 matched = Some(secret);
             }
         }
