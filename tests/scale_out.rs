@@ -27,6 +27,7 @@ fn attempt(id: i64, replays: i64, status: Status, plugin: &str, kv: Vec<KvOp>) -
         plugin: plugin.into(),
         kv: kv.into(),
         kv_quota: 1 << 20,
+        cost: None,
     }
 }
 

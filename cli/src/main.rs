@@ -1,13 +1,17 @@
 //! The `stateset-hooks` command line: a thin layer over the library.
 //!
 //! One file per command family: `serve.rs`, `run.rs` (one plugin, one event),
-//! `store_commands.rs` (`events`, `dlq`, `plugins`), `scaffold.rs` (`new`);
+//! `cases.rs` (`test`: a plugin's own cases), `shadow.rs` (a candidate on
+//! stored events), `store_commands.rs` (`events`, `dlq`, `plugins`),
+//! `scaffold.rs` (`new`);
 //! `sign` and `send` are short enough to live here.
 
+mod cases;
 mod receive;
 mod run;
 mod scaffold;
 mod serve;
+mod shadow;
 mod store_commands;
 mod telemetry;
 
@@ -122,13 +126,36 @@ enum Command {
         #[arg(long, value_name = "VAR")]
         allow_plugin_env: Vec<String>,
     },
+    /// Run a plugin's test cases (CASES_DIR/*.json: an event, the kv state
+    /// before, canned HTTP answers, what must come of it) without a server;
+    /// prints a table and exits non-zero if one fails.
+    Test {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// The directory of cases.
+        cases: PathBuf,
+        /// The manifest [default: PLUGIN.toml beside it].
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        limits: serve::LimitArgs,
+        /// Let the manifest read this environment variable (repeat for
+        /// more), as `serve --allow-plugin-env` does.
+        #[arg(long, value_name = "VAR")]
+        allow_plugin_env: Vec<String>,
+    },
+    /// Try a candidate for a live plugin's place on the stored events,
+    /// without effects (no HTTP sent, no kv written, nothing recorded), and
+    /// compare with what the live version recorded; exits 1 if an event
+    /// that succeeded live fails. Reads only: safe beside a running server.
+    Shadow(Box<shadow::ShadowArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `run` prints the plugin's lines itself; the log would repeat them.
+    // These print the plugin's lines themselves; the log would repeat them.
     let default_filter = match cli.command {
-        Command::Run { .. } => "warn,plugin=off",
+        Command::Run { .. } | Command::Test { .. } | Command::Shadow(_) => "warn,plugin=off",
         _ => "info",
     };
     let _telemetry =
@@ -187,6 +214,20 @@ fn main() -> ExitCode {
             limits: &limits,
             allow_env: &allow_plugin_env,
         }),
+        Command::Test {
+            plugin,
+            cases,
+            manifest,
+            limits,
+            allow_plugin_env,
+        } => cases::test(&cases::Args {
+            plugin: &plugin,
+            cases: &cases,
+            manifest: manifest.as_deref(),
+            limits: &limits,
+            allow_env: &allow_plugin_env,
+        }),
+        Command::Shadow(args) => shadow::shadow(&args, &location),
     };
     match result {
         Ok(code) => code,

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use stateset_hooks::loader::Grants;
 use stateset_hooks::manifest::EnvGrant;
-use stateset_hooks::runtime::Runtime;
 use stateset_hooks::runtime::kv::{EmptyKv, KvOp, KvRead};
+use stateset_hooks::runtime::{Failure, Runtime};
 use stateset_hooks::signature::SECRET_ENV;
-use stateset_hooks::store::{KvSnapshot, PgStore};
+use stateset_hooks::store::{PgStore, SqliteSnapshot};
 use stateset_hooks::text::escape_controls;
 use stateset_hooks::{Event, Secret};
 
@@ -36,10 +36,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         limits,
         allow_env,
     } = *args;
-    let policy = limits.policy();
-    if let Err(reason) = policy.validate() {
-        bail!("{reason} (--fuel, --memory-mib, --timeout-ms and their --max-* flags)");
-    }
+    let grants = grants(limits, allow_env)?;
     let body = std::fs::read(event).with_context(|| format!("cannot read {}", event.display()))?;
     let event = Event::parse(&body)
         .with_context(|| format!("{} is not a webhook event", event.display()))?;
@@ -48,21 +45,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Some(options) => {
             Arc::new(PgStore::open_read_only(options.clone()).map_err(|e| anyhow::anyhow!("{e}"))?)
         }
-        None if store.db.exists() => Arc::new(KvSnapshot::open(&store.db)?),
+        None if store.db.exists() => Arc::new(SqliteSnapshot::open(&store.db)?),
         None => Arc::new(EmptyKv),
     };
     runtime.use_kv(state);
-    // As the server would grant it, withholding the secret if one is set.
-    let mut env = EnvGrant::new(allow_env.iter().cloned());
-    if let Some(secret) = std::env::var_os(SECRET_ENV) {
-        env = env.withholding(Secret::new(secret.into_encoded_bytes())?);
-    }
-    let grants = Grants {
-        limits: policy,
-        env,
-        http: limits.http(),
-        kv: limits.kv(),
-    };
     let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &grants)
         .with_context(|| format!("cannot load {}", plugin.display()))?;
     if !loaded.manifest.subscribes_to(event.event_type()) {
@@ -78,14 +64,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         event.event_type(),
         event.payload(),
     )?;
-    let result = match &outcome.result {
-        Ok(()) => "ok".to_owned(),
-        Err(failure) => format!(
-            "failed ({}): {}",
-            failure.kind,
-            escape_controls(&failure.message)
-        ),
-    };
+    let result = describe_result(&outcome.result);
     println!("plugin:      {} {}", loaded.name, loaded.version);
     println!("event:       {} {}", event.event_type(), event.key());
     println!("result:      {result}");
@@ -108,9 +87,41 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// What the operator grants a plugin run outside the server, as `serve`
+/// would grant it (the same flags), the webhook secret withheld if set.
+pub fn grants(limits: &LimitArgs, allow_env: &[String]) -> anyhow::Result<Grants> {
+    let policy = limits.policy();
+    if let Err(reason) = policy.validate() {
+        bail!("{reason} (--fuel, --memory-mib, --timeout-ms and their --max-* flags)");
+    }
+    let mut env = EnvGrant::new(allow_env.iter().cloned());
+    if let Some(secret) = std::env::var_os(SECRET_ENV) {
+        env = env.withholding(Secret::new(secret.into_encoded_bytes())?);
+    }
+    Ok(Grants {
+        limits: policy,
+        env,
+        http: limits.http(),
+        kv: limits.kv(),
+    })
+}
+
+/// A call's result in a word or a line: `ok`, or the failure's kind and
+/// its message, control characters escaped.
+pub fn describe_result(result: &Result<(), Failure>) -> String {
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(failure) => format!(
+            "failed ({}): {}",
+            failure.kind,
+            escape_controls(&failure.message)
+        ),
+    }
+}
+
 /// One kv write as `run` prints it: keys quoted and escaped, values only
 /// by size.
-fn describe(op: &KvOp) -> String {
+pub fn describe(op: &KvOp) -> String {
     match op {
         KvOp::Set {
             key,

@@ -341,8 +341,20 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
         .file_stem()
         .and_then(|s| s.to_str())
         .with_context(|| format!("{}: the file name is not valid UTF-8", path.display()))?;
-    let manifest_path = path.with_extension("toml");
-    let manifest = read_manifest(&manifest_path)?;
+    load_as(runtime, path, name, &path.with_extension("toml"), grants)
+}
+
+/// Load the component at `path` as plugin `name` under the manifest at
+/// `manifest_path` (none there: the defaults), as [`load_file`] does: a
+/// candidate for a live plugin's place (`shadow`) is loaded this way.
+pub fn load_as(
+    runtime: &Runtime,
+    path: &Path,
+    name: &str,
+    manifest_path: &Path,
+    grants: &Grants,
+) -> anyhow::Result<LoadedPlugin> {
+    let manifest = read_manifest(manifest_path)?;
     let invalid = |e: String| anyhow::anyhow!("invalid manifest {}: {e}", manifest_path.display());
     let limits = grants
         .limits
@@ -369,6 +381,7 @@ pub fn load_file(runtime: &Runtime, path: &Path, grants: &Grants) -> anyhow::Res
             config: Arc::new(config),
             http: Arc::new(http),
             kv_quota,
+            dry_run: None,
         },
     })
 }

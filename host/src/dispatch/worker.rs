@@ -15,7 +15,7 @@ use crate::health::Change;
 use crate::registry::LoadedPlugin;
 use crate::retry::{Decision, RetryPolicy};
 use crate::runtime::{CallOutcome, Failure, FailureKind, LogLine, NotRun};
-use crate::store::{Attempt, Due, Status, now_ms};
+use crate::store::{Attempt, Cost, Due, Status, now_ms};
 use crate::text::escape_controls;
 
 pub(super) struct Worker {
@@ -130,6 +130,10 @@ impl Worker {
             plugin: plugin.name.clone(),
             kv: outcome.kv_writes.clone(),
             kv_quota: plugin.prepared.kv_quota,
+            cost: Some(Cost {
+                fuel: outcome.fuel_used,
+                micros: outcome.elapsed.as_micros().try_into().unwrap_or(u64::MAX),
+            }),
         };
         let report = Report {
             event_key: event.key().into(),
@@ -182,6 +186,7 @@ impl Worker {
             plugin: due.plugin.clone(),
             kv: Arc::default(),
             kv_quota: 0,
+            cost: None,
         };
         let report = Report {
             event_key,
@@ -200,6 +205,7 @@ impl Worker {
                 dropped_output_bytes: 0,
                 dropped_output_lines: 0,
                 kv_writes: Arc::default(),
+                requests: Vec::new(),
             },
         };
         (record, report)

@@ -103,6 +103,88 @@ impl KvRead for EmptyKv {
     }
 }
 
+/// One plugin's state in memory, with no expiry: what a plugin test case
+/// (`stateset-hooks test`) starts from, and where its writes are applied
+/// to check the state after.
+#[derive(Debug, Default)]
+pub struct MemoryKv(std::sync::Mutex<BTreeMap<String, Vec<u8>>>);
+
+impl MemoryKv {
+    pub fn new(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        Self(std::sync::Mutex::new(entries.into_iter().collect()))
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commit a call's writes as a store does, all or none: a
+    /// compare-and-swap that no longer holds, or an increment of a value
+    /// that is not an integer, refuses the lot.
+    pub fn apply(&self, ops: &[KvOp]) -> Result<(), String> {
+        let mut map = self.map();
+        let mut next = map.clone();
+        for op in ops {
+            match op {
+                KvOp::Set { key, value, .. } => {
+                    next.insert(key.clone(), value.clone());
+                }
+                KvOp::Delete { key } => {
+                    next.remove(key);
+                }
+                KvOp::Increment { key, delta } => {
+                    let current = match next.get(key) {
+                        Some(bytes) => parse_integer(key, bytes)?,
+                        None => 0,
+                    };
+                    let new = current
+                        .checked_add(*delta)
+                        .ok_or_else(|| format!("kv key {key:?}: {current} + {delta} overflows"))?;
+                    next.insert(key.clone(), new.to_string().into_bytes());
+                }
+                KvOp::CompareAndSwap { key, expected, new } => {
+                    if next.get(key) != expected.as_ref() {
+                        return Err(format!("kv key {key:?} no longer holds what was expected"));
+                    }
+                    next.insert(key.clone(), new.clone());
+                }
+            }
+        }
+        *map = next;
+        Ok(())
+    }
+
+    /// Every key and its value.
+    pub fn entries(&self) -> BTreeMap<String, Vec<u8>> {
+        self.map().clone()
+    }
+}
+
+impl KvRead for MemoryKv {
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
+    fn kv_get(&self, _plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.map().get(key).cloned())
+    }
+
+    fn kv_keys(&self, _plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        let map = self.map();
+        Ok(map
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+
+    fn kv_usage(&self, _plugin: &str) -> Result<u64, String> {
+        let map = self.map();
+        Ok(map.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
+    }
+}
+
 /// A manifest's `[kv]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -339,40 +421,13 @@ pub fn parse_integer(key: &str, bytes: &[u8]) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// Committed state for the tests, one plugin's.
-    #[derive(Default)]
-    struct Committed(Mutex<BTreeMap<String, Vec<u8>>>);
-
-    impl KvRead for Committed {
-        fn kv_get(&self, _: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
-            Ok(self.0.lock().unwrap().get(key).cloned())
-        }
-        fn kv_keys(&self, _: &str, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
-            let map = self.0.lock().unwrap();
-            Ok(map
-                .keys()
-                .filter(|k| k.starts_with(prefix))
-                .take(limit)
-                .cloned()
-                .collect())
-        }
-        fn kv_usage(&self, _: &str) -> Result<u64, String> {
-            let map = self.0.lock().unwrap();
-            Ok(map.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
-        }
-    }
 
     fn session(committed: &[(&str, &str)], quota: u64) -> KvSession {
-        let store = Committed::default();
-        for (k, v) in committed {
-            store
-                .0
-                .lock()
-                .unwrap()
-                .insert((*k).into(), v.as_bytes().to_vec());
-        }
+        let store = MemoryKv::new(
+            committed
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())),
+        );
         KvSession::new("p".into(), Some(Arc::new(store)), quota)
     }
 
@@ -404,6 +459,45 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(kv.into_ops().len(), 7);
+    }
+
+    #[tokio::test]
+    async fn writes_applied_in_memory_match_what_the_call_read_back() {
+        let state = Arc::new(MemoryKv::new([
+            ("n".to_owned(), b"1".to_vec()),
+            ("old".to_owned(), b"x".to_vec()),
+        ]));
+        let mut kv = KvSession::new("p".into(), Some(state.clone()), 1 << 20);
+        kv.increment("n".into(), 2).await.unwrap();
+        kv.delete("old".into()).unwrap();
+        assert!(
+            kv.compare_and_swap("c".into(), None, b"y".to_vec())
+                .await
+                .unwrap()
+        );
+        kv.set("s".into(), b"v".to_vec(), None).await.unwrap();
+        state.apply(&kv.into_ops()).unwrap();
+        let after: Vec<_> = state.entries().into_iter().collect();
+        assert_eq!(
+            after,
+            [
+                ("c".to_owned(), b"y".to_vec()),
+                ("n".to_owned(), b"3".to_vec()),
+                ("s".to_owned(), b"v".to_vec()),
+            ]
+        );
+        let stale = KvOp::CompareAndSwap {
+            key: "c".into(),
+            expected: None,
+            new: b"z".to_vec(),
+        };
+        let set = KvOp::Set {
+            key: "t".into(),
+            value: vec![],
+            expires_at: None,
+        };
+        assert!(state.apply(&[set, stale]).is_err());
+        assert!(!state.entries().contains_key("t"), "all or none");
     }
 
     #[tokio::test]

@@ -36,6 +36,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use self::bindings::{v0_1_0, v0_2_0, v0_3_0};
 use self::cache::CompileCache;
 pub use self::cache::{CacheConfig, CacheError, DEFAULT_CACHE_MAX_BYTES};
+use self::egress::stub::{HttpStub, RecordedRequest};
 use self::egress::{Egress, HttpGrant};
 use self::kv::{KvError, KvOp, KvRead, KvSession};
 use self::limits::{Cancelled, EpochTicker, HasLimiter, MemoryLimiter, Slots, configure_store};
@@ -112,6 +113,27 @@ pub struct Prepared {
     pub http: Arc<HttpGrant>,
     /// Bytes its key-value state may hold.
     pub kv_quota: u64,
+    /// Run without effects: see [`DryRun`]. `None` for a live plugin.
+    pub dry_run: Option<Arc<DryRun>>,
+}
+
+/// A call that acts on nothing, for trying a plugin (`shadow`, `test`):
+/// outbound HTTP is answered by `http` and recorded in the outcome, never
+/// sent, and key-value state is read from `kv` when given (else from the
+/// runtime's store, as a live call reads it). A call never commits its kv
+/// writes anyway: they are in its outcome for the caller to commit or drop.
+#[derive(Clone)]
+pub struct DryRun {
+    pub http: Arc<HttpStub>,
+    pub kv: Option<Arc<dyn KvRead>>,
+}
+
+impl std::fmt::Debug for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DryRun")
+            .field("http", &self.http)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Prepared {
@@ -125,7 +147,14 @@ impl Prepared {
             config: Arc::default(),
             http: Arc::default(),
             kv_quota: 0,
+            dry_run: None,
         }
+    }
+
+    /// The same plugin, run without effects.
+    pub fn dry(mut self, dry_run: DryRun) -> Self {
+        self.dry_run = Some(Arc::new(dry_run));
+        self
     }
 }
 
@@ -186,6 +215,8 @@ pub struct CallOutcome {
     pub dropped_output_lines: usize,
     /// The key-value writes of a successful call, to commit with its record.
     pub kv_writes: Arc<[KvOp]>,
+    /// In a dry run, the outbound requests the call made (none otherwise).
+    pub requests: Vec<RecordedRequest>,
 }
 
 impl Runtime {
@@ -347,8 +378,17 @@ impl Runtime {
         let output = Arc::new(Mutex::new(Output::new(tag.clone(), limits.output_bytes)));
         let start = Instant::now();
         let deadline = start + limits.timeout;
-        let egress = Egress::new(prepared.http.clone(), deadline, tag);
-        let kv = KvSession::new(plugin.clone(), self.kv.get().cloned(), prepared.kv_quota);
+        let dry = prepared.dry_run.as_deref();
+        let egress = Egress::new(
+            prepared.http.clone(),
+            deadline,
+            tag,
+            dry.map(|d| d.http.clone()),
+        );
+        let reader = dry
+            .and_then(|d| d.kv.clone())
+            .or_else(|| self.kv.get().cloned());
+        let kv = KvSession::new(plugin.clone(), reader, prepared.kv_quota);
         let state = CallState::new(&output, limits, prepared.config.clone(), egress, kv);
         let mut store = Store::new(&self.engine, state);
         configure_store(&mut store, limits, deadline, cancelled.clone());
@@ -395,6 +435,7 @@ impl Runtime {
         let fuel_used = fuel_before.saturating_sub(store.get_fuel().unwrap_or(0));
         let state = store.into_data();
         let peak_memory_bytes = state.limiter.peak();
+        let requests = state.egress.recorder.take();
         // A call's writes leave only with its success.
         let kv_writes = match &result {
             Ok(()) => state.kv.into_ops().into(),
@@ -411,6 +452,7 @@ impl Runtime {
             dropped_output_bytes: output.dropped_bytes(),
             dropped_output_lines: output.dropped_lines(),
             kv_writes,
+            requests,
         })
     }
 
@@ -430,7 +472,7 @@ impl Runtime {
             prepared.limits.output_bytes,
         )));
         let far = Instant::now() + Duration::from_secs(3600);
-        let egress = Egress::new(prepared.http.clone(), far, tag);
+        let egress = Egress::new(prepared.http.clone(), far, tag, None);
         let kv = KvSession::new(
             prepared.name.clone(),
             self.kv.get().cloned(),

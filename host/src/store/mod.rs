@@ -20,7 +20,7 @@ pub use self::postgres::{
     DEFAULT_LEASE, DEFAULT_POOL_SIZE, DEFAULT_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgOptions,
     PgStore,
 };
-pub use self::sqlite::{DEFAULT_DB_PATH, KvSnapshot, SCHEMA_VERSION, SqliteStore};
+pub use self::sqlite::{DEFAULT_DB_PATH, SCHEMA_VERSION, SqliteSnapshot, SqliteStore};
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -108,6 +108,34 @@ pub struct Attempt {
     pub kv: Arc<[KvOp]>,
     /// The plugin's kv quota in bytes, checked again as `kv` commits.
     pub kv_quota: u64,
+    /// What the call cost, if it ran.
+    pub cost: Option<Cost>,
+}
+
+/// What one call cost: kept with a delivery's last attempt, for comparing
+/// a candidate with it (`shadow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Cost {
+    /// Fuel consumed, instantiation included.
+    pub fuel: u64,
+    /// Wall-clock time of the call, in microseconds.
+    pub micros: u64,
+}
+
+impl Cost {
+    /// From the stored columns: both or nothing.
+    fn from_columns(fuel: Option<i64>, micros: Option<i64>) -> Option<Self> {
+        Some(Self {
+            fuel: u64::try_from(fuel?).ok()?,
+            micros: u64::try_from(micros?).ok()?,
+        })
+    }
+
+    /// As stored (a number too big for a column saturates).
+    fn columns(cost: Option<Self>) -> (Option<i64>, Option<i64>) {
+        let column = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        (cost.map(|c| column(c.fuel)), cost.map(|c| column(c.micros)))
+    }
 }
 
 /// What [`Store::record`] made of one attempt.
@@ -141,6 +169,9 @@ pub struct DeliveryRecord {
     pub updated_at: i64,
     /// The lines the last attempt's call wrote.
     pub last_logs: Vec<String>,
+    /// What the last attempt's call cost (none before it ran, or recorded
+    /// by a version that did not keep it).
+    pub last_cost: Option<Cost>,
 }
 
 /// The stored form of an attempt's log lines: a JSON array of strings.

@@ -1,6 +1,6 @@
--- stateset-hooks store, schema version 6 (2: plugin limits and counters as JSON; 3: replay counts;
+-- stateset-hooks store, schema version 7 (2: plugin limits and counters as JSON; 3: replay counts;
 -- 4: plugins' key-value state; 5: its usage per plugin, kept by triggers, and an expiry index;
--- 6: each delivery's last log lines and each event's trace context), as
+-- 6: each delivery's last log lines and each event's trace context; 7: its last call's fuel and time), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     -- over it, so the replay runs after the attempt.
     replays              INTEGER NOT NULL DEFAULT 0,
     last_logs            TEXT,          -- the last attempt's log lines, a JSON array of strings
+    last_fuel            INTEGER,       -- the last attempt's fuel consumed (NULL: not run)
+    last_duration_us     INTEGER,       -- the last attempt's call time, microseconds
     UNIQUE (event_key, plugin)
 );
 

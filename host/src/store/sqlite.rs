@@ -40,7 +40,7 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// The schema version this build reads and writes (`PRAGMA user_version`,
 /// set by `schema.sql`). Older files are migrated at open; newer ones are
 /// refused, as this build cannot know what they mean.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 type Op = Box<dyn FnOnce(&Connection) -> rusqlite::Result<usize> + Send>;
 
@@ -285,11 +285,14 @@ fn upgrade(conn: &Connection, version: i64) -> rusqlite::Result<()> {
     }
     // Columns added since: checked by column, not by number, so a migration
     // cut short completes at the next open. Version 3 counts replays;
-    // version 6 keeps each delivery's last log lines and each event's trace.
+    // version 6 keeps each delivery's last log lines and each event's trace;
+    // version 7 its last call's fuel and time.
     for (table, column, definition) in [
         ("deliveries", "replays", "INTEGER NOT NULL DEFAULT 0"),
         ("deliveries", "last_logs", "TEXT"),
         ("events", "traceparent", "TEXT"),
+        ("deliveries", "last_fuel", "INTEGER"),
+        ("deliveries", "last_duration_us", "INTEGER"),
     ] {
         let present: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
@@ -459,16 +462,18 @@ fn kv_keys_in(
     .collect()
 }
 
-/// A database's key-value state, read without changing the file: a
-/// read-only connection, no migration, no writer. What `stateset-hooks run`
-/// reads, so trying a plugin leaves the host's database as it was.
+/// A database read without changing it: a read-only connection, no
+/// migration, no writer. What `stateset-hooks run` reads plugins' state
+/// from and `shadow` reads events and deliveries from, so trying a plugin
+/// leaves the host's database as it was, also while the server runs.
 #[derive(Debug)]
-pub struct KvSnapshot {
-    /// `None`: the file predates key-value state (schema version 3 or less).
-    conn: Option<Mutex<Connection>>,
+pub struct SqliteSnapshot {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    version: i64,
 }
 
-impl KvSnapshot {
+impl SqliteSnapshot {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         use rusqlite::OpenFlags;
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -481,22 +486,53 @@ impl KvSnapshot {
             return Err(newer_schema(path, version));
         }
         Ok(Self {
-            conn: (version >= 4).then(|| Mutex::new(conn)),
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+            version,
         })
     }
 
+    /// Key-value reads: nothing in a file that predates key-value state
+    /// (schema version 3 or less).
     fn read<T: Default>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, String> {
-        match &self.conn {
-            Some(conn) => f(&conn.lock().expect("snapshot lock")).map_err(|e| e.to_string()),
-            None => Ok(T::default()),
+        if self.version < 4 {
+            return Ok(T::default());
         }
+        f(&self.conn.lock().expect("snapshot lock")).map_err(|e| e.to_string())
+    }
+
+    /// Events and deliveries, from a file at this build's schema version
+    /// (an older one is brought up to it by `serve`).
+    fn read_records<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        if self.version != SCHEMA_VERSION {
+            return Err(StoreError::Failed(format!(
+                "{} has schema version {}, older than version {SCHEMA_VERSION} that this build \
+                 reads: start `serve` of this build on it once to migrate it",
+                self.path.display(),
+                self.version
+            )));
+        }
+        f(&self.conn.lock().expect("snapshot lock")).map_err(classify)
+    }
+
+    /// Deliveries matching `filter`, newest first, as [`Store::deliveries`].
+    pub fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.read_records(|conn| select_deliveries(conn, filter))
+    }
+
+    /// One event and its deliveries, as [`Store::event`].
+    pub fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
+        self.read_records(|conn| select_event(conn, key))
     }
 }
 
-impl KvRead for KvSnapshot {
+impl KvRead for SqliteSnapshot {
     fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
         self.read(|conn| kv_get_in(conn, plugin, key))
     }
@@ -521,6 +557,77 @@ impl KvRead for KvSnapshot {
             .map(|bytes| bytes.max(0) as u64)
         })
     }
+}
+
+/// Deliveries matching `filter`, newest first.
+fn select_deliveries(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<DeliveryRecord>> {
+    let mut sql = format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key WHERE 1 = 1"
+    );
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(status) = filter.status {
+        sql.push_str(" AND d.status = ?");
+        args.push(status.as_str().to_owned().into());
+    }
+    if let Some(plugin) = &filter.plugin {
+        sql.push_str(" AND d.plugin = ?");
+        args.push(plugin.clone().into());
+    }
+    if let Some(event_type) = &filter.event_type {
+        sql.push_str(" AND e.event_type = ?");
+        args.push(event_type.clone().into());
+    }
+    if let Some(key) = &filter.event_key {
+        sql.push_str(" AND d.event_key = ?");
+        args.push(key.clone().into());
+    }
+    for (bound, clause) in [
+        (filter.since, " AND d.created_at >= ?"),
+        (filter.until, " AND d.created_at < ?"),
+        (filter.before_id, " AND d.id < ?"),
+    ] {
+        if let Some(bound) = bound {
+            sql.push_str(clause);
+            args.push(bound.into());
+        }
+    }
+    sql.push_str(&format!(
+        " ORDER BY d.id DESC LIMIT {}",
+        filter.limit.unwrap_or(i64::MAX as usize)
+    ));
+    conn.prepare(&sql)?
+        .query_map(params_from_iter(args), delivery_row)?
+        .collect()
+}
+
+/// One event and its deliveries.
+fn select_event(conn: &Connection, key: &str) -> rusqlite::Result<Option<EventRecord>> {
+    let event = conn
+        .query_row(
+            "SELECT key, event_type, received_at, body FROM events WHERE key = ?1",
+            [key],
+            |row| {
+                Ok(EventRecord {
+                    key: row.get(0)?,
+                    event_type: row.get(1)?,
+                    received_at: row.get(2)?,
+                    body: String::from_utf8_lossy(&row.get::<_, Vec<u8>>(3)?).into_owned(),
+                    deliveries: Vec::new(),
+                })
+            },
+        )
+        .optional()?;
+    let Some(mut event) = event else {
+        return Ok(None);
+    };
+    event.deliveries = conn
+        .prepare(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
+                 WHERE d.event_key = ?1 ORDER BY d.plugin"
+        ))?
+        .query_map([key], delivery_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some(event))
 }
 
 fn classify(error: rusqlite::Error) -> StoreError {
@@ -728,7 +835,7 @@ fn append(
 
 const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
      d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
-     d.created_at, d.updated_at, d.last_logs";
+     d.created_at, d.updated_at, d.last_logs, d.last_fuel, d.last_duration_us";
 
 /// A column holding a name one of our enums parses; anything else is an error
 /// naming the column, not a silent default.
@@ -805,6 +912,7 @@ fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
         created_at: row.get(10)?,
         updated_at: row.get(11)?,
         last_logs: super::logs_from_json(row.get::<_, Option<String>>(12)?.as_deref()),
+        last_cost: super::Cost::from_columns(row.get(13)?, row.get(14)?),
     })
 }
 
@@ -876,7 +984,7 @@ impl Store for SqliteStore {
             let mut update = tx.prepare_cached(
                 "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                     last_failure_kind = ?4, last_failure_message = ?5, plugin_version = ?6,
-                    updated_at = ?7, last_logs = ?9
+                    updated_at = ?7, last_logs = ?9, last_fuel = ?10, last_duration_us = ?11
                  WHERE id = ?1 AND replays = ?8",
             )?;
             let now = now_ms();
@@ -895,7 +1003,9 @@ impl Store for SqliteStore {
                     &*a.plugin_version,
                     now,
                     a.replays,
-                    super::logs_json(&a.logs)
+                    super::logs_json(&a.logs),
+                    super::Cost::columns(a.cost).0,
+                    super::Cost::columns(a.cost).1,
                 ])?;
                 let mut recorded_as = RecordedAs::Given;
                 if updated == 0 {
@@ -935,76 +1045,11 @@ impl Store for SqliteStore {
     }
 
     fn deliveries(&self, filter: &Filter) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let mut sql = format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key WHERE 1 = 1"
-        );
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        if let Some(status) = filter.status {
-            sql.push_str(" AND d.status = ?");
-            args.push(status.as_str().to_owned().into());
-        }
-        if let Some(plugin) = &filter.plugin {
-            sql.push_str(" AND d.plugin = ?");
-            args.push(plugin.clone().into());
-        }
-        if let Some(event_type) = &filter.event_type {
-            sql.push_str(" AND e.event_type = ?");
-            args.push(event_type.clone().into());
-        }
-        if let Some(key) = &filter.event_key {
-            sql.push_str(" AND d.event_key = ?");
-            args.push(key.clone().into());
-        }
-        for (bound, clause) in [
-            (filter.since, " AND d.created_at >= ?"),
-            (filter.until, " AND d.created_at < ?"),
-            (filter.before_id, " AND d.id < ?"),
-        ] {
-            if let Some(bound) = bound {
-                sql.push_str(clause);
-                args.push(bound.into());
-            }
-        }
-        sql.push_str(&format!(
-            " ORDER BY d.id DESC LIMIT {}",
-            filter.limit.unwrap_or(i64::MAX as usize)
-        ));
-        self.read(|conn| {
-            conn.prepare(&sql)?
-                .query_map(params_from_iter(args), delivery_row)?
-                .collect()
-        })
+        self.read(|conn| select_deliveries(conn, filter))
     }
 
     fn event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
-        self.read(|conn| {
-            let event = conn
-                .query_row(
-                    "SELECT key, event_type, received_at, body FROM events WHERE key = ?1",
-                    [key],
-                    |row| {
-                        Ok(EventRecord {
-                            key: row.get(0)?,
-                            event_type: row.get(1)?,
-                            received_at: row.get(2)?,
-                            body: String::from_utf8_lossy(&row.get::<_, Vec<u8>>(3)?).into_owned(),
-                            deliveries: Vec::new(),
-                        })
-                    },
-                )
-                .optional()?;
-            let Some(mut event) = event else {
-                return Ok(None);
-            };
-            event.deliveries = conn
-                .prepare(&format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event_key
-                     WHERE d.event_key = ?1 ORDER BY d.plugin"
-                ))?
-                .query_map([key], delivery_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(Some(event))
-        })
+        self.read(|conn| select_event(conn, key))
     }
 
     fn replay_event(&self, key: &str, plugin: Option<&str>) -> Result<usize, StoreError> {
@@ -1260,6 +1305,10 @@ mod tests {
             plugin: "p".into(),
             kv: kv.into(),
             kv_quota,
+            cost: Some(super::super::Cost {
+                fuel: 1234,
+                micros: 56,
+            }),
         }
     }
 

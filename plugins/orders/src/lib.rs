@@ -16,6 +16,10 @@
 //! `customer/CUSTOMER_ID/orders`. The writes commit with the delivery, so a
 //! retried event never counts twice; operators read the counts with
 //! `stateset-hooks kv list orders customer/`.
+//!
+//! Built with the `discount-cap` feature it also refuses a discount over 5 %
+//! of the subtotal: a rule change to try on recorded traffic with
+//! `stateset-hooks shadow` before it goes live.
 
 use stateset_hooks_sdk::{Event, Order, debug, export_plugin, info, kv, money, warn};
 
@@ -56,6 +60,12 @@ fn check_totals(order: &Order) -> Result<Summary, String> {
     })?;
     let why = "subtotal + tax + shipping - discount";
     check("total_cents", order.total_cents, total, why)?;
+    #[cfg(feature = "discount-cap")]
+    if discount.saturating_mul(100) > subtotal.saturating_mul(5) {
+        return Err(format!(
+            "order {id}: discount_cents {discount} is over 5% of subtotal_cents {subtotal}"
+        ));
+    }
     Ok(Summary {
         units,
         total_cents: total,

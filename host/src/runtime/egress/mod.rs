@@ -15,6 +15,7 @@
 //! calls and the connector. Knows nothing of plugin directories or storage.
 
 pub mod allowlist;
+pub mod stub;
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -33,6 +34,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 pub use self::allowlist::{AllowedHost, Scheme, is_private};
+use self::stub::{HttpStub, Recorder};
 use super::output::CallTag;
 use crate::text::escape_controls;
 
@@ -180,46 +182,68 @@ impl HttpManifest {
     }
 }
 
-/// One call's outbound HTTP: its grant, deadline and request budget.
+/// One call's outbound HTTP: its grant, deadline and request budget, and
+/// in a dry run the stub that answers in the network's place.
 pub(crate) struct Egress {
     grant: Arc<HttpGrant>,
     deadline: Instant,
     requests_left: u32,
     pub(crate) tag: CallTag,
+    stub: Option<Arc<HttpStub>>,
+    pub(crate) recorder: Recorder,
 }
 
 impl Egress {
-    pub(crate) fn new(grant: Arc<HttpGrant>, deadline: Instant, tag: CallTag) -> Self {
+    /// `stub`: answer every admitted request from it, sending nothing.
+    pub(crate) fn new(
+        grant: Arc<HttpGrant>,
+        deadline: Instant,
+        tag: CallTag,
+        stub: Option<Arc<HttpStub>>,
+    ) -> Self {
         let requests_left = grant.max_requests;
         Self {
             grant,
             deadline,
             requests_left,
             tag,
+            stub,
+            recorder: Recorder::default(),
         }
     }
 
-    /// Where a request may go, or why not. Logs a refusal.
+    /// Where a request may go, or why not. Logs a refusal, and in a dry run
+    /// records it.
     fn admit(&mut self, request: &Request<WasiBody>) -> Result<Target, Error> {
+        let admitted = self.check(request);
+        if let (Err((_, why)), Some(_)) = (&admitted, &self.stub) {
+            self.recorder.refused(request, why);
+        }
+        admitted.map_err(|(error, _)| error)
+    }
+
+    fn check(&mut self, request: &Request<WasiBody>) -> Result<Target, (Error, &'static str)> {
         let uri = request.uri();
         let scheme = match uri.scheme() {
             Some(s) if *s == UriScheme::HTTPS => Scheme::Https,
             Some(s) if *s == UriScheme::HTTP => Scheme::Http,
-            _ => return Err(Error::HttpProtocolError),
+            _ => return Err((Error::HttpProtocolError, "neither http nor https")),
         };
-        let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?;
+        let host = uri
+            .host()
+            .ok_or((Error::HttpRequestUriInvalid, "no host"))?;
         let host = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host)
             .to_owned();
         let port = uri.port_u16().unwrap_or(scheme.default_port());
-        let denied = |why: &str| {
+        let denied = |why: &'static str| {
             tracing::warn!(
                 plugin = %self.tag.plugin, event = %escape_controls(&self.tag.event),
                 host = %escape_controls(&host), port, "outbound request denied: {why}"
             );
-            Err(Error::HttpRequestDenied)
+            Err((Error::HttpRequestDenied, why))
         };
         if !self
             .grant
@@ -282,6 +306,19 @@ impl WasiHttpHooks for Egress {
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let until = Instant::now() + grant.timeout.min(remaining);
         let plugin = self.tag.plugin.clone();
+        if let Some(stub) = self.stub.clone() {
+            let recorder = self.recorder.clone();
+            return Box::new(async move {
+                admitted?;
+                let limit = grant.max_request_bytes;
+                let over = Error::HttpRequestBodySize(Some(limit));
+                let request = request.map(|body| Bounded::new(body, limit, until.into(), over));
+                let response = recorder.answer(&stub, request).await?;
+                let io: Box<dyn Future<Output = Result<(), Error>> + Send> =
+                    Box::new(async { Ok(()) });
+                Ok((response, io))
+            });
+        }
         Box::new(async move {
             let target = admitted?;
             let sent = send(request, &target, &grant, until.into()).await;
@@ -432,7 +469,7 @@ static TLS: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {
 
 /// A body cut at `limit` bytes and at `until`: the error it ends with says
 /// which.
-struct Bounded<B> {
+pub(crate) struct Bounded<B> {
     inner: B,
     left: u64,
     over: Option<Error>,

@@ -40,7 +40,7 @@ use crate::status::{PluginState, PluginStatus};
 use crate::trace::TraceParent;
 
 /// The schema version this build reads and writes (`hooks_schema.version`).
-pub const PG_SCHEMA_VERSION: i32 = 2;
+pub const PG_SCHEMA_VERSION: i32 = 3;
 
 /// This host's claim on the deliveries it runs.
 #[derive(Debug, Clone)]
@@ -69,13 +69,19 @@ const MIGRATION_LOCK: i64 = 0x5354_4154_4553_4554; // "STATESET"
 /// Each schema version's migration from the one before: `MIGRATIONS[0]`
 /// makes version 1. A database at [`PG_SCHEMA_VERSION`] runs none, so a
 /// host starting beside busy ones takes no table locks.
-const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Version 2: each delivery's last log lines (a JSON array of strings) and
 /// each event's W3C trace context.
 const SCHEMA_V2: &str = "
 ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_logs TEXT;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;
+";
+
+/// Version 3: each delivery's last call's fuel and time (microseconds).
+const SCHEMA_V3: &str = "
+ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_fuel BIGINT;
+ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_duration_us BIGINT;
 ";
 
 const SCHEMA_V1: &str = "
@@ -375,7 +381,7 @@ impl Drop for PgStore {
 
 const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
      d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
-     d.created_at, d.updated_at, d.last_logs";
+     d.created_at, d.updated_at, d.last_logs, d.last_fuel, d.last_duration_us";
 
 fn delivery_row(row: &tokio_postgres::Row) -> Result<DeliveryRecord, StoreError> {
     let status: String = row.get(4);
@@ -400,6 +406,7 @@ fn delivery_row(row: &tokio_postgres::Row) -> Result<DeliveryRecord, StoreError>
         created_at: row.get(10),
         updated_at: row.get(11),
         last_logs: super::logs_from_json(row.get::<_, Option<&str>>(12)),
+        last_cost: super::Cost::from_columns(row.get(13), row.get(14)),
     })
 }
 
@@ -921,7 +928,8 @@ impl Store for PgStore {
                     "UPDATE deliveries SET status = $2, attempts = attempts + 1,
                          next_attempt_at = $3, last_failure_kind = $4,
                          last_failure_message = $5, plugin_version = $6, updated_at = $7,
-                         claimed_by = NULL, lease_until = NULL, last_logs = $10
+                         claimed_by = NULL, lease_until = NULL, last_logs = $10,
+                         last_fuel = $11, last_duration_us = $12
                      WHERE id = $1 AND replays = $8 AND claimed_by = $9",
                 )
                 .await
@@ -971,6 +979,8 @@ impl Store for PgStore {
                             &host,
                             // JSON escapes a NUL, which PostgreSQL text cannot hold.
                             &super::logs_json(&a.logs),
+                            &super::Cost::columns(a.cost).0,
+                            &super::Cost::columns(a.cost).1,
                         ],
                     )
                     .await
