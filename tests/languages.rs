@@ -167,18 +167,32 @@ mod toolchains {
         std::thread::scope(|scope| {
             for (name, dir) in &dirs {
                 scope.spawn(move || {
+                    // The host binary on PATH, as the build script expects
+                    // it to run the project's example case.
+                    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+                    let path = std::env::join_paths(
+                        std::iter::once(bin_dir.to_owned())
+                            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+                    )
+                    .unwrap();
                     let build = Command::new(dir.join("build.sh"))
                         // Reuse one target directory across runs for the Rust project.
                         .env(
                             "CARGO_TARGET_DIR",
                             workspace_root().join("target/scaffolded"),
                         )
+                        .env("PATH", path)
                         .output()
                         .unwrap();
+                    let out = String::from_utf8_lossy(&build.stdout);
                     assert!(
                         build.status.success(),
-                        "{name}: {}",
+                        "{name}: {out}{}",
                         String::from_utf8_lossy(&build.stderr)
+                    );
+                    assert!(
+                        out.contains("example.json") && out.contains("1 case: 1 passed"),
+                        "{name}: the build ran its case: {out}"
                     );
                 });
             }

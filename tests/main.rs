@@ -24,6 +24,7 @@ mod receiver;
 mod reload;
 mod rotation;
 mod scale_out;
+mod shadow;
 mod standard;
 mod traces;
 mod untrusted_text;

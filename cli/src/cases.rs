@@ -119,14 +119,16 @@ pub fn test(args: &Args) -> anyhow::Result<ExitCode> {
         if verdict != "ok" {
             failed += 1;
         }
-        println!(
+        let row = format!(
             "{:<width$}  {verdict:<4}  fuel {fuel:>10}  {}",
             display_name(file),
             escape_controls(&detail)
         );
+        println!("{}", row.trim_end());
     }
     let passed = files.len() - failed;
-    println!("{} cases: {passed} passed, {failed} failed", files.len());
+    let cases = if files.len() == 1 { "case" } else { "cases" };
+    println!("{} {cases}: {passed} passed, {failed} failed", files.len());
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {

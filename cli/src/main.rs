@@ -128,7 +128,7 @@ enum Command {
     },
     /// Run a plugin's test cases (CASES_DIR/*.json: an event, the kv state
     /// before, canned HTTP answers, what must come of it) without a server;
-    /// prints a table and exits non-zero if one fails.
+    /// prints a table and exits 1 if one fails (2 on an error).
     Test {
         /// The plugin component (.wasm).
         plugin: PathBuf,
@@ -147,7 +147,8 @@ enum Command {
     /// Try a candidate for a live plugin's place on the stored events,
     /// without effects (no HTTP sent, no kv written, nothing recorded), and
     /// compare with what the live version recorded; exits 1 if an event
-    /// that succeeded live fails. Reads only: safe beside a running server.
+    /// that succeeded live fails (2 on an error). Reads only: safe beside a
+    /// running server.
     Shadow(Box<shadow::ShadowArgs>),
 }
 
@@ -172,6 +173,11 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             return ExitCode::FAILURE;
         }
+    };
+    // `shadow` and `test` exit 1 for what they found: trouble is 2.
+    let trouble = match cli.command {
+        Command::Shadow(_) | Command::Test { .. } => 2,
+        _ => 1,
     };
     let result = match cli.command {
         Command::Serve(args) => serve::serve(*args, &location),
@@ -233,7 +239,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(trouble)
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! One project per language, each handling one event type, with the WIT it
 //! builds against copied in (so it builds outside this repository), a
-//! manifest, a build script and a short README. A Rust project also gets the
+//! manifest, a build script, one test case
+//! (`cases/example.json`, which the build script runs with `stateset-hooks
+//! test`) and a short README. A Rust project also gets the
 //! SDK (`plugins/sdk`, which is not published) copied into `sdk/`, pointed at
 //! the project's WIT. The templates live in `cli/templates/`; `{{name}}`,
 //! `{{event}}`, `{{lang}}` and `{{source}}` are filled in.
@@ -101,8 +103,10 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang, event: &str) -> anyhow::Re
         Lang::Python => "Python",
         Lang::Js => "JavaScript",
     };
+    let case_event = example_type(event);
     let fill = |text: &str| {
-        text.replace("{{name}}", name)
+        text.replace("{{case_event}}", &case_event)
+            .replace("{{name}}", name)
             .replace("{{event}}", event)
             .replace("{{lang}}", lang_name)
             .replace("{{source}}", source)
@@ -115,6 +119,10 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang, event: &str) -> anyhow::Re
             include_str!("../templates/manifest.toml"),
         ),
         ("README.md", include_str!("../templates/README.md")),
+        (
+            "cases/example.json",
+            include_str!("../templates/cases/example.json"),
+        ),
     ];
     let sdk = SDK
         .iter()
@@ -141,6 +149,16 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang, event: &str) -> anyhow::Re
     Ok(written)
 }
 
+/// An event type a subscription `pattern` takes, for the example case:
+/// the pattern itself, or a glob's `*` filled in.
+fn example_type(pattern: &str) -> String {
+    match pattern {
+        "*" => "order.created".to_owned(),
+        p if p.ends_with('*') => p.replacen('*', "created", 1),
+        p => p.replace('*', "order"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +182,14 @@ mod tests {
                 .contains("interface kv")
         );
         assert!(!dir.join("sdk").exists(), "the SDK is for Rust projects");
+        let case = std::fs::read_to_string(dir.join("cases/example.json")).unwrap();
+        assert!(
+            case.contains(r#""type": "return.created""#)
+                && case.contains("refund-check handled return.created"),
+            "{case}"
+        );
+        assert_eq!(example_type("order.*"), "order.created");
+        assert_eq!(example_type("*.created"), "order.created");
         assert!(
             new_plugin(&dir, "refund-check", Lang::Js, "return.created").is_err(),
             "exists"

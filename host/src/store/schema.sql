@@ -91,4 +91,4 @@ CREATE TRIGGER IF NOT EXISTS plugin_kv_removed AFTER DELETE ON plugin_kv BEGIN
         WHERE plugin = OLD.plugin;
 END;
 
-PRAGMA user_version = 6;
+-- `PRAGMA user_version` is set to SCHEMA_VERSION once the columns added since are in.

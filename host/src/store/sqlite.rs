@@ -305,7 +305,7 @@ fn upgrade(conn: &Connection, version: i64) -> rusqlite::Result<()> {
             ))?;
         }
     }
-    Ok(())
+    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
 }
 
 /// How soon a delivery whose key-value writes no longer applied runs again.
@@ -1030,7 +1030,9 @@ impl Store for SqliteStore {
                         &*a.plugin_version,
                         now,
                         a.replays,
-                        super::logs_json(&a.logs)
+                        super::logs_json(&a.logs),
+                        super::Cost::columns(a.cost).0,
+                        super::Cost::columns(a.cost).1,
                     ])?;
                     recorded_as = RecordedAs::Conflict(conflict);
                 }
@@ -1349,6 +1351,11 @@ mod tests {
         });
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].last_logs, ["info: <script>x</script>\0"]);
+        let cost = super::super::Cost {
+            fuel: 1234,
+            micros: 56,
+        };
+        assert_eq!(first[0].last_cost, Some(cost), "the call's cost is kept");
         let older = list(Filter {
             before_id: Some(ids[2]),
             limit: Some(1),

@@ -75,6 +75,7 @@ impl CannedResponse {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RecordedRequest {
     pub method: String,
+    /// The URL, with credential-like query values replaced by `[redacted]`.
     pub url: String,
     /// Headers as sent, credentials' values replaced by `[redacted]`.
     pub headers: Vec<(String, String)>,
@@ -102,6 +103,24 @@ fn is_credential(name: &str) -> bool {
         ]
         .iter()
         .any(|word| name.contains(word))
+}
+
+/// A URL as recorded: the values of query parameters named like
+/// credentials (`?api_key=...`) replaced by `[redacted]`.
+fn recorded_url(uri: &http::Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.to_string();
+    };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if is_credential(name) => format!("{name}=[redacted]"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let text = uri.to_string();
+    let base = text.split_once('?').map_or(text.as_str(), |(base, _)| base);
+    format!("{base}?{}", redacted.join("&"))
 }
 
 fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
@@ -138,7 +157,7 @@ impl Recorder {
     pub(crate) fn refused<B>(&self, request: &Request<B>, why: &str) {
         self.push(RecordedRequest {
             method: request.method().to_string(),
-            url: request.uri().to_string(),
+            url: recorded_url(request.uri()),
             headers: recorded_headers(request.headers()),
             body: String::new(),
             status: None,
@@ -154,7 +173,7 @@ impl Recorder {
         request: Request<super::Bounded<WasiBody>>,
     ) -> Result<Response<WasiBody>, Error> {
         let (parts, body) = request.into_parts();
-        let (method, url) = (parts.method.to_string(), parts.uri.to_string());
+        let (method, url) = (parts.method.to_string(), recorded_url(&parts.uri));
         let mut record = RecordedRequest {
             method,
             url,
@@ -233,5 +252,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("evt_1:orders") && text.contains("application/json"));
+        let url: http::Uri = "https://a.test/x?sku=1&api_key=sk_live_2&token=t"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            recorded_url(&url),
+            "https://a.test/x?sku=1&api_key=[redacted]&token=[redacted]"
+        );
     }
 }
