@@ -344,6 +344,19 @@ fn a_browser_finds_a_failed_event_and_replays_it_after_the_fix() {
     std::fs::rename(&fixed, plugins.path().join("notify.wasm")).unwrap();
     host.wait_for("plugin replaced");
 
+    // A candidate beside it that refuses what the live version handles.
+    let candidate = plugins.path().join(".notify.shadow.wasm.new");
+    std::fs::copy(wasm("misbehave"), &candidate).unwrap();
+    std::fs::rename(&candidate, plugins.path().join("notify.shadow.wasm")).unwrap();
+    host.wait_for("shadow loaded");
+    let shadowed = "evt_shadow_<img src=x onerror=window.__pwned=4>";
+    host.send_blocking(event(
+        shadowed,
+        "order.created",
+        json!({ "misbehave": "error" }),
+    ));
+    host.wait_for("shadow differed");
+
     let shots = workspace_root().join("target/console-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let output = Command::new("node")
@@ -353,6 +366,7 @@ fn a_browser_finds_a_failed_event_and_replays_it_after_the_fix() {
         .env("ADMIN_TOKEN", token)
         .env("FAILED_EVENT", failed)
         .env("HOSTILE_EVENT", hostile)
+        .env("SHADOW_EVENT", shadowed)
         .env("PLUGIN", "notify")
         .env("SCREENSHOTS", &shots)
         .env("CHROMIUM", browser)
@@ -375,6 +389,7 @@ fn a_browser_finds_a_failed_event_and_replays_it_after_the_fix() {
         "event-dead",
         "event-replayed",
         "plugins",
+        "shadow",
     ] {
         let shot = shots.join(format!("{page}.png"));
         let bytes = std::fs::read(&shot).unwrap_or_default();

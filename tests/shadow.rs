@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 
 use crate::support::{
-    BIN, PluginDir, TestServer, config, event, example_event, receiver, store_args, wasm,
-    workspace_root,
+    ADMIN_TOKEN, BIN, PluginDir, TestServer, config, event, example_event, receiver, store_args,
+    wasm, workspace_root,
 };
 
 fn shadow(plugins: &PluginDir, args: &[&std::ffi::OsStr]) -> Output {
@@ -234,10 +234,12 @@ fn example_event_with(service: &str) -> Vec<u8> {
 async fn the_readme_candidate_is_caught_before_it_goes_live() {
     let plugins = PluginDir::samples();
     let mut server = TestServer::start(config(&plugins)).await;
+    // One at a time, as a sender would: the update after the creation's
+    // record, so its kv read sees the order claimed.
     for name in ["order.created", "order.updated", "order.created.bad-totals"] {
         assert_eq!(server.send(&example_event(name)).await.0, 200);
+        server.reports(1).await;
     }
-    server.reports(3).await;
     server.stop().await;
     let candidate = candidate_orders();
     let args: Vec<&std::ffi::OsStr> = vec![
@@ -404,4 +406,112 @@ fn the_samples_cases_pass() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("3 cases: 3 passed, 0 failed"), "{text}");
+}
+
+/// `orders.shadow.wasm` beside `orders`: the candidate runs on each new
+/// event after the live call, under the live manifest (which grants the
+/// service), and acts on nothing: the service sees no request, the live
+/// state no write, the store no delivery for it. Its runs are recorded
+/// apart, in `plugins list` and the admin API, compared with the live calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_beside_the_live_plugin_runs_new_events_and_acts_on_nothing() {
+    let (port, received) = receiver().await;
+    let service = format!("http://127.0.0.1:{port}");
+    let plugins = PluginDir::new();
+    let manifest = std::fs::read_to_string(workspace_root().join("plugins/orders/orders.toml"));
+    let manifest = format!(
+        "{}\n[http]\nallowed_hosts = [\"{service}\"]\n",
+        manifest.unwrap()
+    );
+    plugins.add("orders", "orders", Some(&manifest));
+    plugins.add("orders.shadow", "misbehave", None);
+    let mut config = config(&plugins);
+    config.http.allow_private_networks = true;
+    let mut server = TestServer::start(config).await;
+    for n in 1..=3 {
+        let data = json!({
+            "id": format!("ord_in_shadow_{n}"),
+            "customer": { "id": "cus_in_shadow" },
+            "misbehave": "act", "url": format!("{service}/hook"), "key": "shadow-wrote",
+        });
+        let body = event(&format!("evt_in_shadow_{n}"), "order.created", data);
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+    let reports = server.reports(3).await;
+    assert!(
+        reports.iter().all(|r| &*r.plugin == "orders"),
+        "{reports:?}"
+    );
+    let store = server.hooks.store().clone();
+    let mut runs = Vec::new();
+    for _ in 0..300 {
+        let s = store.clone();
+        runs = tokio::task::spawn_blocking(move || s.shadow_runs("orders", 10).unwrap())
+            .await
+            .unwrap();
+        if runs.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.len(), 3, "one run per new event: {runs:?}");
+    for run in &runs {
+        assert_eq!(run.live_error, None, "{run:?}");
+        let candidate = run.candidate_error.as_deref().unwrap_or("ok");
+        assert!(candidate.contains("the service answered 503"), "{run:?}");
+        assert_eq!(run.requests.len(), 1, "{run:?}");
+        assert_eq!(run.requests[0].url, format!("{service}/hook"));
+        assert_eq!(run.requests[0].status, Some(503));
+        assert!(run.live_cost.fuel > 0 && run.candidate_cost.fuel > 0);
+    }
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "a shadow reached the network"
+    );
+    let s = store.clone();
+    let (wrote, deliveries) = tokio::task::spawn_blocking(move || {
+        (
+            s.kv_get("orders", "shadow-wrote").unwrap(),
+            s.deliveries(&stateset_hooks::store::Filter::default())
+                .unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(wrote, None, "a shadow's kv write was kept");
+    assert_eq!(deliveries.len(), 3, "{deliveries:?}");
+    assert!(
+        deliveries.iter().all(|d| d.plugin == "orders"),
+        "{deliveries:?}"
+    );
+
+    let status = server.hooks.status();
+    let orders = status.iter().find(|p| p.name == "orders").unwrap();
+    let shadow = orders.shadow.as_ref().expect("orders is shadowed");
+    assert_eq!((shadow.runs, shadow.differed), (3, 3), "{shadow:?}");
+    assert!(
+        !status.iter().any(|p| p.name.contains("shadow")),
+        "not a plugin: {status:?}"
+    );
+    let answer: Value = reqwest::Client::new()
+        .get(server.admin_url("/api/plugins/orders/shadow"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["compared"]["succeeded_to_failed"], 3, "{answer:#}");
+    assert_eq!(answer["shadow"]["version"], shadow.version.as_str());
+
+    // A replay is not a new event: the shadow does not run again.
+    let s = store.clone();
+    let n = tokio::task::spawn_blocking(move || s.replay_event("evt_in_shadow_1", None).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    server.reports(1).await;
+    assert_eq!(server.hooks.status()[0].shadow.as_ref().unwrap().runs, 3);
+    server.stop().await;
 }

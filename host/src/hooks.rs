@@ -85,7 +85,8 @@ impl Hooks {
             dir,
             max_bytes: config.cache_max_bytes,
         });
-        let runtime = Arc::new(Runtime::new(cache.as_ref(), config.workers)?);
+        // A slot per worker, and one for the shadow runner.
+        let runtime = Arc::new(Runtime::new(cache.as_ref(), config.workers + 1)?);
         runtime.use_kv(store.clone());
         let registry = Arc::new(Registry::default());
         let (mut loader, mut watcher) = (None, None);

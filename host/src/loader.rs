@@ -9,6 +9,11 @@
 //! an older build compiles queues the name again, and the second load reads
 //! the new file. A name already waiting in the queue is not queued twice.
 //!
+//! A file `NAME.shadow.wasm` is not a plugin of its own but a candidate
+//! shadowing `NAME`: loaded under `NAME`'s manifest (the operator's, never
+//! one beside the candidate), run without effects beside each new event's
+//! first live call, its outcomes recorded apart (`dispatch/shadow.rs`).
+//!
 //! Owns naming and versioning plugins, and the decision to serve, replace,
 //! keep or unload; [`plugin_file`](crate::plugin_file) reads the files. Compiling belongs to
 //! the runtime; the serving set belongs to the registry.
@@ -28,7 +33,7 @@ use crate::plugin_file::{read_component, read_manifest};
 use crate::registry::{LoadFailure, LoadedPlugin, Registry};
 use crate::runtime::egress::HttpPolicy;
 use crate::runtime::kv::KvPolicy;
-use crate::runtime::{LimitPolicy, Runtime};
+use crate::runtime::{DryRun, LimitPolicy, Runtime};
 use crate::store::{Filter, Status, Store};
 use crate::text::escape_controls;
 
@@ -37,6 +42,10 @@ use crate::text::escape_controls;
 /// and take seconds to compile). Their events are stored meanwhile and
 /// delivered once they load.
 pub const LARGE_COMPONENT_BYTES: u64 = 2 << 20;
+
+/// What ends the name of a candidate's file: `orders.shadow.wasm` shadows
+/// `orders`.
+pub const SHADOW_SUFFIX: &str = ".shadow";
 
 /// What the operator grants every plugin; a manifest asking for more is
 /// refused at load.
@@ -137,6 +146,11 @@ impl Loader {
                 self.request(&name);
                 continue;
             }
+            if name.ends_with(SHADOW_SUFFIX) {
+                // Nothing waits for a candidate: it loads after start-up.
+                later.push(name);
+                continue;
+            }
             match read_manifest(&path.with_extension("toml")) {
                 Ok(manifest) => {
                     tracing::info!(plugin = name, "large plugin: compiling after start-up");
@@ -162,15 +176,7 @@ impl Loader {
     /// Load `name` from the directory again (or unload it if its file is
     /// gone), after whatever is queued before it.
     pub fn request(&self, name: &str) {
-        let mut queue = self.shared.queue.lock().expect("loader lock");
-        let queued = queue
-            .jobs
-            .iter()
-            .any(|job| matches!(job, Job::Load(n) if &**n == name));
-        if !queued && !queue.stop {
-            queue.jobs.push_back(Job::Load(name.into()));
-            self.shared.wake.notify_one();
-        }
+        self.shared.request(name);
     }
 }
 
@@ -182,6 +188,19 @@ impl Drop for Loader {
 }
 
 impl LoaderState {
+    /// Queue a load of `name` unless one is queued already.
+    fn request(&self, name: &str) {
+        let mut queue = self.queue.lock().expect("loader lock");
+        let queued = queue
+            .jobs
+            .iter()
+            .any(|job| matches!(job, Job::Load(n) if &**n == name));
+        if !queued && !queue.stop {
+            queue.jobs.push_back(Job::Load(name.into()));
+            self.wake.notify_one();
+        }
+    }
+
     /// Queue a job; once stopped, drop it (a `Done` sender with it).
     fn push(&self, job: Job) {
         let mut queue = self.queue.lock().expect("loader lock");
@@ -238,6 +257,9 @@ impl LoaderState {
 
     /// Make the registry match `NAME.wasm` and `NAME.toml` as they are now.
     fn load(&self, name: &str) {
+        if let Some(live) = name.strip_suffix(SHADOW_SUFFIX) {
+            return self.load_shadow(live, name);
+        }
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
             if self.stopping() {
@@ -276,6 +298,51 @@ impl LoaderState {
             ),
             None => tracing::info!(plugin = name, %version, %subscriptions, "plugin loaded"),
         }
+        // Its candidate runs under its manifest, which may have changed.
+        let shadow = format!("{name}{SHADOW_SUFFIX}");
+        if self.dir.join(format!("{shadow}.wasm")).exists() {
+            self.request(&shadow);
+        }
+    }
+
+    /// Make the candidate shadowing `live` match `file.wasm` (its
+    /// `NAME.shadow.wasm`) as it is now, under `live`'s manifest.
+    fn load_shadow(&self, live: &str, file: &str) {
+        let path = self.dir.join(format!("{file}.wasm"));
+        if !path.exists() {
+            if !self.stopping()
+                && let Some(old) = self.registry.set_shadow(live, file, None)
+            {
+                tracing::info!(plugin = live, version = %old.plugin.version, "shadow removed: its file is gone");
+            }
+            return;
+        }
+        let manifest = self.dir.join(format!("{live}.toml"));
+        let loaded = load_as(&self.runtime, &path, live, &manifest, &self.grants);
+        if self.stopping() {
+            return;
+        }
+        let mut plugin = match loaded {
+            Ok(plugin) => plugin,
+            Err(error) => return self.failed(file, path, &error),
+        };
+        let current = self.registry.shadow_of(live);
+        if current.is_some_and(|c| {
+            c.plugin.version == plugin.version && c.plugin.manifest == plugin.manifest
+        }) {
+            self.registry.keep(file);
+            return;
+        }
+        plugin.prepared = plugin.prepared.dry(DryRun {
+            http: Arc::default(),
+            kv: None,
+        });
+        let version = plugin.version.clone();
+        self.registry.set_shadow(live, file, Some(plugin));
+        tracing::info!(
+            plugin = live, %version,
+            "shadow loaded: it runs beside the live plugin on each new event, without effects"
+        );
     }
 
     fn failed(&self, name: &str, path: PathBuf, error: &anyhow::Error) {

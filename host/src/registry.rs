@@ -1,5 +1,5 @@
 //! The plugins the host knows by name: those serving, those still loading,
-//! and those whose file failed to load.
+//! those whose file failed to load, and the candidates shadowing them.
 //!
 //! Owns the set readers take snapshots of, the subscription filter applied
 //! before anything is instantiated, and each name's [`PluginStatus`]. Changes
@@ -9,12 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::health::Health;
 use crate::manifest::Manifest;
 use crate::runtime::Prepared;
-use crate::status::{Counters, LimitSummary, PluginState, PluginStatus};
+use crate::status::{Counters, LimitSummary, PluginState, PluginStatus, ShadowStatus};
 
 /// One loaded plugin: a version of a `NAME.wasm` with its manifest.
 #[derive(Debug)]
@@ -28,6 +29,50 @@ pub struct LoadedPlugin {
     /// What the runtime runs: the component, the host's default limits with
     /// the manifest's `[limits]` applied, and the resolved `[config]`.
     pub prepared: Prepared,
+}
+
+/// A candidate shadowing a serving plugin (`NAME.shadow.wasm`): loaded
+/// under the live plugin's name and manifest, run without effects, with
+/// its tally since it loaded.
+#[derive(Debug)]
+pub struct Shadow {
+    pub plugin: LoadedPlugin,
+    runs: AtomicU64,
+    differed: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Shadow {
+    pub(crate) fn new(plugin: LoadedPlugin) -> Self {
+        Self {
+            plugin,
+            runs: AtomicU64::new(0),
+            differed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// Count a run, and whether it differed from the live call.
+    pub(crate) fn ran(&self, differed: bool) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        if differed {
+            self.differed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count an event it did not run (its queue was full).
+    pub(crate) fn skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> ShadowStatus {
+        ShadowStatus {
+            version: self.plugin.version.to_string(),
+            runs: self.runs.load(Ordering::Relaxed),
+            differed: self.differed.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A plugin file that did not load, and why.
@@ -54,6 +99,8 @@ struct State {
     loading: BTreeMap<Arc<str>, Manifest>,
     /// The latest failed load of each name.
     failures: BTreeMap<Arc<str>, LoadFailure>,
+    /// Candidates, by the name of the plugin each shadows.
+    shadows: BTreeMap<Arc<str>, Arc<Shadow>>,
 }
 
 impl State {
@@ -111,6 +158,30 @@ impl Registry {
             .filter(|p| !p.health.is_quarantined())
             .map(|p| p.name.clone())
             .collect()
+    }
+
+    /// The candidate shadowing `name`, if one is loaded.
+    pub fn shadow_of(&self, name: &str) -> Option<Arc<Shadow>> {
+        self.read().shadows.get(name).cloned()
+    }
+
+    /// Make `shadow` the candidate shadowing `name` (`None`: no longer
+    /// shadowed), settling the load of `file` (its `NAME.shadow`); returns
+    /// the one it replaces.
+    pub(crate) fn set_shadow(
+        &self,
+        name: &str,
+        file: &str,
+        shadow: Option<LoadedPlugin>,
+    ) -> Option<Arc<Shadow>> {
+        let mut state = self.write();
+        state.settle(file, None);
+        match shadow {
+            Some(plugin) => state
+                .shadows
+                .insert(name.into(), Arc::new(Shadow::new(plugin))),
+            None => state.shadows.remove(name),
+        }
     }
 
     /// Files that failed to load, with the reasons.
@@ -192,6 +263,7 @@ impl Registry {
                         succeeded: health.succeeded,
                         failed: health.failed.into_iter().collect(),
                     },
+                    shadow: state.shadows.get(&p.name).map(|s| s.status()),
                     updated_at: now,
                 }
             })
@@ -205,6 +277,7 @@ impl Registry {
                 subscriptions: manifest.describe(),
                 limits: None,
                 counters: Counters::default(),
+                shadow: None,
                 updated_at: now,
             });
         }
@@ -220,6 +293,7 @@ impl Registry {
                 subscriptions: String::new(),
                 limits: None,
                 counters: Counters::default(),
+                shadow: None,
                 updated_at: now,
             });
         }

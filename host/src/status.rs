@@ -97,6 +97,30 @@ impl fmt::Display for LimitSummary {
     }
 }
 
+/// A candidate shadowing a plugin (`NAME.shadow.wasm`): its version and
+/// how its runs compared with the live calls since it loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowStatus {
+    pub version: String,
+    /// New events it ran beside the live plugin.
+    pub runs: u64,
+    /// Runs whose outcome (ok, or the error text) differed from the live call's.
+    pub differed: u64,
+    /// New events it did not run: its queue was full (live calls never wait
+    /// for a shadow).
+    pub skipped: u64,
+}
+
+impl fmt::Display for ShadowStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} runs, {} differed, {} skipped",
+            self.version, self.runs, self.differed, self.skipped
+        )
+    }
+}
+
 /// One plugin name's status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginStatus {
@@ -111,6 +135,9 @@ pub struct PluginStatus {
     /// `None` until it loads.
     pub limits: Option<LimitSummary>,
     pub counters: Counters,
+    /// The candidate shadowing it, if one is loaded.
+    #[serde(default)]
+    pub shadow: Option<ShadowStatus>,
     /// When this row was taken (unix ms).
     pub updated_at: i64,
 }
@@ -143,6 +170,9 @@ impl fmt::Display for Table<'_> {
             )?;
             if let Some(reason) = &row.reason {
                 writeln!(f, "{:<16} reason: {}", "", escape_controls(reason))?;
+            }
+            if let Some(shadow) = &row.shadow {
+                writeln!(f, "{:<16} shadowing: {shadow}", "")?;
             }
         }
         Ok(())
@@ -180,6 +210,12 @@ mod tests {
                 succeeded: 7,
                 failed: BTreeMap::from([(FailureKind::Timeout, 1)]),
             },
+            shadow: Some(ShadowStatus {
+                version: "fedcba987654".into(),
+                runs: 5,
+                differed: 2,
+                skipped: 0,
+            }),
             updated_at: 0,
         };
         let table = Table(&[row]).to_string();
@@ -187,5 +223,9 @@ mod tests {
         assert!(table.contains("fuel 10000000, memory 64 MiB, timeout 1000 ms, output 64 KiB"));
         assert!(table.contains("succeeded 7, timeout 1"), "{table}");
         assert!(table.contains("reason: replacement failed to load: bad magic"));
+        assert!(
+            table.contains("shadowing: fedcba987654: 5 runs, 2 differed, 0 skipped"),
+            "{table}"
+        );
     }
 }

@@ -2,11 +2,13 @@
 // for `tests/console.rs`: log in, find the failed event, see its failure,
 // replay it to the plugin the test has fixed, see it succeed; see that text a
 // sender and a plugin wrote stays text; visit the dead letters and plugins
-// pages. Saves a screenshot of each page. Prints one line per step; exits 1
-// naming the step that failed.
+// pages; compare the plugin's shadow candidate with it. Saves a screenshot
+// of each page. Prints one line per step; exits 1 naming the step that
+// failed.
 //
 // Environment: CONSOLE_URL, ADMIN_TOKEN, FAILED_EVENT, HOSTILE_EVENT,
-// PLUGIN, SCREENSHOTS (a directory), CHROMIUM (the browser's path).
+// SHADOW_EVENT, PLUGIN, SCREENSHOTS (a directory), CHROMIUM (the browser's
+// path).
 
 import { chromium } from "playwright-core";
 
@@ -15,8 +17,8 @@ const env = (name) => {
   if (!value) throw new Error(`${name} is not set`);
   return value;
 };
-const [url, token, failed, hostile, plugin, shots] = [
-  "CONSOLE_URL", "ADMIN_TOKEN", "FAILED_EVENT", "HOSTILE_EVENT", "PLUGIN", "SCREENSHOTS",
+const [url, token, failed, hostile, shadowed, plugin, shots] = [
+  "CONSOLE_URL", "ADMIN_TOKEN", "FAILED_EVENT", "HOSTILE_EVENT", "SHADOW_EVENT", "PLUGIN", "SCREENSHOTS",
 ].map(env);
 
 let step = "start";
@@ -127,6 +129,16 @@ try {
   const pluginRow = await page.locator(`tr.plugin-row[data-plugin="${plugin}"]`).textContent();
   check("the plugin is listed active", pluginRow.includes("active"), pluginRow);
   await page.screenshot({ path: `${shots}/plugins.png`, fullPage: true });
+
+  step = "shadow";
+  await page.click(`tr.plugin-row[data-plugin="${plugin}"] a.shadowing`);
+  await page.waitForSelector("tr.shadow-row");
+  const summary = await page.textContent("#shadow-summary");
+  check("the shadow page compares the candidate with the live plugin", summary.includes("1 succeeded live but failed"), summary);
+  const run = await page.locator("tr.shadow-row").first().textContent();
+  check("a shadow run shows the event and both outcomes", run.includes(shadowed) && run.includes("refused on purpose") && run.includes("ok"), run);
+  check("its markup stayed text", (await pwned()) === undefined && (await page.locator("main img").count()) === 0);
+  await page.screenshot({ path: `${shots}/shadow.png`, fullPage: true });
 
   step = "no page errors";
   check("the page raised no errors and opened no dialogs", problems.length === 0, problems.join("; "));

@@ -11,6 +11,9 @@
 //! - `GET /api/dlq?plugin=&limit=`, `POST /api/dlq/replay` `{"ids": [..]}`
 //!   (or `{"all": true}`).
 //! - `GET /api/plugins`, `POST /api/plugins/{name}/release`.
+//! - `GET /api/plugins/{name}/shadow?limit=`: the candidate shadowing it
+//!   (`NAME.shadow.wasm`) and its recorded runs beside the live calls,
+//!   newest first, with how their outcomes compare.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -36,6 +39,7 @@ pub(super) fn router(hooks: &Hooks) -> axum::Router {
         .route("/api/dlq", get(dlq))
         .route("/api/dlq/replay", post(replay_dead))
         .route("/api/plugins", get(plugins))
+        .route("/api/plugins/{name}/shadow", get(shadow))
         .route(super::RELEASE_ROUTE, post(release))
         .with_state(hooks.clone())
 }
@@ -253,6 +257,43 @@ async fn plugins(State(hooks): State<Hooks>) -> Answer {
             "file": f.path.display().to_string(),
             "reason": f.reason,
         })).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct ShadowQuery {
+    limit: Option<usize>,
+}
+
+async fn shadow(
+    State(hooks): State<Hooks>,
+    Path(name): Path<String>,
+    Query(q): Query<ShadowQuery>,
+) -> Answer {
+    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let plugin = name.clone();
+    let runs = blocking(&hooks, move |h| h.store().shadow_runs(&plugin, limit)).await?;
+    let count = |live_ok: bool, candidate_ok: bool| {
+        runs.iter()
+            .filter(|r| {
+                r.differs()
+                    && r.live_error.is_none() == live_ok
+                    && r.candidate_error.is_none() == candidate_ok
+            })
+            .count()
+    };
+    let status = hooks.status().into_iter().find(|p| p.name == name);
+    Ok(Json(json!({
+        "plugin": name,
+        "shadow": status.and_then(|p| p.shadow),
+        "compared": {
+            "runs": runs.len(),
+            "same": runs.iter().filter(|r| !r.differs()).count(),
+            "succeeded_to_failed": count(true, false),
+            "failed_to_succeeded": count(false, true),
+            "error_changed": count(false, false),
+        },
+        "runs": runs,
     })))
 }
 

@@ -9,11 +9,14 @@
 //! in batches. Every attempt ends in a [`Report`], logged and broadcast. A
 //! delivery is in the queue at most once at a time (`in_flight.rs`), and at
 //! least once in all: a crash between a call and its record runs it again.
+//! A candidate shadowing a plugin runs beside it on a thread of its own
+//! (`shadow.rs`), never as a delivery.
 //!
 //! It knows nothing of HTTP or of how the host is configured as a whole: it
 //! gets a [`DispatchSettings`].
 
 mod in_flight;
+mod shadow;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +29,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::broadcast;
 
 use self::in_flight::InFlight;
+use self::shadow::ShadowJob;
 use self::worker::Worker;
 use crate::contain::contain;
 use crate::event::Event;
@@ -127,6 +131,8 @@ struct DispatchState {
     metrics: Metrics,
     /// Taken at shutdown so workers stop.
     queue: RwLock<Option<Sender<Due>>>,
+    /// Candidates' runs; taken at shutdown so the shadow thread stops.
+    shadows: RwLock<Option<Sender<ShadowJob>>>,
     capacity: usize,
     probe_after: Duration,
     in_flight: InFlight,
@@ -162,6 +168,17 @@ impl DispatchState {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
+
+    /// After a plugin's first attempt on a new event: its candidate's turn.
+    fn offer_shadow(
+        &self,
+        plugin: &crate::registry::LoadedPlugin,
+        event: &Arc<Event>,
+        live: &CallOutcome,
+    ) {
+        let queue = self.shadows.read().expect("shadow queue lock");
+        shadow::offer(queue.as_ref(), self, plugin, event, live);
+    }
 }
 
 /// The threads a running dispatcher owns, taken by the first shutdown.
@@ -174,6 +191,7 @@ struct Threads {
     /// a worker left behind still holds a `record` sender.
     close: Sender<()>,
     recorder: JoinHandle<()>,
+    shadow: JoinHandle<()>,
 }
 
 /// The workers, the poller and the recorder, until [`Dispatcher::shutdown`]
@@ -198,6 +216,7 @@ impl Dispatcher {
         let capacity = settings.queue_capacity;
         let workers = settings.workers.max(1);
         let (queue, jobs) = crossbeam_channel::bounded::<Due>(capacity);
+        let (shadows, shadow_jobs) = crossbeam_channel::bounded(shadow::SHADOW_QUEUE);
         let (reports, _) = broadcast::channel(REPORT_BUFFER);
         let shared = Arc::new(DispatchState {
             store,
@@ -205,6 +224,7 @@ impl Dispatcher {
             runtime,
             metrics,
             queue: RwLock::new(Some(queue)),
+            shadows: RwLock::new(Some(shadows)),
             capacity,
             probe_after: settings.quarantine_probe_after,
             in_flight: InFlight::default(),
@@ -235,6 +255,15 @@ impl Dispatcher {
             let shared = shared.clone();
             move || poll_loop(&shared)
         });
+        let shadow = spawn("shadow-runner", {
+            let shared = shared.clone();
+            move || {
+                // A panic in one shadow run must not end the others.
+                while contain(|| shadow::shadow_loop(&shared, &shadow_jobs)).is_err() {
+                    tracing::error!("the shadow runner panicked; it goes on with the next run");
+                }
+            }
+        });
         Self {
             shared,
             grace: settings.shutdown_grace,
@@ -244,6 +273,7 @@ impl Dispatcher {
                 record,
                 close,
                 recorder,
+                shadow,
             })),
         }
     }
@@ -298,7 +328,7 @@ impl Dispatcher {
         threads
             .workers
             .iter()
-            .chain([&threads.poller, &threads.recorder])
+            .chain([&threads.poller, &threads.recorder, &threads.shadow])
             .filter(|t| t.is_finished())
             .map(|t| t.thread().name().unwrap_or("unnamed").to_owned())
             .collect()
@@ -330,6 +360,11 @@ impl Dispatcher {
             return;
         };
         self.shared.queue.write().expect("queue lock").take();
+        self.shared
+            .shadows
+            .write()
+            .expect("shadow queue lock")
+            .take();
         let mut running = self.wait_for_workers(self.grace);
         if running > 0 {
             tracing::warn!(
@@ -353,6 +388,9 @@ impl Dispatcher {
             );
         }
         let _ = threads.poller.join();
+        // No live call runs now: a shadow call is cut, the queue skipped.
+        self.shared.runtime.cancel_calls();
+        let _ = threads.shadow.join();
         drop(threads.record);
         drop(threads.close);
         let _ = threads.recorder.join();

@@ -108,6 +108,9 @@ impl Worker {
                 return None;
             }
         };
+        if due.attempts == 0 && due.replays == 0 {
+            self.shared.offer_shadow(&plugin, event, &outcome);
+        }
         let status = self.status_after(attempt, outcome.result.as_ref().err().map(|f| f.kind));
         if status.0 == Status::Dead {
             tracing::error!(

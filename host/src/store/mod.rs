@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::event::Event;
 use crate::runtime::FailureKind;
+use crate::runtime::egress::stub::RecordedRequest;
 use crate::runtime::kv::{KvOp, KvRead};
 use crate::status::PluginStatus;
 
@@ -114,7 +115,7 @@ pub struct Attempt {
 
 /// What one call cost: kept with a delivery's last attempt, for comparing
 /// a candidate with it (`shadow`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cost {
     /// Fuel consumed, instantiation included.
     pub fuel: u64,
@@ -196,6 +197,40 @@ pub struct EventRecord {
     pub body: String,
     pub deliveries: Vec<DeliveryRecord>,
 }
+
+/// One run of a shadow candidate (`NAME.shadow.wasm`) on a new event,
+/// beside its live plugin's first attempt: kept apart from deliveries, and
+/// never acted on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShadowRun {
+    /// The live plugin it shadows.
+    pub plugin: String,
+    pub event_key: String,
+    pub event_type: String,
+    pub live_version: String,
+    pub candidate_version: String,
+    /// `None`: the call succeeded; else `failed (kind): message`.
+    pub live_error: Option<String>,
+    pub candidate_error: Option<String>,
+    pub live_cost: Cost,
+    pub candidate_cost: Cost,
+    /// The lines the candidate wrote.
+    pub candidate_logs: Vec<String>,
+    /// The outbound requests it made, answered by the stub, none sent.
+    pub requests: Vec<RecordedRequest>,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+impl ShadowRun {
+    /// Did the candidate's outcome differ from the live call's?
+    pub fn differs(&self) -> bool {
+        self.live_error != self.candidate_error
+    }
+}
+
+/// Shadow runs kept per plugin: the newest ones.
+pub const SHADOW_RUNS_KEPT: usize = 10_000;
 
 /// How many deliveries stand in each status, and since when the oldest due
 /// one has been due, for the metrics.
@@ -322,6 +357,13 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// returns how many. Reads already ignore them; a plugin's quota counts
     /// them until they are deleted (here, or when it next writes).
     fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError>;
+
+    /// Record shadow runs, keeping the newest [`SHADOW_RUNS_KEPT`] of each
+    /// plugin.
+    fn record_shadow(&self, runs: Vec<ShadowRun>) -> Result<(), StoreError>;
+
+    /// A plugin's shadow runs, newest first.
+    fn shadow_runs(&self, plugin: &str, limit: usize) -> Result<Vec<ShadowRun>, StoreError>;
 
     /// Replace the saved plugin status table with `rows`.
     fn save_plugins(&self, rows: Vec<PluginStatus>) -> Result<(), StoreError>;

@@ -1,6 +1,7 @@
 -- stateset-hooks store, schema version 7 (2: plugin limits and counters as JSON; 3: replay counts;
 -- 4: plugins' key-value state; 5: its usage per plugin, kept by triggers, and an expiry index;
--- 6: each delivery's last log lines and each event's trace context; 7: its last call's fuel and time), as
+-- 6: each delivery's last log lines and each event's trace context; 7: its last call's fuel and time,
+-- shadow runs and each plugin's shadow status), as
 -- `SCHEMA_VERSION` in sqlite.rs says; older files are migrated at open, newer ones refused. Open it with `sqlite3 stateset-hooks.db`.
 -- Times are Unix milliseconds (UTC); `datetime(received_at / 1000, 'unixepoch')` shows them.
 
@@ -53,8 +54,31 @@ CREATE TABLE IF NOT EXISTS plugins (
     subscriptions TEXT NOT NULL,
     limits        TEXT NOT NULL,        -- JSON; 'null' until loaded
     counters      TEXT NOT NULL,
-    updated_at    INTEGER NOT NULL
+    updated_at    INTEGER NOT NULL,
+    shadow        TEXT                  -- JSON of the candidate shadowing it (NAME.shadow.wasm), or NULL
 );
+
+-- Each run of a shadow candidate beside its live plugin's first attempt on
+-- a new event: apart from deliveries, never acted on. The newest 10,000
+-- per plugin are kept.
+CREATE TABLE IF NOT EXISTS shadow_runs (
+    id                INTEGER PRIMARY KEY,
+    plugin            TEXT NOT NULL,    -- the live plugin it shadows
+    event_key         TEXT NOT NULL,
+    event_type        TEXT NOT NULL,
+    live_version      TEXT NOT NULL,
+    candidate_version TEXT NOT NULL,
+    live_error        TEXT,             -- NULL: succeeded; else `failed (kind): message`
+    candidate_error   TEXT,
+    live_fuel         INTEGER NOT NULL,
+    live_duration_us  INTEGER NOT NULL,
+    candidate_fuel    INTEGER NOT NULL,
+    candidate_duration_us INTEGER NOT NULL,
+    candidate_logs    TEXT NOT NULL,    -- JSON array of strings
+    requests          TEXT NOT NULL,    -- JSON array: the requests it made, none sent
+    created_at        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shadow_runs_plugin ON shadow_runs (plugin, id);
 
 -- Each plugin's key-value state (WIT `kv`, 0.3.0). Written only with the
 -- record of a delivery that succeeded, in the same transaction.

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AppendTicket, Appended, Attempt, CommitMetrics, DeliveryId, DeliveryRecord, Due, EventRecord,
-    Filter, RecordedAs, Status, Store, StoreError, StoreStats, Unreadable, now_ms,
+    Filter, RecordedAs, ShadowRun, Status, Store, StoreError, StoreStats, Unreadable, now_ms,
 };
 use crate::contain::contain;
 use crate::event::Event;
@@ -293,6 +293,7 @@ fn upgrade(conn: &Connection, version: i64) -> rusqlite::Result<()> {
         ("events", "traceparent", "TEXT"),
         ("deliveries", "last_fuel", "INTEGER"),
         ("deliveries", "last_duration_us", "INTEGER"),
+        ("plugins", "shadow", "TEXT"),
     ] {
         let present: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
@@ -1126,14 +1127,15 @@ impl Store for SqliteStore {
         self.op(move |tx| {
             tx.execute("DELETE FROM plugins", [])?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at, shadow)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for r in &rows {
                 let limits = serde_json::to_string(&r.limits).expect("limits serialize");
                 let counters = serde_json::to_string(&r.counters).expect("counters serialize");
+                let shadow = r.shadow.as_ref().map(|s| serde_json::to_string(s).expect("shadow serializes"));
                 insert.execute(params![
-                    r.name, r.version, r.state.as_str(), r.reason, r.subscriptions, limits, counters, r.updated_at
+                    r.name, r.version, r.state.as_str(), r.reason, r.subscriptions, limits, counters, r.updated_at, shadow
                 ])?;
             }
             Ok(rows.len())
@@ -1141,10 +1143,87 @@ impl Store for SqliteStore {
         .map(drop)
     }
 
+    fn record_shadow(&self, runs: Vec<ShadowRun>) -> Result<(), StoreError> {
+        self.op(move |tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO shadow_runs (plugin, event_key, event_type, live_version,
+                    candidate_version, live_error, candidate_error, live_fuel, live_duration_us,
+                    candidate_fuel, candidate_duration_us, candidate_logs, requests, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            let mut plugins = std::collections::BTreeSet::new();
+            for r in &runs {
+                let (live, candidate) = (
+                    super::Cost::columns(Some(r.live_cost)),
+                    super::Cost::columns(Some(r.candidate_cost)),
+                );
+                insert.execute(params![
+                    r.plugin,
+                    r.event_key,
+                    r.event_type,
+                    r.live_version,
+                    r.candidate_version,
+                    r.live_error,
+                    r.candidate_error,
+                    live.0,
+                    live.1,
+                    candidate.0,
+                    candidate.1,
+                    serde_json::to_string(&r.candidate_logs).expect("strings serialize"),
+                    serde_json::to_string(&r.requests).expect("requests serialize"),
+                    r.created_at,
+                ])?;
+                plugins.insert(r.plugin.as_str());
+            }
+            for plugin in plugins {
+                tx.execute(
+                    "DELETE FROM shadow_runs WHERE plugin = ?1 AND id <= (
+                         SELECT id FROM shadow_runs WHERE plugin = ?1
+                         ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                    params![plugin, super::SHADOW_RUNS_KEPT as i64],
+                )?;
+            }
+            Ok(runs.len())
+        })
+        .map(drop)
+    }
+
+    fn shadow_runs(&self, plugin: &str, limit: usize) -> Result<Vec<ShadowRun>, StoreError> {
+        self.read(|conn| {
+            conn.prepare(
+                "SELECT plugin, event_key, event_type, live_version, candidate_version, live_error,
+                        candidate_error, live_fuel, live_duration_us, candidate_fuel,
+                        candidate_duration_us, candidate_logs, requests, created_at
+                 FROM shadow_runs WHERE plugin = ?1 ORDER BY id DESC LIMIT ?2",
+            )?
+            .query_map(params![plugin, limit as i64], |row| {
+                let cost = |fuel: usize| -> rusqlite::Result<super::Cost> {
+                    super::Cost::from_columns(row.get(fuel)?, row.get(fuel + 1)?)
+                        .ok_or_else(|| unreadable(fuel, "a negative cost".into()))
+                };
+                Ok(ShadowRun {
+                    plugin: row.get(0)?,
+                    event_key: row.get(1)?,
+                    event_type: row.get(2)?,
+                    live_version: row.get(3)?,
+                    candidate_version: row.get(4)?,
+                    live_error: row.get(5)?,
+                    candidate_error: row.get(6)?,
+                    live_cost: cost(7)?,
+                    candidate_cost: cost(9)?,
+                    candidate_logs: json(row, 11)?,
+                    requests: json(row, 12)?,
+                    created_at: row.get(13)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
     fn plugins(&self) -> Result<Vec<PluginStatus>, StoreError> {
         self.read(|conn| {
             conn.prepare(
-                "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
+                "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at, shadow
                  FROM plugins ORDER BY name",
             )?
             .query_map([], |row| {
@@ -1157,6 +1236,10 @@ impl Store for SqliteStore {
                     limits: json(row, 5)?,
                     counters: json(row, 6)?,
                     updated_at: row.get(7)?,
+                    shadow: match row.get_ref(8)? {
+                        ValueRef::Null => None,
+                        _ => Some(json(row, 8)?),
+                    },
                 })
             })?
             .collect()

@@ -1,5 +1,5 @@
-// The stateset-hooks console: four views over the admin API (events, one
-// event, dead letters, plugins), chosen by the URL's hash. Everything a
+// The stateset-hooks console: five views over the admin API (events, one
+// event, dead letters, plugins, a plugin's shadow), chosen by the URL's hash. Everything a
 // sender or a plugin wrote reaches the page through `text()` (a text node),
 // never as HTML. The token lives in this tab's sessionStorage and goes in
 // the Authorization header, never in a cookie.
@@ -299,6 +299,14 @@ async function showPlugins() {
       el("td", {}, limits(p.limits)),
       el("td", {}, counters(p.counters)),
       el("td", {}, el("pre", { class: "message" }, p.reason || "")),
+      el(
+        "td",
+        {},
+        p.shadow
+          ? el("a", { href: "#/shadow/" + encodeURIComponent(p.name), class: "shadowing" },
+              `${p.shadow.version}: ${p.shadow.runs} runs, ${p.shadow.differed} differed`)
+          : ""
+      ),
       el("td", {}, p.state === "quarantined" ? el("button", { class: "release", onclick: () => release(p.name).catch((e) => show("error", e.message)) }, "Release") : "")
     )
   );
@@ -308,10 +316,53 @@ async function showPlugins() {
     el(
       "table",
       {},
-      el("thead", {}, el("tr", {}, ["Name", "State", "Version", "Subscriptions", "Limits", "Counters", "Last error", ""].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["Name", "State", "Version", "Subscriptions", "Limits", "Counters", "Last error", "Shadowing", ""].map((h) => el("th", {}, h)))),
       el("tbody", { id: "plugins" }, rows)
     ),
     failed.length ? [el("h2", {}, "Files that did not load"), el("ul", {}, failed)] : []
+  );
+}
+
+// ---- a plugin's shadow -----------------------------------------------------
+
+function outcome(error) {
+  return error ? el("span", { class: "status status-failed" }, "failed") : el("span", { class: "status status-succeeded" }, "ok");
+}
+
+async function showShadow(name) {
+  const answer = await api("/api/plugins/" + encodeURIComponent(name) + "/shadow");
+  const c = answer.compared;
+  const rows = answer.runs.map((r) =>
+    el(
+      "tr",
+      { class: "shadow-row" + (r.live_error !== r.candidate_error ? " differs" : "") },
+      el("td", {}, time(r.created_at)),
+      el("td", {}, el("a", { href: "#/event/" + encodeURIComponent(r.event_key) }, r.event_key), el("br"), r.event_type),
+      el("td", {}, outcome(r.live_error), " ", r.live_version, el("pre", { class: "message" }, r.live_error || "")),
+      el("td", {}, outcome(r.candidate_error), " ", r.candidate_version, el("pre", { class: "message" }, r.candidate_error || "")),
+      el("td", {}, `${r.live_cost.fuel} / ${r.candidate_cost.fuel}`),
+      el("td", {}, `${r.live_cost.micros} / ${r.candidate_cost.micros}`),
+      el("td", {}, el("pre", { class: "logs" }, r.candidate_logs.join("\n"))),
+      el("td", {}, el("pre", { class: "logs" }, r.requests.map((q) => `${q.method} ${q.url} → ${q.status ?? "refused: " + q.refused}`).join("\n")))
+    )
+  );
+  const s = answer.shadow;
+  view(
+    el("h1", {}, "Shadow of ", el("code", {}, name)),
+    el(
+      "p",
+      { id: "shadow-summary" },
+      s ? `Candidate ${s.version}: ${s.runs} run${s.runs === 1 ? "" : "s"} since it loaded, ${s.differed} differed, ${s.skipped} skipped. ` : "No candidate is loaded now. ",
+      `Of the last ${c.runs}: ${c.same} the same, ${c.succeeded_to_failed} succeeded live but failed, ` +
+        `${c.failed_to_succeeded} failed live but succeeded, ${c.error_changed} failed differently. ` +
+        "It runs without effects: its requests were answered 503 by the host, none sent."
+    ),
+    el(
+      "table",
+      {},
+      el("thead", {}, el("tr", {}, ["Ran", "Event", "Live", "Candidate", "Fuel live / cand.", "µs live / cand.", "Candidate log lines", "Requests (not sent)"].map((h) => el("th", {}, h)))),
+      el("tbody", { id: "shadow-runs" }, rows.length ? rows : el("tr", {}, el("td", { colspan: 8, class: "empty" }, "No runs yet: it runs on new events.")))
+    )
   );
 }
 
@@ -329,6 +380,7 @@ async function route() {
     if (hash.startsWith("#/event/")) await showEvent(decodeURIComponent(hash.slice("#/event/".length)));
     else if (hash.startsWith("#/dlq")) await showDlq();
     else if (hash.startsWith("#/plugins")) await showPlugins();
+    else if (hash.startsWith("#/shadow/")) await showShadow(decodeURIComponent(hash.slice("#/shadow/".length)));
     else await showEvents();
   } catch (error) {
     show("error", error.message);

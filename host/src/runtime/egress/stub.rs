@@ -72,7 +72,7 @@ impl CannedResponse {
 }
 
 /// One request a dry-run call made, and what became of it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordedRequest {
     pub method: String,
     /// The URL, with credential-like query values replaced by `[redacted]`.
@@ -84,7 +84,7 @@ pub struct RecordedRequest {
     /// The status it was answered with (none when refused or failed).
     pub status: Option<u16>,
     /// Why it was refused, or how it failed, instead.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
 }
 

@@ -31,7 +31,7 @@ use self::link::{Link, LinkGuard, Pool};
 
 use super::{
     AppendTicket, Appended, Attempt, CommitMetrics, DeliveryId, DeliveryRecord, Due, EventRecord,
-    Filter, RecordedAs, Status, Store, StoreError, StoreStats, Unreadable, now_ms,
+    Filter, RecordedAs, ShadowRun, Status, Store, StoreError, StoreStats, Unreadable, now_ms,
 };
 use crate::event::Event;
 use crate::runtime::FailureKind;
@@ -78,10 +78,30 @@ ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_logs TEXT;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent TEXT;
 ";
 
-/// Version 3: each delivery's last call's fuel and time (microseconds).
+/// Version 3: each delivery's last call's fuel and time (microseconds),
+/// shadow runs, and each plugin's shadow status.
 const SCHEMA_V3: &str = "
 ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_fuel BIGINT;
 ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS last_duration_us BIGINT;
+ALTER TABLE plugins ADD COLUMN IF NOT EXISTS shadow TEXT;
+CREATE TABLE IF NOT EXISTS shadow_runs (
+    id                    BIGSERIAL PRIMARY KEY,
+    plugin                TEXT NOT NULL,
+    event_key             TEXT NOT NULL,
+    event_type            TEXT NOT NULL,
+    live_version          TEXT NOT NULL,
+    candidate_version     TEXT NOT NULL,
+    live_error            TEXT,
+    candidate_error       TEXT,
+    live_fuel             BIGINT NOT NULL,
+    live_duration_us      BIGINT NOT NULL,
+    candidate_fuel        BIGINT NOT NULL,
+    candidate_duration_us BIGINT NOT NULL,
+    candidate_logs        TEXT NOT NULL,
+    requests              TEXT NOT NULL,
+    created_at            BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shadow_runs_plugin ON shadow_runs (plugin, id);
 ";
 
 const SCHEMA_V1: &str = "
@@ -1187,8 +1207,8 @@ impl Store for PgStore {
                 let limits = serde_json::to_string(&r.limits).expect("limits serialize");
                 let counters = serde_json::to_string(&r.counters).expect("counters serialize");
                 tx.execute(
-                    "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO plugins (name, version, state, reason, subscriptions, limits, counters, updated_at, shadow)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     &[
                         &r.name,
                         &r.version,
@@ -1198,11 +1218,110 @@ impl Store for PgStore {
                         &limits,
                         &counters,
                         &r.updated_at,
+                        &r.shadow.as_ref().map(|s| serde_json::to_string(s).expect("shadow serializes")),
                     ],
                 )
                 .await?;
             }
             tx.commit().await
+        })
+    }
+
+    fn record_shadow(&self, runs: Vec<ShadowRun>) -> Result<(), StoreError> {
+        self.with_connection(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let insert = tx
+                .prepare(
+                    "INSERT INTO shadow_runs (plugin, event_key, event_type, live_version,
+                        candidate_version, live_error, candidate_error, live_fuel,
+                        live_duration_us, candidate_fuel, candidate_duration_us, candidate_logs,
+                        requests, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .await?;
+            // PostgreSQL text cannot hold NUL; a plugin's message can (JSON
+            // escapes it in the rest).
+            let text = |t: &Option<String>| t.as_ref().map(|t| t.replace('\0', "\u{FFFD}"));
+            let mut plugins = std::collections::BTreeSet::new();
+            for r in &runs {
+                let (live, candidate) = (
+                    super::Cost::columns(Some(r.live_cost)),
+                    super::Cost::columns(Some(r.candidate_cost)),
+                );
+                tx.execute(
+                    &insert,
+                    &[
+                        &r.plugin,
+                        &r.event_key,
+                        &r.event_type,
+                        &r.live_version,
+                        &r.candidate_version,
+                        &text(&r.live_error),
+                        &text(&r.candidate_error),
+                        &live.0,
+                        &live.1,
+                        &candidate.0,
+                        &candidate.1,
+                        &serde_json::to_string(&r.candidate_logs).expect("strings serialize"),
+                        &serde_json::to_string(&r.requests).expect("requests serialize"),
+                        &r.created_at,
+                    ],
+                )
+                .await?;
+                plugins.insert(r.plugin.as_str());
+            }
+            for plugin in plugins {
+                tx.execute(
+                    "DELETE FROM shadow_runs WHERE plugin = $1 AND id <= (
+                         SELECT id FROM shadow_runs WHERE plugin = $1
+                         ORDER BY id DESC LIMIT 1 OFFSET $2)",
+                    &[&plugin, &(super::SHADOW_RUNS_KEPT as i64)],
+                )
+                .await?;
+            }
+            tx.commit().await
+        })
+    }
+
+    fn shadow_runs(&self, plugin: &str, limit: usize) -> Result<Vec<ShadowRun>, StoreError> {
+        let link = self.pool.get();
+        let plugin = plugin.to_owned();
+        self.run(async move {
+            let rows = link
+                .lock()
+                .await?
+                .query(
+                    "SELECT plugin, event_key, event_type, live_version, candidate_version,
+                            live_error, candidate_error, live_fuel, live_duration_us,
+                            candidate_fuel, candidate_duration_us, candidate_logs, requests,
+                            created_at
+                     FROM shadow_runs WHERE plugin = $1 ORDER BY id DESC LIMIT $2",
+                    &[&plugin, &(limit as i64)],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let cost = |at: usize| {
+                        super::Cost::from_columns(row.get(at), row.get(at + 1))
+                            .ok_or_else(|| unreadable("shadow_runs cost", "negative"))
+                    };
+                    Ok(ShadowRun {
+                        plugin: row.get(0),
+                        event_key: row.get(1),
+                        event_type: row.get(2),
+                        live_version: row.get(3),
+                        candidate_version: row.get(4),
+                        live_error: row.get(5),
+                        candidate_error: row.get(6),
+                        live_cost: cost(7)?,
+                        candidate_cost: cost(9)?,
+                        candidate_logs: json(row.get(11))?,
+                        requests: json(row.get(12))?,
+                        created_at: row.get(13),
+                    })
+                })
+                .collect()
         })
     }
 
@@ -1214,7 +1333,7 @@ impl Store for PgStore {
                 .lock()
                 .await?
                 .query(
-                    "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at
+                    "SELECT name, version, state, reason, subscriptions, limits, counters, updated_at, shadow
                      FROM plugins ORDER BY name",
                     &[],
                 )
@@ -1233,6 +1352,7 @@ impl Store for PgStore {
                         limits: json(row.get(5))?,
                         counters: json(row.get(6))?,
                         updated_at: row.get(7),
+                        shadow: row.get::<_, Option<String>>(8).map(json).transpose()?,
                     })
                 })
                 .collect()
