@@ -240,8 +240,14 @@ impl LoaderState {
                         // Nothing left to load: what serves now is what the
                         // cache must keep.
                         let serving = self.registry.snapshot();
-                        self.runtime
-                            .trim_cache(serving.iter().map(|p| &p.prepared.compiled));
+                        let shadows = self.registry.shadows();
+                        let candidates = shadows.iter().map(|s| &s.plugin.prepared.compiled);
+                        self.runtime.trim_cache(
+                            serving
+                                .iter()
+                                .map(|p| &p.prepared.compiled)
+                                .chain(candidates),
+                        );
                     }
                 }
                 Job::Done(done) => {

@@ -175,6 +175,7 @@ impl Manifest {
     /// whole manifest. The error names the key and variable, never a value.
     pub fn resolve_config(&self, plugin: &str, grant: &EnvGrant) -> Result<ConfigValues, String> {
         let mut values = BTreeMap::new();
+        let mut from_env = BTreeSet::new();
         for (key, source) in &self.config {
             let value = match source {
                 ConfigSource::Value(value) => value.clone(),
@@ -189,8 +190,12 @@ impl Manifest {
                          --allow-plugin-env)"
                     ));
                 }
-                ConfigSource::Env { env } => std::env::var(env)
-                    .map_err(|_| format!("config.{key}: environment variable {env} is not set"))?,
+                ConfigSource::Env { env } => {
+                    from_env.insert(key.clone());
+                    std::env::var(env).map_err(|_| {
+                        format!("config.{key}: environment variable {env} is not set")
+                    })?
+                }
             };
             if grant
                 .withheld
@@ -203,7 +208,7 @@ impl Manifest {
             }
             values.insert(key.clone(), value);
         }
-        Ok(ConfigValues::new(values))
+        Ok(ConfigValues::new(values, from_env))
     }
 
     /// The subscriptions for people: `order.*, payment.refunded`, or `*` for all.

@@ -160,6 +160,11 @@ impl Registry {
             .collect()
     }
 
+    /// Every loaded candidate.
+    pub fn shadows(&self) -> Vec<Arc<Shadow>> {
+        self.read().shadows.values().cloned().collect()
+    }
+
     /// The candidate shadowing `name`, if one is loaded.
     pub fn shadow_of(&self, name: &str) -> Option<Arc<Shadow>> {
         self.read().shadows.get(name).cloned()

@@ -388,9 +388,18 @@ impl Dispatcher {
             );
         }
         let _ = threads.poller.join();
-        // No live call runs now: a shadow call is cut, the queue skipped.
+        // The live calls are done or left behind: a shadow call is cut too,
+        // and what is queued skipped. Waited for as long as cut calls are.
         self.shared.runtime.cancel_calls();
-        let _ = threads.shadow.join();
+        let cut_by = std::time::Instant::now() + CUT_WAIT;
+        while !threads.shadow.is_finished() && std::time::Instant::now() < cut_by {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if threads.shadow.is_finished() {
+            let _ = threads.shadow.join();
+        } else {
+            tracing::error!("the shadow runner did not stop when cut: left behind");
+        }
         drop(threads.record);
         drop(threads.close);
         let _ = threads.recorder.join();

@@ -68,53 +68,70 @@ pub(super) fn offer(
     }
 }
 
-/// Run queued candidates until the queue closes; at shutdown, skip what is
-/// left.
+/// Runs recorded in one store write at most.
+const RECORD_BATCH: usize = 32;
+
+/// Run queued candidates until the queue closes, recording what queued up
+/// meanwhile in one write; at shutdown, skip what is left.
 pub(super) fn shadow_loop(shared: &DispatchState, jobs: &Receiver<ShadowJob>) {
-    for job in jobs.iter() {
-        if shared.stopping() {
+    while let Ok(first) = jobs.recv() {
+        let more = std::iter::from_fn(|| jobs.try_recv().ok());
+        let runs: Vec<ShadowRun> = std::iter::once(first)
+            .chain(more.take(RECORD_BATCH - 1))
+            .filter_map(|job| run(shared, job))
+            .collect();
+        if runs.is_empty() {
             continue;
         }
-        let candidate = &job.shadow.plugin;
-        let key: Arc<str> = job.event.key().into();
-        let outcome = match shared.runtime.call(
-            &candidate.prepared,
-            &key,
-            job.event.event_type(),
-            job.event.payload(),
-        ) {
-            Ok(outcome) => outcome,
-            Err(not_run) => {
-                tracing::debug!(plugin = %candidate.name, event = &*key, "shadow not run: {not_run}");
-                continue;
-            }
-        };
-        let run = ShadowRun {
-            plugin: candidate.name.to_string(),
-            event_key: key.to_string(),
-            event_type: job.event.event_type().to_owned(),
-            live_version: job.live_version.to_string(),
-            candidate_version: candidate.version.to_string(),
-            live_error: job.live_error,
-            candidate_error: error_text(&outcome.result),
-            live_cost: job.live_cost,
-            candidate_cost: cost(&outcome),
-            candidate_logs: outcome.logs.iter().map(ToString::to_string).collect(),
-            requests: outcome.requests,
-            created_at: now_ms(),
-        };
-        let differs = run.differs();
-        job.shadow.ran(differs);
-        if differs {
-            tracing::info!(
-                plugin = %candidate.name, event = &*escape_controls(&key),
-                live = run.live_error.as_deref().map_or("ok".into(), escape_controls).as_ref(),
-                candidate = run.candidate_error.as_deref().map_or("ok".into(), escape_controls).as_ref(),
-                "shadow differed from the live plugin"
-            );
-        }
-        if let Err(error) = shared.store.record_shadow(vec![run]) {
-            tracing::warn!(plugin = %candidate.name, %error, "shadow run not recorded");
+        let plugin = runs[0].plugin.clone();
+        if let Err(error) = shared.store.record_shadow(runs) {
+            tracing::warn!(%plugin, %error, "shadow runs not recorded");
         }
     }
+}
+
+/// One candidate's run, unless the host is stopping.
+fn run(shared: &DispatchState, job: ShadowJob) -> Option<ShadowRun> {
+    if shared.stopping() {
+        return None;
+    }
+    let candidate = &job.shadow.plugin;
+    let key: Arc<str> = job.event.key().into();
+    let outcome = match shared.runtime.call(
+        &candidate.prepared,
+        &key,
+        job.event.event_type(),
+        job.event.payload(),
+    ) {
+        Ok(outcome) => outcome,
+        Err(not_run) => {
+            tracing::debug!(plugin = %candidate.name, event = &*key, "shadow not run: {not_run}");
+            return None;
+        }
+    };
+    let run = ShadowRun {
+        plugin: candidate.name.to_string(),
+        event_key: key.to_string(),
+        event_type: job.event.event_type().to_owned(),
+        live_version: job.live_version.to_string(),
+        candidate_version: candidate.version.to_string(),
+        live_error: job.live_error,
+        candidate_error: error_text(&outcome.result),
+        live_cost: job.live_cost,
+        candidate_cost: cost(&outcome),
+        candidate_logs: outcome.logs.iter().map(ToString::to_string).collect(),
+        requests: outcome.requests,
+        created_at: now_ms(),
+    };
+    let differs = run.differs();
+    job.shadow.ran(differs);
+    if differs {
+        tracing::info!(
+            plugin = %candidate.name, event = &*escape_controls(&key),
+            live = run.live_error.as_deref().map_or("ok".into(), escape_controls).as_ref(),
+            candidate = run.candidate_error.as_deref().map_or("ok".into(), escape_controls).as_ref(),
+            "shadow differed from the live plugin"
+        );
+    }
+    Some(run)
 }

@@ -161,21 +161,38 @@ impl Prepared {
 /// Configuration a plugin reads with `config-get`. `Debug` shows the keys
 /// only: values may be secrets.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct ConfigValues(std::collections::BTreeMap<String, String>);
+pub struct ConfigValues {
+    values: std::collections::BTreeMap<String, String>,
+    /// Keys whose values came from the environment: credentials, kept out
+    /// of what a dry run records.
+    from_env: std::collections::BTreeSet<String>,
+}
 
 impl ConfigValues {
-    pub fn new(values: std::collections::BTreeMap<String, String>) -> Self {
-        Self(values)
+    /// `values`, those under `from_env` read from the environment.
+    pub fn new(
+        values: std::collections::BTreeMap<String, String>,
+        from_env: std::collections::BTreeSet<String>,
+    ) -> Self {
+        Self { values, from_env }
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The values read from the environment.
+    pub fn secrets(&self) -> Vec<String> {
+        self.from_env
+            .iter()
+            .filter_map(|key| self.values.get(key).cloned())
+            .collect()
     }
 }
 
 impl std::fmt::Debug for ConfigValues {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
+        f.debug_set().entries(self.values.keys()).finish()
     }
 }
 
@@ -374,17 +391,14 @@ impl Runtime {
         let tag = CallTag {
             plugin: plugin.clone(),
             event: event.clone(),
+            dry: prepared.dry_run.is_some(),
         };
         let output = Arc::new(Mutex::new(Output::new(tag.clone(), limits.output_bytes)));
         let start = Instant::now();
         let deadline = start + limits.timeout;
         let dry = prepared.dry_run.as_deref();
-        let egress = Egress::new(
-            prepared.http.clone(),
-            deadline,
-            tag,
-            dry.map(|d| d.http.clone()),
-        );
+        let stub = dry.map(|d| (d.http.clone(), prepared.config.secrets()));
+        let egress = Egress::new(prepared.http.clone(), deadline, tag, stub);
         let reader = dry
             .and_then(|d| d.kv.clone())
             .or_else(|| self.kv.get().cloned());
@@ -466,6 +480,7 @@ impl Runtime {
         let tag = CallTag {
             plugin: prepared.name.clone(),
             event: "reused".into(),
+            dry: false,
         };
         let output = Arc::new(Mutex::new(Output::new(
             tag.clone(),

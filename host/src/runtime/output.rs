@@ -72,6 +72,10 @@ impl std::fmt::Display for LogLine {
 pub(crate) struct CallTag {
     pub plugin: Arc<str>,
     pub event: Arc<str>,
+    /// A dry run (a candidate tried, not acting): its lines and refusals
+    /// stay in its outcome, out of the host log, where they would pass for
+    /// the live plugin's.
+    pub dry: bool,
 }
 
 impl CallTag {
@@ -190,6 +194,9 @@ impl Output {
 }
 
 fn emit(tag: &CallTag, level: LogLevel, source: LogSource, message: &str) {
+    if tag.dry {
+        return;
+    }
     let (plugin, event) = (&*tag.plugin, &*tag.event);
     let stream = match source {
         LogSource::Log => "log",
@@ -310,6 +317,7 @@ mod tests {
         let tag = CallTag {
             plugin: "p".into(),
             event: "e".into(),
+            dry: false,
         };
         Output::new(tag, budget)
     }

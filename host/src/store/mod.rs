@@ -229,7 +229,7 @@ impl ShadowRun {
     }
 }
 
-/// Shadow runs kept per plugin: the newest ones.
+/// Shadow runs kept per plugin (the newest), past the retention purge's age.
 pub const SHADOW_RUNS_KEPT: usize = 10_000;
 
 /// How many deliveries stand in each status, and since when the oldest due
@@ -350,7 +350,8 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     fn replay_dead(&self, ids: Option<&[DeliveryId]>) -> Result<usize, StoreError>;
 
     /// Delete events all of whose deliveries succeeded and that were received
-    /// before `before` (unix ms); returns how many.
+    /// before `before` (unix ms); returns how many. Shadow runs made before
+    /// it, and past the newest [`SHADOW_RUNS_KEPT`] of a plugin, go too.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError>;
 
     /// Delete key-value entries whose TTL ran out by `now` (unix ms);
@@ -358,8 +359,9 @@ pub trait Store: KvRead + Send + Sync + std::fmt::Debug + 'static {
     /// them until they are deleted (here, or when it next writes).
     fn purge_expired_kv(&self, now: i64) -> Result<usize, StoreError>;
 
-    /// Record shadow runs, keeping the newest [`SHADOW_RUNS_KEPT`] of each
-    /// plugin.
+    /// Record shadow runs. [`Store::purge_succeeded`] deletes those older
+    /// than it is given and those past the newest [`SHADOW_RUNS_KEPT`] of
+    /// each plugin.
     fn record_shadow(&self, runs: Vec<ShadowRun>) -> Result<(), StoreError>;
 
     /// A plugin's shadow runs, newest first.

@@ -834,6 +834,12 @@ fn append(
     Ok(Appended::New(ids))
 }
 
+/// Shadow runs past their retention: received before `before`, or past
+/// the newest [`super::SHADOW_RUNS_KEPT`] of their plugin.
+const SHADOW_PRUNE: &str = "DELETE FROM shadow_runs WHERE created_at < ?1 OR id IN (
+    SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY plugin ORDER BY id DESC) AS newer
+                    FROM shadow_runs) WHERE newer > ?2)";
+
 const DELIVERY_COLUMNS: &str = "d.id, d.event_key, e.event_type, d.plugin, d.status, d.attempts,
      d.last_failure_kind, d.last_failure_message, d.plugin_version, d.next_attempt_at,
      d.created_at, d.updated_at, d.last_logs, d.last_fuel, d.last_duration_us";
@@ -1106,6 +1112,7 @@ impl Store for SqliteStore {
 
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
         self.op(move |tx| {
+            tx.execute(SHADOW_PRUNE, params![before, super::SHADOW_RUNS_KEPT as i64])?;
             tx.execute(
                 "DELETE FROM events WHERE received_at < ?1 AND NOT EXISTS (
                      SELECT 1 FROM deliveries d WHERE d.event_key = events.key AND d.status != 'succeeded')",
@@ -1151,7 +1158,6 @@ impl Store for SqliteStore {
                     candidate_fuel, candidate_duration_us, candidate_logs, requests, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
-            let mut plugins = std::collections::BTreeSet::new();
             for r in &runs {
                 let (live, candidate) = (
                     super::Cost::columns(Some(r.live_cost)),
@@ -1173,15 +1179,6 @@ impl Store for SqliteStore {
                     serde_json::to_string(&r.requests).expect("requests serialize"),
                     r.created_at,
                 ])?;
-                plugins.insert(r.plugin.as_str());
-            }
-            for plugin in plugins {
-                tx.execute(
-                    "DELETE FROM shadow_runs WHERE plugin = ?1 AND id <= (
-                         SELECT id FROM shadow_runs WHERE plugin = ?1
-                         ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                    params![plugin, super::SHADOW_RUNS_KEPT as i64],
-                )?;
             }
             Ok(runs.len())
         })
@@ -1395,6 +1392,41 @@ mod tests {
                 micros: 56,
             }),
         }
+    }
+
+    /// Shadow runs read back as recorded, newest first; the retention purge
+    /// deletes those made before its cut.
+    #[test]
+    fn shadow_runs_are_kept_apart_and_purged_with_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), Duration::from_secs(5)).unwrap();
+        let run = |key: &str, created_at: i64| ShadowRun {
+            plugin: "orders".into(),
+            event_key: key.into(),
+            event_type: "order.created".into(),
+            live_version: "live".into(),
+            candidate_version: "cand".into(),
+            live_error: None,
+            candidate_error: Some("failed (plugin-error): no".into()),
+            live_cost: super::super::Cost { fuel: 1, micros: 2 },
+            candidate_cost: super::super::Cost { fuel: 3, micros: 4 },
+            candidate_logs: vec!["info: x".into()],
+            requests: Vec::new(),
+            created_at,
+        };
+        let now = now_ms();
+        store
+            .record_shadow(vec![run("evt_old", now - 10_000), run("evt_new", now)])
+            .unwrap();
+        let runs = store.shadow_runs("orders", 10).unwrap();
+        assert_eq!(runs, [run("evt_new", now), run("evt_old", now - 10_000)]);
+        assert!(runs[0].differs());
+        assert!(store.shadow_runs("payments", 10).unwrap().is_empty());
+        store.purge_succeeded(now - 5_000).unwrap();
+        assert_eq!(
+            store.shadow_runs("orders", 10).unwrap(),
+            [run("evt_new", now)]
+        );
     }
 
     /// What the metrics and the console read: counts by status, the oldest

@@ -355,7 +355,7 @@ async function showShadow(name) {
       s ? `Candidate ${s.version}: ${s.runs} run${s.runs === 1 ? "" : "s"} since it loaded, ${s.differed} differed, ${s.skipped} skipped. ` : "No candidate is loaded now. ",
       `Of the last ${c.runs}: ${c.same} the same, ${c.succeeded_to_failed} succeeded live but failed, ` +
         `${c.failed_to_succeeded} failed live but succeeded, ${c.error_changed} failed differently. ` +
-        "It runs without effects: its requests were answered 503 by the host, none sent."
+        "It runs without effects: its requests were answered 503 by the host or refused, none sent."
     ),
     el(
       "table",

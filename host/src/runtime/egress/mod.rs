@@ -194,21 +194,27 @@ pub(crate) struct Egress {
 }
 
 impl Egress {
-    /// `stub`: answer every admitted request from it, sending nothing.
+    /// `stub`: answer every admitted request from it, sending nothing, and
+    /// record each request with these secrets (the plugin's configuration
+    /// read from the environment) redacted.
     pub(crate) fn new(
         grant: Arc<HttpGrant>,
         deadline: Instant,
         tag: CallTag,
-        stub: Option<Arc<HttpStub>>,
+        stub: Option<(Arc<HttpStub>, Vec<String>)>,
     ) -> Self {
         let requests_left = grant.max_requests;
+        let (stub, recorder) = match stub {
+            Some((stub, secrets)) => (Some(stub), Recorder::new(secrets)),
+            None => (None, Recorder::default()),
+        };
         Self {
             grant,
             deadline,
             requests_left,
             tag,
             stub,
-            recorder: Recorder::default(),
+            recorder,
         }
     }
 
@@ -239,10 +245,13 @@ impl Egress {
             .to_owned();
         let port = uri.port_u16().unwrap_or(scheme.default_port());
         let denied = |why: &'static str| {
-            tracing::warn!(
-                plugin = %self.tag.plugin, event = %escape_controls(&self.tag.event),
-                host = %escape_controls(&host), port, "outbound request denied: {why}"
-            );
+            // A dry run's refusals are in its record, not the host log.
+            if !self.tag.dry {
+                tracing::warn!(
+                    plugin = %self.tag.plugin, event = %escape_controls(&self.tag.event),
+                    host = %escape_controls(&host), port, "outbound request denied: {why}"
+                );
+            }
             Err((Error::HttpRequestDenied, why))
         };
         if !self

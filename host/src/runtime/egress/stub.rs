@@ -88,7 +88,20 @@ pub struct RecordedRequest {
     pub refused: Option<String>,
 }
 
-/// Header names whose values are credentials: never recorded.
+/// Requests one call's record keeps (refused ones count too); later ones
+/// are dropped, so a plugin looping on a refused request cannot grow the
+/// host's memory.
+pub const MAX_RECORDED_REQUESTS: usize = 100;
+/// Headers kept per recorded request, and bytes per header value.
+const MAX_RECORDED_HEADERS: usize = 32;
+const MAX_RECORDED_HEADER_BYTES: usize = 256;
+/// Configuration values shorter than this are not redacted where they
+/// appear (a secret is longer; a short value would blank out ordinary text).
+const MIN_SECRET_BYTES: usize = 6;
+
+const REDACTED: &str = "[redacted]";
+
+/// Names of headers and query parameters whose values are credentials.
 fn is_credential(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     name != super::IDEMPOTENCY_HEADER
@@ -98,67 +111,115 @@ fn is_credential(name: &str) -> bool {
             "key",
             "token",
             "secret",
-            "signature",
-            "password",
+            "sig",
+            "pass",
+            "pwd",
+            "credential",
+            "session",
         ]
         .iter()
         .any(|word| name.contains(word))
 }
 
-/// A URL as recorded: the values of query parameters named like
-/// credentials (`?api_key=...`) replaced by `[redacted]`.
-fn recorded_url(uri: &http::Uri) -> String {
-    let Some(query) = uri.query() else {
-        return uri.to_string();
-    };
-    let redacted: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if is_credential(name) => format!("{name}=[redacted]"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    let text = uri.to_string();
-    let base = text.split_once('?').map_or(text.as_str(), |(base, _)| base);
-    format!("{base}?{}", redacted.join("&"))
+/// Cut `text` to at most `max` bytes on a char boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        text.truncate(crate::runtime::output::floor_char_boundary(&text, max));
+    }
+    text
 }
 
-fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            let value = if is_credential(name.as_str()) {
-                "[redacted]".to_owned()
-            } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
-            };
-            (name.as_str().to_owned(), value)
-        })
-        .collect()
-}
-
-/// A call's record of its requests, shared with the futures that answer them.
+/// A call's record of its requests, shared with the futures that answer
+/// them. What it keeps is redacted: the values of credential-named headers
+/// and query parameters, user info in a URL, and every configuration value
+/// the plugin read from the environment, wherever it appears.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Recorder(Arc<Mutex<Vec<RecordedRequest>>>);
+pub(crate) struct Recorder {
+    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    secrets: Arc<[String]>,
+}
 
 impl Recorder {
+    pub(crate) fn new(secrets: Vec<String>) -> Self {
+        Self {
+            requests: Arc::default(),
+            secrets: secrets
+                .into_iter()
+                .filter(|s| s.len() >= MIN_SECRET_BYTES)
+                .collect(),
+        }
+    }
+
     fn push(&self, request: RecordedRequest) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(request);
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if requests.len() < MAX_RECORDED_REQUESTS {
+            requests.push(request);
+        }
     }
 
     pub(crate) fn take(&self) -> Vec<RecordedRequest> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `text` with every secret replaced.
+    fn scrub(&self, text: String) -> String {
+        self.secrets.iter().fold(text, |text, secret| {
+            if text.contains(secret.as_str()) {
+                text.replace(secret.as_str(), REDACTED)
+            } else {
+                text
+            }
+        })
+    }
+
+    /// A URL as recorded: no user info, credential-named query values and
+    /// secrets redacted.
+    fn url(&self, uri: &http::Uri) -> String {
+        let authority = uri.authority().map(|a| a.as_str());
+        let host = authority.map(|a| a.rsplit_once('@').map_or(a, |(_, host)| host));
+        let mut url = format!(
+            "{}{}{}{}",
+            uri.scheme_str()
+                .map_or(String::new(), |s| format!("{s}://")),
+            host.unwrap_or(""),
+            uri.path(),
+            if uri.query().is_some() { "?" } else { "" },
+        );
+        if let Some(query) = uri.query() {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if is_credential(name) => format!("{name}={REDACTED}"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            url.push_str(&pairs.join("&"));
+        }
+        self.scrub(url)
+    }
+
+    fn headers(&self, headers: &HeaderMap) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .take(MAX_RECORDED_HEADERS)
+            .map(|(name, value)| {
+                let value = if is_credential(name.as_str()) {
+                    REDACTED.to_owned()
+                } else {
+                    let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                    self.scrub(cut(text, MAX_RECORDED_HEADER_BYTES))
+                };
+                (name.as_str().to_owned(), value)
+            })
+            .collect()
     }
 
     /// Record a request the allowlist or the caps refused.
     pub(crate) fn refused<B>(&self, request: &Request<B>, why: &str) {
         self.push(RecordedRequest {
             method: request.method().to_string(),
-            url: recorded_url(request.uri()),
-            headers: recorded_headers(request.headers()),
+            url: self.url(request.uri()),
+            headers: self.headers(request.headers()),
             body: String::new(),
             status: None,
             refused: Some(why.to_owned()),
@@ -173,11 +234,12 @@ impl Recorder {
         request: Request<super::Bounded<WasiBody>>,
     ) -> Result<Response<WasiBody>, Error> {
         let (parts, body) = request.into_parts();
-        let (method, url) = (parts.method.to_string(), recorded_url(&parts.uri));
+        // Canned answers match the URL as the plugin sent it.
+        let (method, url) = (parts.method.to_string(), parts.uri.to_string());
         let mut record = RecordedRequest {
             method,
-            url,
-            headers: recorded_headers(&parts.headers),
+            url: self.url(&parts.uri),
+            headers: self.headers(&parts.headers),
             body: String::new(),
             status: None,
             refused: None,
@@ -190,12 +252,12 @@ impl Recorder {
                 return Err(error);
             }
         };
-        let kept = &body[..body.len().min(RECORDED_BODY_BYTES)];
-        record.body = String::from_utf8_lossy(kept).into_owned();
+        let kept = String::from_utf8_lossy(&body[..body.len().min(RECORDED_BODY_BYTES)]);
+        record.body = self.scrub(cut(kept.into_owned(), RECORDED_BODY_BYTES));
         let canned = stub
             .responses
             .iter()
-            .find(|c| c.matches(&record.method, &record.url));
+            .find(|c| c.matches(&record.method, &url));
         let mut response = Response::builder();
         let (status, body) = match canned {
             Some(canned) => {
@@ -239,25 +301,39 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_not_recorded() {
+    fn credentials_and_secrets_are_not_recorded() {
+        let recorder = Recorder::new(vec!["sk_live_env_secret".into(), "abc".into()]);
         let mut headers = HeaderMap::new();
         headers.insert("authorization", "Bearer sk_live_1".parse().unwrap());
         headers.insert("x-api-key", "k1".parse().unwrap());
         headers.insert("idempotency-key", "evt_1:orders".parse().unwrap());
         headers.insert("content-type", "application/json".parse().unwrap());
-        let recorded = recorded_headers(&headers);
-        let text = format!("{recorded:?}");
+        headers.insert("x-note", "holds sk_live_env_secret inline".parse().unwrap());
+        let text = format!("{:?}", recorder.headers(&headers));
         assert!(
             !text.contains("sk_live_1") && !text.contains("k1\""),
             "{text}"
         );
+        assert!(!text.contains("sk_live_env_secret"), "{text}");
         assert!(text.contains("evt_1:orders") && text.contains("application/json"));
-        let url: http::Uri = "https://a.test/x?sku=1&api_key=sk_live_2&token=t"
-            .parse()
-            .unwrap();
+        let url: http::Uri =
+            "https://user:pw@a.test/hooks/sk_live_env_secret?sku=abc&api_key=2&sig=3"
+                .parse()
+                .unwrap();
         assert_eq!(
-            recorded_url(&url),
-            "https://a.test/x?sku=1&api_key=[redacted]&token=[redacted]"
+            recorder.url(&url),
+            "https://a.test/hooks/[redacted]?sku=abc&api_key=[redacted]&sig=[redacted]",
+            "short values (abc) are left alone"
         );
+    }
+
+    #[test]
+    fn a_call_records_at_most_its_cap() {
+        let recorder = Recorder::new(Vec::new());
+        let request = Request::get("https://a.test/").body(()).unwrap();
+        for _ in 0..MAX_RECORDED_REQUESTS + 50 {
+            recorder.refused(&request, "not allowed");
+        }
+        assert_eq!(recorder.take().len(), MAX_RECORDED_REQUESTS);
     }
 }

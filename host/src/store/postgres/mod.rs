@@ -1172,6 +1172,17 @@ impl Store for PgStore {
     /// succeeded; returns how many.
     fn purge_succeeded(&self, before: i64) -> Result<usize, StoreError> {
         self.with_connection(move |client| async move {
+            // Shadow runs past their retention: older than `before`, or
+            // past the newest SHADOW_RUNS_KEPT of their plugin.
+            client
+                .execute(
+                    "DELETE FROM shadow_runs WHERE created_at < $1 OR id IN (
+                         SELECT id FROM (SELECT id, ROW_NUMBER() OVER (
+                             PARTITION BY plugin ORDER BY id DESC) AS newer FROM shadow_runs) n
+                         WHERE newer > $2)",
+                    &[&before, &(super::SHADOW_RUNS_KEPT as i64)],
+                )
+                .await?;
             let n = client
                 .execute(
                     "DELETE FROM events WHERE received_at < $1 AND NOT EXISTS (
@@ -1242,7 +1253,6 @@ impl Store for PgStore {
             // PostgreSQL text cannot hold NUL; a plugin's message can (JSON
             // escapes it in the rest).
             let text = |t: &Option<String>| t.as_ref().map(|t| t.replace('\0', "\u{FFFD}"));
-            let mut plugins = std::collections::BTreeSet::new();
             for r in &runs {
                 let (live, candidate) = (
                     super::Cost::columns(Some(r.live_cost)),
@@ -1266,16 +1276,6 @@ impl Store for PgStore {
                         &serde_json::to_string(&r.requests).expect("requests serialize"),
                         &r.created_at,
                     ],
-                )
-                .await?;
-                plugins.insert(r.plugin.as_str());
-            }
-            for plugin in plugins {
-                tx.execute(
-                    "DELETE FROM shadow_runs WHERE plugin = $1 AND id <= (
-                         SELECT id FROM shadow_runs WHERE plugin = $1
-                         ORDER BY id DESC LIMIT 1 OFFSET $2)",
-                    &[&plugin, &(super::SHADOW_RUNS_KEPT as i64)],
                 )
                 .await?;
             }
