@@ -94,13 +94,7 @@ pub fn test(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let runtime = Runtime::new(None, 1)?;
     let grants = crate::run::grants(args.limits, args.allow_env)?;
-    let plugin = match args.manifest {
-        Some(manifest) => crate::shadow::load(&runtime, args.plugin, None, manifest, true, &grants),
-        None => {
-            let beside = args.plugin.with_extension("toml");
-            crate::shadow::load(&runtime, args.plugin, None, &beside, false, &grants)
-        }
-    }?;
+    let plugin = crate::run::load(&runtime, args.plugin, args.manifest, &grants)?;
     println!("{} {}", plugin.name, plugin.version);
     let width = files
         .iter()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use stateset_hooks::loader::Grants;
 use stateset_hooks::manifest::EnvGrant;
+use stateset_hooks::registry::LoadedPlugin;
 use stateset_hooks::runtime::kv::{EmptyKv, KvOp, KvRead};
 use stateset_hooks::runtime::{Failure, Runtime};
 use stateset_hooks::signature::SECRET_ENV;
@@ -49,8 +50,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         None => Arc::new(EmptyKv),
     };
     runtime.use_kv(state);
-    let loaded = stateset_hooks::loader::load_file(&runtime, plugin, &grants)
-        .with_context(|| format!("cannot load {}", plugin.display()))?;
+    let loaded = load(&runtime, plugin, None, &grants)?;
     if !loaded.manifest.subscribes_to(event.event_type()) {
         eprintln!(
             "note: {}'s manifest does not subscribe to {}; the host would not deliver it",
@@ -106,16 +106,34 @@ pub fn grants(limits: &LimitArgs, allow_env: &[String]) -> anyhow::Result<Grants
     })
 }
 
+/// Load `wasm` as the server would, under `manifest` when one is named (it
+/// must exist), else under the `NAME.toml` beside it (none: the defaults).
+pub fn load(
+    runtime: &Runtime,
+    wasm: &Path,
+    manifest: Option<&Path>,
+    grants: &Grants,
+) -> anyhow::Result<LoadedPlugin> {
+    let loaded = match manifest {
+        Some(manifest) if !manifest.exists() => bail!("no manifest at {}", manifest.display()),
+        Some(manifest) => {
+            let name = wasm
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .with_context(|| format!("{}: the file name is not valid UTF-8", wasm.display()))?;
+            stateset_hooks::loader::load_as(runtime, wasm, name, manifest, grants)
+        }
+        None => stateset_hooks::loader::load_file(runtime, wasm, grants),
+    };
+    loaded.with_context(|| format!("cannot load {}", wasm.display()))
+}
+
 /// A call's result in a word or a line: `ok`, or the failure's kind and
 /// its message, control characters escaped.
 pub fn describe_result(result: &Result<(), Failure>) -> String {
     match result {
         Ok(()) => "ok".to_owned(),
-        Err(failure) => format!(
-            "failed ({}): {}",
-            failure.kind,
-            escape_controls(&failure.message)
-        ),
+        Err(failure) => escape_controls(&failure.described()).into_owned(),
     }
 }
 

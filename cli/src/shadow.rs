@@ -9,7 +9,7 @@
 //! core. Exits 1 when an event that succeeded live fails with the candidate.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use stateset_hooks::Event;
-use stateset_hooks::loader::Grants;
 use stateset_hooks::manifest::Subscriptions;
 use stateset_hooks::registry::LoadedPlugin;
 use stateset_hooks::runtime::egress::stub::{CannedResponse, HttpStub, RecordedRequest};
 use stateset_hooks::runtime::kv::KvRead;
-use stateset_hooks::runtime::{CallOutcome, DryRun, Runtime};
+use stateset_hooks::runtime::{CallOutcome, DryRun, Failure, Runtime};
 use stateset_hooks::store::{
-    DeliveryRecord, EventRecord, Filter, PgStore, SqliteSnapshot, Status, Store, StoreError, now_ms,
+    Cost, DeliveryRecord, EventRecord, Filter, PgStore, SqliteSnapshot, Status, Store, StoreError,
+    now_ms,
 };
 use stateset_hooks::text::escape_controls;
 
@@ -97,28 +97,6 @@ fn parse_age(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
     };
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
-}
-
-/// Load the component at `wasm` as plugin `name` (default: its file name)
-/// under the manifest at `manifest`: an explicit one (`required`) must
-/// exist; otherwise none there means the defaults.
-pub fn load(
-    runtime: &Runtime,
-    wasm: &Path,
-    name: Option<&str>,
-    manifest: &Path,
-    required: bool,
-    grants: &Grants,
-) -> anyhow::Result<LoadedPlugin> {
-    if required && !manifest.exists() {
-        bail!("no manifest at {}", manifest.display());
-    }
-    let stem = wasm
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .with_context(|| format!("{}: the file name is not valid UTF-8", wasm.display()))?;
-    stateset_hooks::loader::load_as(runtime, wasm, name.unwrap_or(stem), manifest, grants)
-        .with_context(|| format!("cannot load {}", wasm.display()))
 }
 
 /// The store, read-only.
@@ -243,19 +221,17 @@ pub fn shadow(args: &ShadowArgs, at: &Location) -> anyhow::Result<ExitCode> {
         .max(1);
     let runtime = Runtime::new(None, jobs)?;
     // The live plugin's manifest, not the candidate's: the operator grants.
-    let (manifest, required) = match (&args.manifest, &args.plugins) {
-        (Some(path), _) => (path.clone(), true),
-        (None, Some(dir)) => (dir.join(format!("{}.toml", args.live)), false),
+    // One named with --manifest must exist; the live one may be absent
+    // (the defaults).
+    let manifest = match (&args.manifest, &args.plugins) {
+        (Some(path), _) if !path.exists() => bail!("no manifest at {}", path.display()),
+        (Some(path), _) => path.clone(),
+        (None, Some(dir)) => dir.join(format!("{}.toml", args.live)),
         (None, None) => bail!("pass --plugins DIR (where the live NAME.toml is) or --manifest"),
     };
-    let candidate = load(
-        &runtime,
-        &args.candidate,
-        Some(&args.live),
-        &manifest,
-        required,
-        &grants,
-    )?;
+    let candidate =
+        stateset_hooks::loader::load_as(&runtime, &args.candidate, &args.live, &manifest, &grants)
+            .with_context(|| format!("cannot load {}", args.candidate.display()))?;
     let stub = HttpStub {
         responses: match &args.stub {
             None => Vec::new(),
@@ -402,11 +378,13 @@ struct EventRequest {
     request: RecordedRequest,
 }
 
-/// The error text of a live delivery, `kind: message` as a candidate's is.
+/// The error text of a live delivery, as a candidate's is described.
 fn live_error(live: &DeliveryRecord) -> Option<String> {
-    let kind = live.last_failure_kind?;
-    let message = live.last_failure_message.as_deref().unwrap_or("");
-    Some(format!("failed ({kind}): {}", escape_controls(message)))
+    let failure = Failure {
+        kind: live.last_failure_kind?,
+        message: live.last_failure_message.clone().unwrap_or_default(),
+    };
+    Some(describe_result(&Err(failure)))
 }
 
 impl Report {
@@ -507,11 +485,7 @@ impl Report {
             },
             time_us: Side {
                 live: Distribution::of(live_costs.iter().map(|c| c.micros).collect()),
-                candidate: Distribution::of(
-                    ran.iter()
-                        .map(|o| o.elapsed.as_micros().try_into().unwrap_or(u64::MAX))
-                        .collect(),
-                ),
+                candidate: Distribution::of(ran.iter().map(|o| Cost::from(*o).micros).collect()),
             },
             logs,
             requests,

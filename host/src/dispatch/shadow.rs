@@ -31,17 +31,7 @@ pub(super) struct ShadowJob {
 
 /// A call's failure as the shadow records and compares it.
 fn error_text(result: &Result<(), Failure>) -> Option<String> {
-    result
-        .as_ref()
-        .err()
-        .map(|f| format!("failed ({}): {}", f.kind, f.message))
-}
-
-fn cost(outcome: &CallOutcome) -> Cost {
-    Cost {
-        fuel: outcome.fuel_used,
-        micros: outcome.elapsed.as_micros().try_into().unwrap_or(u64::MAX),
-    }
+    result.as_ref().err().map(Failure::described)
 }
 
 /// After `plugin`'s first attempt on `event`: queue its candidate's run, if
@@ -61,7 +51,7 @@ pub(super) fn offer(
         event: event.clone(),
         live_version: plugin.version.clone(),
         live_error: error_text(&live.result),
-        live_cost: cost(live),
+        live_cost: Cost::from(live),
     };
     if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send(job) {
         shadow.skipped();
@@ -118,7 +108,7 @@ fn run(shared: &DispatchState, job: ShadowJob) -> Option<ShadowRun> {
         live_error: job.live_error,
         candidate_error: error_text(&outcome.result),
         live_cost: job.live_cost,
-        candidate_cost: cost(&outcome),
+        candidate_cost: Cost::from(&outcome),
         candidate_logs: outcome.logs.iter().map(ToString::to_string).collect(),
         requests: outcome.requests,
         created_at: now_ms(),

@@ -133,10 +133,7 @@ impl Worker {
             plugin: plugin.name.clone(),
             kv: outcome.kv_writes.clone(),
             kv_quota: plugin.prepared.kv_quota,
-            cost: Some(Cost {
-                fuel: outcome.fuel_used,
-                micros: outcome.elapsed.as_micros().try_into().unwrap_or(u64::MAX),
-            }),
+            cost: Some(Cost::from(&outcome)),
         };
         let report = Report {
             event_key: event.key().into(),

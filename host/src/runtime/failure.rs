@@ -110,6 +110,11 @@ pub struct Failure {
 pub(crate) struct HostFault(pub String);
 
 impl Failure {
+    /// As a comparison of outcomes shows it: `failed (kind): message`.
+    pub fn described(&self) -> String {
+        format!("failed ({}): {}", self.kind, self.message)
+    }
+
     pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
             kind,

@@ -449,7 +449,7 @@ impl Runtime {
         let fuel_used = fuel_before.saturating_sub(store.get_fuel().unwrap_or(0));
         let state = store.into_data();
         let peak_memory_bytes = state.limiter.peak();
-        let requests = state.egress.recorder.take();
+        let requests = state.egress.recorded();
         // A call's writes leave only with its success.
         let kv_writes = match &result {
             Ok(()) => state.kv.into_ops().into(),

@@ -123,6 +123,15 @@ pub struct Cost {
     pub micros: u64,
 }
 
+impl From<&crate::runtime::CallOutcome> for Cost {
+    fn from(outcome: &crate::runtime::CallOutcome) -> Self {
+        Self {
+            fuel: outcome.fuel_used,
+            micros: outcome.elapsed.as_micros().try_into().unwrap_or(u64::MAX),
+        }
+    }
+}
+
 impl Cost {
     /// From the stored columns: both or nothing.
     fn from_columns(fuel: Option<i64>, micros: Option<i64>) -> Option<Self> {

@@ -189,8 +189,8 @@ pub(crate) struct Egress {
     deadline: Instant,
     requests_left: u32,
     pub(crate) tag: CallTag,
-    stub: Option<Arc<HttpStub>>,
-    pub(crate) recorder: Recorder,
+    /// A dry run's stub and the record of what it answered; `None` live.
+    stub: Option<(Arc<HttpStub>, Recorder)>,
 }
 
 impl Egress {
@@ -204,26 +204,28 @@ impl Egress {
         stub: Option<(Arc<HttpStub>, Vec<String>)>,
     ) -> Self {
         let requests_left = grant.max_requests;
-        let (stub, recorder) = match stub {
-            Some((stub, secrets)) => (Some(stub), Recorder::new(secrets)),
-            None => (None, Recorder::default()),
-        };
         Self {
             grant,
             deadline,
             requests_left,
             tag,
-            stub,
-            recorder,
+            stub: stub.map(|(stub, secrets)| (stub, Recorder::new(secrets))),
         }
+    }
+
+    /// The requests a dry run made (none for a live call).
+    pub(crate) fn recorded(&self) -> Vec<stub::RecordedRequest> {
+        self.stub
+            .as_ref()
+            .map_or_else(Vec::new, |(_, recorder)| recorder.take())
     }
 
     /// Where a request may go, or why not. Logs a refusal, and in a dry run
     /// records it.
     fn admit(&mut self, request: &Request<WasiBody>) -> Result<Target, Error> {
         let admitted = self.check(request);
-        if let (Err((_, why)), Some(_)) = (&admitted, &self.stub) {
-            self.recorder.refused(request, why);
+        if let (Err((_, why)), Some((_, recorder))) = (&admitted, &self.stub) {
+            recorder.refused(request, why);
         }
         admitted.map_err(|(error, _)| error)
     }
@@ -315,8 +317,7 @@ impl WasiHttpHooks for Egress {
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         let until = Instant::now() + grant.timeout.min(remaining);
         let plugin = self.tag.plugin.clone();
-        if let Some(stub) = self.stub.clone() {
-            let recorder = self.recorder.clone();
+        if let Some((stub, recorder)) = self.stub.clone() {
             return Box::new(async move {
                 admitted?;
                 let limit = grant.max_request_bytes;

@@ -133,7 +133,7 @@ fn cut(mut text: String, max: usize) -> String {
 /// them. What it keeps is redacted: the values of credential-named headers
 /// and query parameters, user info in a URL, and every configuration value
 /// the plugin read from the environment, wherever it appears.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Recorder {
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
     secrets: Arc<[String]>,
