@@ -9,7 +9,7 @@ use stateset_hooks::Event;
 use stateset_hooks::runtime::FailureKind;
 use stateset_hooks::runtime::kv::{KvOp, KvRead};
 use stateset_hooks::store::{
-    Appended, Attempt, Filter, PgStore, RecordedAs, Status, Store, now_ms,
+    Appended, Attempt, DeliveryId, Filter, PgStore, RecordedAs, Status, Store, now_ms,
 };
 
 /// An attempt of `plugin` on delivery `id` with these kv writes (within a
@@ -29,6 +29,34 @@ fn attempt(id: i64, replays: i64, status: Status, plugin: &str, kv: Vec<KvOp>) -
         kv_quota: 1 << 20,
         cost: None,
     }
+}
+
+/// Append event `id` (type `t`) for `plugins` on `store`, which then holds
+/// the deliveries: their ids.
+fn append(store: &PgStore, id: &str, plugins: &[Arc<str>]) -> Vec<DeliveryId> {
+    let body = format!(r#"{{"id":"{id}","type":"t","data":{{}}}}"#);
+    let event = Arc::new(Event::parse(body.as_bytes()).unwrap());
+    let ticket = store.append_if_new(event, plugins.to_vec());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    match runtime.block_on(ticket).unwrap().unwrap() {
+        Appended::New(ids) => ids,
+        Appended::Duplicate => panic!("{id} stored before"),
+    }
+}
+
+/// A lease the tests can outlast.
+const SHORT_LEASE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How a host reaches `cluster`, holding what it claims for [`SHORT_LEASE`].
+fn short_leases(cluster: &Cluster) -> stateset_hooks::store::PgOptions {
+    let mut options = cluster.options();
+    options.lease = SHORT_LEASE;
+    options
+}
+
+/// How many deliveries of `plugins` `store` claims as due now.
+fn claim_due(store: &PgStore, plugins: &[Arc<str>]) -> usize {
+    store.due(now_ms(), now_ms(), plugins, 10).unwrap().len()
 }
 
 /// Two hosts open the store at once (their migrations take turns under
@@ -183,28 +211,61 @@ fn two_hosts_store_one_event_once() {
 #[test]
 fn an_expired_lease_passes_the_delivery_to_another_host() {
     let cluster = Cluster::start();
-    let short = std::time::Duration::from_millis(500);
-    let mut leased = cluster.options();
-    leased.lease = short;
+    let leased = short_leases(&cluster);
     let dying = PgStore::open(leased.clone()).unwrap();
     let other = PgStore::open(leased.clone()).unwrap();
-    let event = Arc::new(Event::parse(br#"{"id":"evt_2","type":"t","data":{}}"#).unwrap());
     let plugins: Vec<Arc<str>> = vec!["p".into()];
-    let ticket = dying.append_if_new(event, plugins.clone());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    assert!(matches!(
-        runtime.block_on(ticket).unwrap().unwrap(),
-        Appended::New(_)
-    ));
-    let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+    append(&dying, "evt_2", &plugins);
+    let due = |store: &PgStore| claim_due(store, &plugins);
     assert_eq!(due(&other), 0, "leased to the host that appended it");
-    std::thread::sleep(short * 3);
+    std::thread::sleep(SHORT_LEASE * 3);
     assert_eq!(due(&other), 0, "renewed: its host still holds it");
     drop(dying);
-    std::thread::sleep(short + std::time::Duration::from_millis(100));
+    std::thread::sleep(SHORT_LEASE + std::time::Duration::from_millis(100));
     assert_eq!(due(&other), 1, "the lease ran out: claimed");
     let third = PgStore::open(leased.clone()).unwrap();
     assert_eq!(due(&third), 0, "held again, by the host that claimed it");
+}
+
+/// A host whose store work is stuck (its one pooled connection waits on a
+/// lock another session holds) still renews its leases: no other host
+/// claims what it holds, and its attempt, once the lock goes, is the one
+/// recorded.
+#[test]
+fn a_host_stuck_on_the_store_keeps_its_leases() {
+    let cluster = Cluster::start();
+    let mut leased = short_leases(&cluster);
+    leased.pool_size = 1;
+    let stuck = PgStore::open(leased.clone()).unwrap();
+    let other = PgStore::open(leased).unwrap();
+    let plugins: Vec<Arc<str>> = vec!["p".into()];
+    let ids = append(&stuck, "evt_5", &plugins);
+    let due = |store: &PgStore| claim_due(store, &plugins);
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'";
+    std::thread::scope(|s| {
+        // Another session holds plugin p's kv lock for six leases: the
+        // attempt's record (it writes kv) waits for it on `stuck`'s only
+        // pooled connection.
+        s.spawn(|| {
+            cluster.psql("SELECT pg_advisory_lock(hashtextextended('kv:p', 0)); SELECT pg_sleep(3)")
+        });
+        while cluster.query(locks) != "1" {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let recording = s.spawn(|| {
+            let add = KvOp::Increment {
+                key: "n".into(),
+                delta: 1,
+            };
+            stuck.record(vec![attempt(ids[0], 0, Status::Succeeded, "p", vec![add])])
+        });
+        std::thread::sleep(SHORT_LEASE * 3);
+        assert!(!recording.is_finished(), "the record waits on the lock");
+        assert_eq!(due(&other), 0, "renewed all the while: still held");
+        assert_eq!(recording.join().unwrap().unwrap(), [RecordedAs::Given]);
+    });
+    assert_eq!(other.kv_get("p", "n").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(due(&other), 0, "recorded");
 }
 
 /// A delivery one host releases (its queue was full) wakes the other
@@ -215,14 +276,9 @@ fn a_released_delivery_wakes_the_others() {
     let busy = PgStore::open(cluster.options()).unwrap();
     let idle = PgStore::open(cluster.options()).unwrap();
     let woken = idle.wakeups().expect("listening");
-    let event = Arc::new(Event::parse(br#"{"id":"evt_3","type":"t","data":{}}"#).unwrap());
     let plugins: Vec<Arc<str>> = vec!["p".into()];
-    let ticket = busy.append_if_new(event, plugins.clone());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let Appended::New(ids) = runtime.block_on(ticket).unwrap().unwrap() else {
-        panic!("stored")
-    };
-    let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+    let ids = append(&busy, "evt_3", &plugins);
+    let due = |store: &PgStore| claim_due(store, &plugins);
     assert_eq!(due(&idle), 0);
     Store::release(&busy, ids);
     woken
@@ -238,15 +294,9 @@ fn a_host_stopping_hands_over_what_it_held() {
     let cluster = Cluster::start();
     let stopping = PgStore::open(cluster.options()).unwrap();
     let other = PgStore::open(cluster.options()).unwrap();
-    let event = Arc::new(Event::parse(br#"{"id":"evt_4","type":"t","data":{}}"#).unwrap());
     let plugins: Vec<Arc<str>> = vec!["p".into(), "q".into()];
-    let ticket = stopping.append_if_new(event, plugins.clone());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    assert!(matches!(
-        runtime.block_on(ticket).unwrap().unwrap(),
-        Appended::New(_)
-    ));
-    let due = |store: &PgStore| store.due(now_ms(), now_ms(), &plugins, 10).unwrap().len();
+    append(&stopping, "evt_4", &plugins);
+    let due = |store: &PgStore| claim_due(store, &plugins);
     assert_eq!(due(&other), 0, "held by the host that appended them");
     stopping.release_held();
     assert_eq!(due(&other), 2, "handed over");
@@ -439,9 +489,16 @@ fn two_hosts_one_store_one_dies() {
         );
         assert!(
             live.len() as u32 <= attempts[event.as_str()],
-            "{event}: {} live runs, {} recorded: {calls:?}",
+            "{event}: {} live runs, {} recorded: {calls:?}\nthe hosts warned: {:#?}",
             live.len(),
-            attempts[event.as_str()]
+            attempts[event.as_str()],
+            logs.iter()
+                .flatten()
+                .filter(|line| ["WARN", "ERROR", "does not count"]
+                    .iter()
+                    .any(|cause| line.contains(cause)))
+                .take(40)
+                .collect::<Vec<_>>()
         );
         if !dead.is_empty() && !live.is_empty() {
             died_with += 1;
@@ -602,8 +659,12 @@ fn the_store_speaks_tls_and_verifies_the_server() {
          FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
          WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
     );
-    let n = stateset_hooks::store::DEFAULT_POOL_SIZE + 2;
-    assert_eq!(connections, format!("{n}/{n}"), "the pool, appends, LISTEN");
+    let n = stateset_hooks::store::DEFAULT_POOL_SIZE + 3;
+    assert_eq!(
+        connections,
+        format!("{n}/{n}"),
+        "the pool, appends, lease renewal, LISTEN"
+    );
 }
 
 /// A database migrated by a newer build is refused, naming both versions;

@@ -135,7 +135,7 @@ pub struct StoreArgs {
     )]
     store: Option<String>,
     /// PostgreSQL connections for claims, attempts and reads; each host
-    /// opens two more (appends, LISTEN).
+    /// opens three more (appends, lease renewal, LISTEN).
     #[arg(long, global = true, value_name = "N", default_value_t = stateset_hooks::store::DEFAULT_POOL_SIZE)]
     store_pool: usize,
     /// The server cancels a store statement running longer (the request

@@ -544,6 +544,7 @@ fn write(shared: &DispatchState, batch: Vec<Recorded>) {
         .unzip();
     let recorded = contain(|| shared.store.record(attempts))
         .unwrap_or_else(|panic| Err(StoreError::Failed(format!("panic: {panic}"))));
+    let written = recorded.is_ok();
     let recorded = recorded.unwrap_or_else(|error| {
         // Left pending in the store: they run again (at least once), but
         // not at once: a store that cannot write (full, failing) is not
@@ -558,7 +559,17 @@ fn write(shared: &DispatchState, batch: Vec<Recorded>) {
         // Where the delivery stands is what the store made of the attempt.
         match recorded_as {
             RecordedAs::Given => {}
-            RecordedAs::Superseded => report.status = Status::Pending,
+            RecordedAs::Superseded => {
+                if written {
+                    tracing::info!(
+                        plugin = %report.plugin,
+                        event = %report.event_key,
+                        "this run does not count: the delivery was replayed, or another host \
+                         took it over, while it ran"
+                    );
+                }
+                report.status = Status::Pending
+            }
             RecordedAs::Conflict(_) => report.status = Status::Failed,
         }
         span.record("status", report.status.as_str());

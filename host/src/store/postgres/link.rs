@@ -20,7 +20,7 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use super::super::StoreError;
 
 /// Connections for claims, recorded attempts and reads, by default: the
-/// host opens two more (group-committed appends, `LISTEN`).
+/// host opens three more (group-committed appends, lease renewal, `LISTEN`).
 pub const DEFAULT_POOL_SIZE: usize = 4;
 
 /// How long one statement may run before the server cancels it (the

@@ -325,14 +325,21 @@ impl PgStore {
                         migrate(&mut *appender.lock().await?).await?;
                         link::listen(options.clone(), DUE_CHANNEL, wake).await?;
                     }
+                    // Leases are renewed on a connection of their own: never
+                    // queued behind this host's claims and records, however
+                    // busy, so only a dead or cut-off host lets them lapse.
+                    let renewal = match read_only {
+                        true => None,
+                        false => Some(Link::open(&options).await?),
+                    };
                     let pool = Pool::open(&options).await?;
-                    Ok::<_, StoreError>((Arc::new(appender), Arc::new(pool)))
+                    Ok::<_, StoreError>((Arc::new(appender), renewal, Arc::new(pool)))
                 });
                 match opened {
-                    Ok((appender, pool)) => {
+                    Ok((appender, renewal, pool)) => {
                         runtime.spawn(releaser(pool.clone(), releasing, to_release));
-                        if !read_only {
-                            runtime.spawn(renewer(pool.clone(), committer.clone()));
+                        if let Some(renewal) = renewal {
+                            runtime.spawn(renewer(renewal, committer.clone()));
                         }
                         let _ = ready.send(Ok((runtime.handle().clone(), pool)));
                         runtime.block_on(group_commit(appender, queue, committer, observed));
@@ -755,18 +762,18 @@ async fn releaser(
     }
 }
 
-/// Keeps this host's leases alive, every third of a lease: a delivery
-/// waits in a busy host's queue as long as it must without another host
-/// running it too. Only a host that died (or lost the store for a whole
-/// lease) lets its deliveries go.
-async fn renewer(pool: Arc<Pool>, claim: Claim) {
+/// Keeps this host's leases alive, every third of a lease, on a connection
+/// of its own: a delivery waits in a busy host's queue as long as it must
+/// without another host running it too. Only a host that died (or lost the
+/// store for a whole lease) lets its deliveries go.
+async fn renewer(link: Link, claim: Claim) {
     let every = std::time::Duration::from_millis((claim.lease_ms / 3).max(1) as u64);
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let renewed = async {
-            let client = pool.get().lock().await?;
+            let client = link.lock().await?;
             client
                 .execute(
                     // Rows locked now are being recorded or claimed:
