@@ -2,6 +2,7 @@
 //! throwaway cluster of its own (the Debian `postgresql` package, which
 //! `scripts/test` installs; run as root).
 
+use std::io::Write as _;
 use std::sync::Arc;
 
 use crate::support::postgres::Cluster;
@@ -241,17 +242,20 @@ fn a_host_stuck_on_the_store_keeps_its_leases() {
     let plugins: Vec<Arc<str>> = vec!["p".into()];
     let ids = append(&stuck, "evt_5", &plugins);
     let due = |store: &PgStore| claim_due(store, &plugins);
-    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'";
+    // Another session holds plugin p's kv lock: the attempt's record (it
+    // writes kv) waits for it on `stuck`'s only pooled connection.
+    let mut holder = cluster.session();
+    let mut to_holder = holder.stdin.take().unwrap();
+    writeln!(
+        to_holder,
+        "SELECT pg_advisory_lock(hashtextextended('kv:p', 0));"
+    )
+    .unwrap();
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    while cluster.query(locks) != "1" {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     std::thread::scope(|s| {
-        // Another session holds plugin p's kv lock for six leases: the
-        // attempt's record (it writes kv) waits for it on `stuck`'s only
-        // pooled connection.
-        s.spawn(|| {
-            cluster.psql("SELECT pg_advisory_lock(hashtextextended('kv:p', 0)); SELECT pg_sleep(3)")
-        });
-        while cluster.query(locks) != "1" {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
         let recording = s.spawn(|| {
             let add = KvOp::Increment {
                 key: "n".into(),
@@ -262,6 +266,9 @@ fn a_host_stuck_on_the_store_keeps_its_leases() {
         std::thread::sleep(SHORT_LEASE * 3);
         assert!(!recording.is_finished(), "the record waits on the lock");
         assert_eq!(due(&other), 0, "renewed all the while: still held");
+        // The session ends, and its lock with it.
+        drop(to_holder);
+        holder.wait().unwrap();
         assert_eq!(recording.join().unwrap().unwrap(), [RecordedAs::Given]);
     });
     assert_eq!(other.kv_get("p", "n").unwrap().as_deref(), Some(&b"1"[..]));

@@ -138,6 +138,17 @@ impl Cluster {
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     }
 
+    /// A `psql` session as the superuser, running what is written to its
+    /// stdin; it ends (and its locks go) when its stdin is dropped.
+    pub fn session(&self) -> std::process::Child {
+        Command::new(self.bin.join("psql"))
+            .args(["-q", "-v", "ON_ERROR_STOP=1", &self.url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// Run `sql` with `psql` as the superuser.
     pub fn psql(&self, sql: &str) {
         let status = Command::new(self.bin.join("psql"))
