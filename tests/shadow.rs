@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ADMIN_TOKEN, BIN, PluginDir, TestServer, config, event, example_event, receiver, store_args,
-    wasm, workspace_root,
+    ADMIN_TOKEN, BIN, PluginDir, ServeProcess, TestServer, config, event, example_event, receiver,
+    store_args, wasm, workspace_root,
 };
 
 fn shadow(plugins: &PluginDir, args: &[&std::ffi::OsStr]) -> Output {
@@ -514,4 +514,25 @@ async fn a_shadow_beside_the_live_plugin_runs_new_events_and_acts_on_nothing() {
     server.reports(1).await;
     assert_eq!(server.hooks.status()[0].shadow.as_ref().unwrap().runs, 3);
     server.stop().await;
+}
+
+/// A candidate whose live plugin is not there says so, and starts
+/// shadowing once the live plugin arrives.
+#[test]
+fn a_shadow_without_its_live_plugin_is_flagged_until_it_arrives() {
+    let plugins = PluginDir::new();
+    plugins.add("ghost.shadow", "misbehave", None);
+    let mut host = ServeProcess::start(&plugins, Some("info"));
+    // Logged while loading, before the host is ready.
+    let log = host.log();
+    let warned = log
+        .iter()
+        .find(|l| l.contains("no live plugin has this name"));
+    assert!(
+        warned.is_some_and(|l| l.contains("WARN") && l.contains("ghost.wasm")),
+        "{log:#?}"
+    );
+    plugins.add("ghost", "misbehave", None);
+    let line = host.wait_for("its shadow, loaded before it, runs from now on");
+    assert!(line.contains("plugin=\"ghost\""), "{line}");
 }

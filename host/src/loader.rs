@@ -302,7 +302,13 @@ impl LoaderState {
             Some(old) => tracing::info!(
                 plugin = name, old_version = %old.version, %version, %subscriptions, "plugin replaced"
             ),
-            None => tracing::info!(plugin = name, %version, %subscriptions, "plugin loaded"),
+            None => {
+                tracing::info!(plugin = name, %version, %subscriptions, "plugin loaded");
+                if let Some(shadow) = self.registry.shadow_of(name) {
+                    let shadow = &shadow.plugin.version;
+                    tracing::info!(plugin = name, %shadow, "its shadow, loaded before it, runs from now on");
+                }
+            }
         }
         // Its candidate runs under its manifest, which may have changed.
         let shadow = format!("{name}{SHADOW_SUFFIX}");
@@ -345,10 +351,16 @@ impl LoaderState {
         });
         let version = plugin.version.clone();
         self.registry.set_shadow(live, file, Some(plugin));
-        tracing::info!(
-            plugin = live, %version,
-            "shadow loaded: it runs beside the live plugin on each new event, without effects"
-        );
+        match self.registry.get(live) {
+            Some(_) => tracing::info!(
+                plugin = live, %version,
+                "shadow loaded: it runs beside the live plugin on each new event, without effects"
+            ),
+            None => tracing::warn!(
+                plugin = live, %version,
+                "shadow loaded, but no live plugin has this name: it runs once {live}.wasm is loaded"
+            ),
+        }
     }
 
     fn failed(&self, name: &str, path: PathBuf, error: &anyhow::Error) {
