@@ -536,3 +536,78 @@ fn a_shadow_without_its_live_plugin_is_flagged_until_it_arrives() {
     let line = host.wait_for("its shadow, loaded before it, runs from now on");
     assert!(line.contains("plugin=\"ghost\""), "{line}");
 }
+
+/// A credential the operator grants from the environment, slipped by the
+/// plugin into its log lines, its stdout, a request's query (percent-encoded)
+/// and body, and its error: `test` and `run` show each place it went, and
+/// none of its forms.
+#[test]
+fn a_granted_credential_never_shows_in_what_a_call_leaves() {
+    const TOKEN: &str = "sk+live/leak=1";
+    let forms = [TOKEN, "sk%2Blive%2Fleak%3D1", "c2srbGl2ZS9sZWFrPTE"];
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("leaky.wasm");
+    std::fs::copy(wasm("misbehave"), &plugin).unwrap();
+    std::fs::write(
+        dir.path().join("leaky.toml"),
+        "[config]\ntoken = { env = \"LEAKY_TOKEN\" }\n\
+         [http]\nallowed_hosts = [\"https://api.example.test\"]\n",
+    )
+    .unwrap();
+    let leak = json!({
+        "type": "order.created",
+        "data": { "misbehave": "leak-config", "url": "https://api.example.test/hook" }
+    });
+    let cases = dir.path().join("cases");
+    std::fs::create_dir(&cases).unwrap();
+    write_case(
+        &cases,
+        "1-scrubbed.json",
+        json!({
+            "event": leak,
+            "expect": {
+                "error": "failed (Ok(503)) with [redacted]",
+                "logs": ["info: token is [redacted]", "stdout: stdout token [redacted]"],
+                "requests": [{ "method": "POST", "url": "https://api.example.test/hook?q=[redacted]",
+                               "body_contains": "{\"client_secret\":\"[redacted]\"}" }]
+            }
+        }),
+    );
+    // Expecting what is not there, so the run prints what is.
+    write_case(
+        &cases,
+        "2-shows-what-it-got.json",
+        json!({
+            "event": leak,
+            "expect": { "error": "nothing like this", "logs": ["nor this"],
+                        "requests": [{ "url": "https://elsewhere.test/" }] }
+        }),
+    );
+    let with_token = |command: &mut Command| {
+        let out = command
+            .env("LEAKY_TOKEN", TOKEN)
+            .args(["--allow-plugin-env", "LEAKY_TOKEN"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for form in forms {
+            assert!(!text.contains(form), "{form} shows in:\n{text}");
+        }
+        text
+    };
+    let tested = with_token(Command::new(BIN).arg("test").arg(&plugin).arg(&cases));
+    assert!(
+        tested.contains("1-scrubbed.json") && tested.contains("1 passed, 1 failed"),
+        "{tested}"
+    );
+    assert!(tested.contains("?q=[redacted]"), "{tested}");
+
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, serde_json::to_vec(&leak).unwrap()).unwrap();
+    let ran = with_token(Command::new(BIN).arg("run").arg(&plugin).arg(&event));
+    assert!(ran.contains("token is [redacted]"), "{ran}");
+}

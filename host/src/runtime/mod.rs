@@ -20,6 +20,7 @@ mod failure;
 pub mod kv;
 mod limits;
 mod output;
+mod secrets;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,9 +164,9 @@ impl Prepared {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ConfigValues {
     values: std::collections::BTreeMap<String, String>,
-    /// Keys whose values came from the environment: credentials, kept out
-    /// of what a dry run records.
-    from_env: std::collections::BTreeSet<String>,
+    /// The values read from the environment (credentials), scrubbed from
+    /// the call's lines, error and recorded requests.
+    secrets: secrets::Secrets,
 }
 
 impl ConfigValues {
@@ -174,19 +175,18 @@ impl ConfigValues {
         values: std::collections::BTreeMap<String, String>,
         from_env: std::collections::BTreeSet<String>,
     ) -> Self {
-        Self { values, from_env }
+        let secrets =
+            secrets::Secrets::new(from_env.iter().filter_map(|key| values.get(key).cloned()));
+        Self { values, secrets }
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
     }
 
-    /// The values read from the environment.
-    pub fn secrets(&self) -> Vec<String> {
-        self.from_env
-            .iter()
-            .filter_map(|key| self.values.get(key).cloned())
-            .collect()
+    /// The values read from the environment, to scrub.
+    pub(crate) fn secrets(&self) -> &secrets::Secrets {
+        &self.secrets
     }
 }
 
@@ -393,11 +393,16 @@ impl Runtime {
             event: event.clone(),
             dry: prepared.dry_run.is_some(),
         };
-        let output = Arc::new(Mutex::new(Output::new(tag.clone(), limits.output_bytes)));
+        let secrets = prepared.config.secrets();
+        let output = Arc::new(Mutex::new(Output::new(
+            tag.clone(),
+            limits.output_bytes,
+            secrets.clone(),
+        )));
         let start = Instant::now();
         let deadline = start + limits.timeout;
         let dry = prepared.dry_run.as_deref();
-        let stub = dry.map(|d| (d.http.clone(), prepared.config.secrets()));
+        let stub = dry.map(|d| (d.http.clone(), secrets.clone()));
         let egress = Egress::new(prepared.http.clone(), deadline, tag, stub);
         let reader = dry
             .and_then(|d| d.kv.clone())
@@ -429,7 +434,7 @@ impl Runtime {
             Ended::Returned(Ok(Ok(()))) => Ok(()),
             Ended::Returned(Ok(Err(message))) => Err(Failure::new(
                 FailureKind::PluginError,
-                truncate_message(message, limits.error_bytes),
+                truncate_message(secrets.scrub(&message).into_owned(), limits.error_bytes),
             )),
             Ended::Returned(Err(error)) if error.is::<Cancelled>() => {
                 return Err(NotRun::Cancelled);
@@ -485,6 +490,7 @@ impl Runtime {
         let output = Arc::new(Mutex::new(Output::new(
             tag.clone(),
             prepared.limits.output_bytes,
+            prepared.config.secrets().clone(),
         )));
         let far = Instant::now() + Duration::from_secs(3600);
         let egress = Egress::new(prepared.http.clone(), far, tag, None);

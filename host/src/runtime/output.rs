@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
+use super::secrets::Secrets;
 use crate::text::escape_controls;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -91,6 +92,8 @@ impl CallTag {
 pub(crate) struct Output {
     tag: CallTag,
     budget: usize,
+    /// Scrubbed from every line before it is cut, kept or logged.
+    secrets: Secrets,
     lines: Vec<LogLine>,
     dropped_bytes: usize,
     dropped_lines: usize,
@@ -99,10 +102,11 @@ pub(crate) struct Output {
 }
 
 impl Output {
-    pub(crate) fn new(tag: CallTag, budget: usize) -> Self {
+    pub(crate) fn new(tag: CallTag, budget: usize, secrets: Secrets) -> Self {
         Self {
             tag,
             budget,
+            secrets,
             lines: Vec::new(),
             dropped_bytes: 0,
             dropped_lines: 0,
@@ -114,6 +118,8 @@ impl Output {
     /// Record a line (cut to the budget left), or count it as dropped once
     /// the budget or the line cap is spent.
     pub(crate) fn line(&mut self, level: LogLevel, source: LogSource, message: &str) {
+        let message = self.secrets.scrub(message);
+        let message = message.as_ref();
         let room = (self.lines.len() < MAX_LINES_PER_CALL)
             .then(|| self.budget.checked_sub(LINE_OVERHEAD_BYTES))
             .flatten();
@@ -172,7 +178,9 @@ impl Output {
                 self.stdio_line(source, &pending);
             }
         }
-        if self.dropped_bytes > 0 || self.dropped_lines > 0 {
+        // A dry run's cuts are in its outcome; logged, they would pass for
+        // the live plugin's.
+        if (self.dropped_bytes > 0 || self.dropped_lines > 0) && !self.tag.dry {
             tracing::warn!(
                 plugin = %self.tag.plugin,
                 event = %self.tag.event,
@@ -319,7 +327,7 @@ mod tests {
             event: "e".into(),
             dry: false,
         };
-        Output::new(tag, budget)
+        Output::new(tag, budget, Secrets::default())
     }
 
     #[test]

@@ -36,6 +36,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 pub use self::allowlist::{AllowedHost, Scheme, is_private};
 use self::stub::{HttpStub, Recorder};
 use super::output::CallTag;
+use super::secrets::Secrets;
 use crate::text::escape_controls;
 
 /// A request's time, connect to the last byte of the response, unless the
@@ -201,7 +202,7 @@ impl Egress {
         grant: Arc<HttpGrant>,
         deadline: Instant,
         tag: CallTag,
-        stub: Option<(Arc<HttpStub>, Vec<String>)>,
+        stub: Option<(Arc<HttpStub>, Secrets)>,
     ) -> Self {
         let requests_left = grant.max_requests;
         Self {

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+
+use crate::runtime::secrets::{REDACTED, Secrets};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use wasmtime_wasi_http::{Error, WasiBody};
@@ -92,14 +94,15 @@ pub struct RecordedRequest {
 /// are dropped, so a plugin looping on a refused request cannot grow the
 /// host's memory.
 pub const MAX_RECORDED_REQUESTS: usize = 100;
-/// Headers kept per recorded request, and bytes per header value.
+/// Headers kept per recorded request, and bytes per header name and value.
 const MAX_RECORDED_HEADERS: usize = 32;
 const MAX_RECORDED_HEADER_BYTES: usize = 256;
-/// Configuration values shorter than this are not redacted where they
-/// appear (a secret is longer; a short value would blank out ordinary text).
-const MIN_SECRET_BYTES: usize = 6;
-
-const REDACTED: &str = "[redacted]";
+/// Bytes of a recorded URL.
+const MAX_RECORDED_URL_BYTES: usize = 1 << 10;
+/// Bytes of headers and bodies one call's record keeps in all: past it, a
+/// request is recorded by method, URL and answer alone. With the caps
+/// above, a call's record stays under 200 KiB whatever the plugin sends.
+pub const RECORDED_BYTES_PER_CALL: usize = 64 << 10;
 
 /// Names of headers and query parameters whose values are credentials.
 fn is_credential(name: &str) -> bool {
@@ -121,12 +124,11 @@ fn is_credential(name: &str) -> bool {
         .any(|word| name.contains(word))
 }
 
-/// Cut `text` to at most `max` bytes on a char boundary.
-fn cut(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        text.truncate(crate::runtime::output::floor_char_boundary(&text, max));
-    }
-    text
+/// `text` scrubbed of `secrets`, then cut to at most `max` bytes on a char
+/// boundary (scrubbed first: a secret across the cut leaves no part behind).
+fn kept(secrets: &Secrets, text: &str, max: usize) -> String {
+    let text = secrets.scrub(text);
+    text[..crate::runtime::output::floor_char_boundary(&text, max)].to_owned()
 }
 
 /// A call's record of its requests, shared with the futures that answer
@@ -135,41 +137,46 @@ fn cut(mut text: String, max: usize) -> String {
 /// the plugin read from the environment, wherever it appears.
 #[derive(Debug, Clone)]
 pub(crate) struct Recorder {
-    requests: Arc<Mutex<Vec<RecordedRequest>>>,
-    secrets: Arc<[String]>,
+    record: Arc<Mutex<Record>>,
+    secrets: Secrets,
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    requests: Vec<RecordedRequest>,
+    /// Bytes of headers and bodies kept so far.
+    bytes: usize,
 }
 
 impl Recorder {
-    pub(crate) fn new(secrets: Vec<String>) -> Self {
+    pub(crate) fn new(secrets: Secrets) -> Self {
         Self {
-            requests: Arc::default(),
-            secrets: secrets
-                .into_iter()
-                .filter(|s| s.len() >= MIN_SECRET_BYTES)
-                .collect(),
+            record: Arc::default(),
+            secrets,
         }
     }
 
-    fn push(&self, request: RecordedRequest) {
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        if requests.len() < MAX_RECORDED_REQUESTS {
-            requests.push(request);
+    fn push(&self, mut request: RecordedRequest) {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        if record.requests.len() >= MAX_RECORDED_REQUESTS {
+            return;
         }
+        let bytes = request.body.len()
+            + (request.headers.iter())
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>();
+        if record.bytes + bytes > RECORDED_BYTES_PER_CALL {
+            request.headers.clear();
+            request.body.clear();
+        } else {
+            record.bytes += bytes;
+        }
+        record.requests.push(request);
     }
 
     pub(crate) fn take(&self) -> Vec<RecordedRequest> {
-        std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// `text` with every secret replaced.
-    fn scrub(&self, text: String) -> String {
-        self.secrets.iter().fold(text, |text, secret| {
-            if text.contains(secret.as_str()) {
-                text.replace(secret.as_str(), REDACTED)
-            } else {
-                text
-            }
-        })
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut record.requests)
     }
 
     /// A URL as recorded: no user info, credential-named query values and
@@ -195,7 +202,7 @@ impl Recorder {
                 .collect();
             url.push_str(&pairs.join("&"));
         }
-        self.scrub(url)
+        kept(&self.secrets, &url, MAX_RECORDED_URL_BYTES)
     }
 
     fn headers(&self, headers: &HeaderMap) -> Vec<(String, String)> {
@@ -206,10 +213,11 @@ impl Recorder {
                 let value = if is_credential(name.as_str()) {
                     REDACTED.to_owned()
                 } else {
-                    let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                    self.scrub(cut(text, MAX_RECORDED_HEADER_BYTES))
+                    let text = String::from_utf8_lossy(value.as_bytes());
+                    kept(&self.secrets, &text, MAX_RECORDED_HEADER_BYTES)
                 };
-                (name.as_str().to_owned(), value)
+                let name = kept(&self.secrets, name.as_str(), MAX_RECORDED_HEADER_BYTES);
+                (name, value)
             })
             .collect()
     }
@@ -252,8 +260,11 @@ impl Recorder {
                 return Err(error);
             }
         };
-        let kept = String::from_utf8_lossy(&body[..body.len().min(RECORDED_BODY_BYTES)]);
-        record.body = self.scrub(cut(kept.into_owned(), RECORDED_BODY_BYTES));
+        record.body = kept(
+            &self.secrets,
+            &String::from_utf8_lossy(&body),
+            RECORDED_BODY_BYTES,
+        );
         let canned = stub
             .responses
             .iter()
@@ -302,7 +313,10 @@ mod tests {
 
     #[test]
     fn credentials_and_secrets_are_not_recorded() {
-        let recorder = Recorder::new(vec!["sk_live_env_secret".into(), "abc".into()]);
+        let recorder = Recorder::new(Secrets::new([
+            "sk_live_env_secret".to_owned(),
+            "abc".to_owned(),
+        ]));
         let mut headers = HeaderMap::new();
         headers.insert("authorization", "Bearer sk_live_1".parse().unwrap());
         headers.insert("x-api-key", "k1".parse().unwrap());
@@ -329,11 +343,37 @@ mod tests {
 
     #[test]
     fn a_call_records_at_most_its_cap() {
-        let recorder = Recorder::new(Vec::new());
-        let request = Request::get("https://a.test/").body(()).unwrap();
+        let recorder = Recorder::new(Secrets::default());
+        let long = "x".repeat(60 << 10);
+        let mut request = Request::get(format!("https://a.test/{long}"));
+        for n in 0..2 * MAX_RECORDED_HEADERS {
+            request = request.header(format!("x-{n}-{long}"), long.as_str());
+        }
+        let request = request.body(()).unwrap();
         for _ in 0..MAX_RECORDED_REQUESTS + 50 {
             recorder.refused(&request, "not allowed");
         }
-        assert_eq!(recorder.take().len(), MAX_RECORDED_REQUESTS);
+        let record = recorder.take();
+        assert_eq!(record.len(), MAX_RECORDED_REQUESTS);
+        let bytes: usize = (record.iter())
+            .map(|r| r.url.len() + r.body.len())
+            .chain(
+                record
+                    .iter()
+                    .flat_map(|r| &r.headers)
+                    .map(|(n, v)| n.len() + v.len()),
+            )
+            .sum();
+        assert!(
+            bytes <= RECORDED_BYTES_PER_CALL + MAX_RECORDED_REQUESTS * MAX_RECORDED_URL_BYTES,
+            "{bytes} bytes recorded"
+        );
+        assert!(record[0].url.len() <= MAX_RECORDED_URL_BYTES);
+        assert_eq!(record[0].headers.len(), MAX_RECORDED_HEADERS);
+        assert_eq!(record[0].headers[0].0.len(), MAX_RECORDED_HEADER_BYTES);
+        assert!(
+            record.last().unwrap().headers.is_empty(),
+            "the budget is spent"
+        );
     }
 }
