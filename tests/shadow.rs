@@ -517,11 +517,14 @@ async fn a_shadow_beside_the_live_plugin_runs_new_events_and_acts_on_nothing() {
 }
 
 /// A candidate whose live plugin is not there says so, and starts
-/// shadowing once the live plugin arrives.
+/// shadowing once the live plugin arrives; a candidate for a candidate is
+/// refused.
 #[test]
 fn a_shadow_without_its_live_plugin_is_flagged_until_it_arrives() {
     let plugins = PluginDir::new();
     plugins.add("ghost.shadow", "misbehave", None);
+    // Nor does a shadow of a shadow run: it is refused, saying why.
+    plugins.add("ghost.shadow.shadow", "misbehave", None);
     let mut host = ServeProcess::start(&plugins, Some("info"));
     // Logged while loading, before the host is ready.
     let log = host.log();
@@ -530,6 +533,11 @@ fn a_shadow_without_its_live_plugin_is_flagged_until_it_arrives() {
         .find(|l| l.contains("no live plugin has this name"));
     assert!(
         warned.is_some_and(|l| l.contains("WARN") && l.contains("ghost.wasm")),
+        "{log:#?}"
+    );
+    let refused = log.iter().find(|l| l.contains("not another shadow"));
+    assert!(
+        refused.is_some_and(|l| l.contains("ghost.shadow.shadow.wasm")),
         "{log:#?}"
     );
     plugins.add("ghost", "misbehave", None);

@@ -264,6 +264,14 @@ impl LoaderState {
     /// Make the registry match `NAME.wasm` and `NAME.toml` as they are now.
     fn load(&self, name: &str) {
         if let Some(live) = name.strip_suffix(SHADOW_SUFFIX) {
+            if live.ends_with(SHADOW_SUFFIX) {
+                let path = self.dir.join(format!("{name}.wasm"));
+                if !path.exists() {
+                    return self.registry.keep(name);
+                }
+                let error = anyhow::anyhow!("a shadow shadows a live plugin, not another shadow");
+                return self.failed(name, path, &error);
+            }
             return self.load_shadow(live, name);
         }
         let path = self.dir.join(format!("{name}.wasm"));

@@ -270,7 +270,7 @@ async fn shadow(
     Path(name): Path<String>,
     Query(q): Query<ShadowQuery>,
 ) -> Answer {
-    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let limit = q.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE);
     let plugin = name.clone();
     let runs = blocking(&hooks, move |h| h.store().shadow_runs(&plugin, limit)).await?;
     let count = |live_ok: bool, candidate_ok: bool| {
