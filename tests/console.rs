@@ -335,8 +335,7 @@ fn a_browser_finds_a_failed_event_and_replays_it_after_the_fix() {
     ));
     let hostile = "evt_<img src=x onerror=window.__pwned=3>";
     host.send_blocking(event(hostile, "order.created", json!({})));
-    host.wait_for("delivery is dead");
-    host.wait_for("misbehave ok");
+    host.wait_for_each(&["delivery is dead", "misbehave ok"]);
 
     // The fix: a build that handles every event.
     let fixed = plugins.path().join("notify.wasm.new");

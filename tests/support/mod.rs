@@ -399,20 +399,31 @@ impl ServeProcess {
 
     /// Wait for a log line containing `needle` and return it.
     pub fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(REPORT_TIMEOUT) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {needle:?}; saw:\n{}",
+        self.wait_for_each(&[needle]).remove(0)
+    }
+
+    /// Wait for a log line containing each of `needles`, in whatever order
+    /// they come (two events' calls, the log of a call and of its receipt,
+    /// may interleave); the lines, in the needles' order.
+    pub fn wait_for_each(&mut self, needles: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        while let Some(missing) = found.iter().position(Option::is_none) {
+            let Ok(line) = self.lines.recv_timeout(REPORT_TIMEOUT) else {
+                panic!(
+                    "no log line with {:?}; saw:\n{}",
+                    needles[missing],
                     self.seen.join("\n")
-                ),
+                )
+            };
+            self.seen.push(line.clone());
+            if let Some(slot) = (found.iter_mut().zip(needles))
+                .find(|(slot, needle)| slot.is_none() && line.contains(*needle))
+                .map(|(slot, _)| slot)
+            {
+                *slot = Some(line);
             }
         }
+        found.into_iter().flatten().collect()
     }
 
     pub fn url(&self) -> String {
