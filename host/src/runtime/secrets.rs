@@ -34,10 +34,9 @@ impl Secrets {
             .filter(|value| value.len() >= MIN_SECRET_BYTES)
             .flat_map(|value| {
                 let bytes = value.as_bytes();
-                let encoded = percent_encoded(bytes);
                 [
-                    encoded.to_ascii_lowercase(),
-                    encoded,
+                    percent_encoded(bytes, Hex::Upper),
+                    percent_encoded(bytes, Hex::Lower),
                     STANDARD.encode(bytes),
                     STANDARD_NO_PAD.encode(bytes),
                     URL_SAFE.encode(bytes),
@@ -63,17 +62,22 @@ impl Secrets {
     }
 }
 
+enum Hex {
+    Upper,
+    Lower,
+}
+
 /// `bytes` as a URL or form would carry them: every byte but the unreserved
-/// ones (RFC 3986) as `%XX`.
-fn percent_encoded(bytes: &[u8]) -> String {
+/// ones (RFC 3986) as `%XX`, in `hex` digits.
+fn percent_encoded(bytes: &[u8], hex: Hex) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(bytes.len() * 3);
     for &b in bytes {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
+        let _ = match hex {
+            _ if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => write!(out, "{}", b as char),
+            Hex::Upper => write!(out, "%{b:02X}"),
+            Hex::Lower => write!(out, "%{b:02x}"),
+        };
     }
     out
 }
@@ -100,5 +104,8 @@ mod tests {
         }
         assert!(matches!(secrets.scrub("abc xyz"), Cow::Borrowed("abc xyz")));
         assert_eq!(Secrets::new(["short".to_owned()]).scrub("short"), "short");
+        // Only the secret, in any of its forms: not another case of it.
+        let mixed = Secrets::new(["Token123".to_owned()]);
+        assert_eq!(mixed.scrub("token123 Token123"), "token123 [redacted]");
     }
 }
