@@ -71,6 +71,20 @@ fn candidate_orders() -> PathBuf {
     target.join("wasm32-wasip2/plugin/orders.wasm")
 }
 
+/// Three `order.created` events `evt_TAG_N` (customer `cus_TAG`) asking
+/// the fixture to act: write kv `shadow-wrote` and POST to `service/hook`.
+async fn send_acting_orders(server: &TestServer, service: &str, tag: &str) {
+    for n in 1..=3 {
+        let data = json!({
+            "id": format!("ord_{tag}_{n}"),
+            "customer": { "id": format!("cus_{tag}") },
+            "misbehave": "act", "url": format!("{service}/hook"), "key": "shadow-wrote",
+        });
+        let body = event(&format!("evt_{tag}_{n}"), "order.created", data);
+        assert_eq!(server.send(&body).await.0, 200);
+    }
+}
+
 /// A candidate that writes kv and POSTs to a local service, shadowed
 /// against `orders`' recorded traffic while the server runs: the service
 /// sees nothing, the store is as it was, the report names every request it
@@ -83,15 +97,7 @@ async fn a_shadowed_candidate_acts_on_nothing_and_its_regressions_fail_the_run()
     let manifest = std::fs::read_to_string(workspace_root().join("plugins/orders/orders.toml"));
     plugins.add("orders", "orders", Some(&manifest.unwrap()));
     let mut server = TestServer::start(config(&plugins)).await;
-    for n in 1..=3 {
-        let data = json!({
-            "id": format!("ord_shadow_{n}"),
-            "customer": { "id": "cus_shadow" },
-            "misbehave": "act", "url": format!("{service}/hook"), "key": "shadow-wrote",
-        });
-        let body = event(&format!("evt_shadow_{n}"), "order.created", data);
-        assert_eq!(server.send(&body).await.0, 200);
-    }
+    send_acting_orders(&server, &service, "shadow").await;
     server.reports(3).await;
     let before = store_view(&plugins);
     assert!(
@@ -428,15 +434,7 @@ async fn a_shadow_beside_the_live_plugin_runs_new_events_and_acts_on_nothing() {
     let mut config = config(&plugins);
     config.http.allow_private_networks = true;
     let mut server = TestServer::start(config).await;
-    for n in 1..=3 {
-        let data = json!({
-            "id": format!("ord_in_shadow_{n}"),
-            "customer": { "id": "cus_in_shadow" },
-            "misbehave": "act", "url": format!("{service}/hook"), "key": "shadow-wrote",
-        });
-        let body = event(&format!("evt_in_shadow_{n}"), "order.created", data);
-        assert_eq!(server.send(&body).await.0, 200);
-    }
+    send_acting_orders(&server, &service, "in_shadow").await;
     let reports = server.reports(3).await;
     assert!(
         reports.iter().all(|r| &*r.plugin == "orders"),

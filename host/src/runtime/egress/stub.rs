@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-
-use crate::runtime::secrets::{REDACTED, Secrets};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use wasmtime_wasi_http::{Error, WasiBody};
+
+use crate::runtime::secrets::{REDACTED, Secrets};
 
 /// The status of a request no canned response matches: "unavailable", what
 /// a plugin must survive anyway.
